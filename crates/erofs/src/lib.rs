@@ -1,0 +1,1 @@
+//! EROFS on-disk format: structures, image writer, reader and overlay-exact merge.

@@ -1,0 +1,1 @@
+//! FUSE adapter: turns kernel requests into store calls.

@@ -1,0 +1,1 @@
+//! Archive media: container/object layout, backends, I/O scheduler and media model.

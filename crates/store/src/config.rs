@@ -1,0 +1,316 @@
+//! The store's configuration: every `spinfs mkfs` option, persisted in `STORE/spinfs.toml`.
+//!
+//! The file is written once by mkfs and read at every start; it is plain TOML so that an
+//! operator can read it, and it is validated on every load so that a hand edit that makes the
+//! geometry impossible is refused with a clear message instead of corrupting the media.
+
+use crate::size::format_size;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Version of the config file format written by this build.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Name of the config file inside a store.
+pub const CONFIG_FILE: &str = "spinfs.toml";
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// Every tunable of a store. Sizes are in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Config file format version (`CONFIG_VERSION`).
+    pub version: u32,
+    /// Archive medium URI: `dir:PATH` or `file:PATH`.
+    pub media: String,
+    /// Data in the writable layer that triggers a seal.
+    pub archive_threshold: u64,
+    /// Number of archived layers merged into one.
+    pub merge_fanin: u32,
+    /// Size of one media container, device metadata included.
+    pub container_size: u64,
+    /// Size of one media object (the last object of a container may be shorter).
+    pub object_size: u64,
+    /// Staging/write chunk size, also the EROFS chunk size of archived files.
+    pub chunk_size: u64,
+    /// Bound of the SSD cache of archived data.
+    pub cache_size: u64,
+    /// Bytes at the head of every archived file kept on the SSD.
+    pub head_size: u64,
+    /// Bound on archived images held open at once.
+    pub max_open_images: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            version: CONFIG_VERSION,
+            media: String::new(),
+            archive_threshold: GIB,
+            merge_fanin: 4,
+            container_size: 480 * MIB,
+            object_size: 252 * KIB,
+            chunk_size: 4 * MIB,
+            cache_size: 10 * GIB,
+            head_size: 64 * KIB,
+            max_open_images: 64,
+        }
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path} has version {found}, this spinfs reads version {CONFIG_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("impossible configuration: {0}")]
+    Invalid(String),
+    #[error("cannot write config {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoreConfig {
+    /// Device-metadata space reserved at the end of every container (headers, per-object
+    /// checksums, index). It is 1/96 of the container rounded up to 4 KiB, at least 64 KiB:
+    /// exactly the 5 MiB of a 480 MiB container that SPEC §1 describes.
+    pub fn container_reserved(&self) -> u64 {
+        (self.container_size / 96).next_multiple_of(4 * KIB).max(64 * KIB)
+    }
+
+    /// Bytes of a container that hold filesystem data (475 MiB by default).
+    pub fn container_usable(&self) -> u64 {
+        self.container_size.saturating_sub(self.container_reserved())
+    }
+
+    /// Objects per container; the last one is shorter when the usable space is not a whole
+    /// number of objects (1931 objects, the last of 40 KiB, by default).
+    pub fn objects_per_container(&self) -> u64 {
+        self.container_usable().div_ceil(self.object_size.max(1))
+    }
+
+    /// Checks every rule that makes a geometry usable. Returns the first violation.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.media.is_empty() {
+            return bad("no media URI".into());
+        }
+        if !(self.media.starts_with("dir:") || self.media.starts_with("file:"))
+            || self.media.len() <= 5
+        {
+            return bad(format!(
+                "media URI '{}' is not dir:PATH or file:PATH",
+                self.media
+            ));
+        }
+        if !self.chunk_size.is_power_of_two() || self.chunk_size < 4 * KIB {
+            return bad(format!(
+                "chunk size {} must be a power of two of at least 4 KiB",
+                self.chunk_size
+            ));
+        }
+        if self.chunk_size > GIB {
+            return bad(format!(
+                "chunk size {} is larger than 1 GiB",
+                format_size(self.chunk_size)
+            ));
+        }
+        if self.object_size == 0 || self.object_size % (4 * KIB) != 0 {
+            return bad(format!(
+                "object size {} must be a non-zero multiple of 4 KiB",
+                self.object_size
+            ));
+        }
+        if self.container_size % (4 * KIB) != 0 {
+            return bad(format!(
+                "container size {} must be a multiple of 4 KiB",
+                self.container_size
+            ));
+        }
+        if self.object_size > self.container_usable() {
+            return bad(format!(
+                "object size {} is larger than the usable space of a container ({} of {})",
+                format_size(self.object_size),
+                format_size(self.container_usable()),
+                format_size(self.container_size)
+            ));
+        }
+        if self.chunk_size > self.container_usable() {
+            return bad(format!(
+                "chunk size {} is larger than the usable space of a container ({})",
+                format_size(self.chunk_size),
+                format_size(self.container_usable())
+            ));
+        }
+        if self.objects_per_container() > 1 << 20 {
+            return bad(format!(
+                "{} objects per container is too many (at most {}): use larger objects",
+                self.objects_per_container(),
+                1 << 20
+            ));
+        }
+        if self.archive_threshold < self.chunk_size {
+            return bad(format!(
+                "archive threshold {} is smaller than the chunk size {}",
+                format_size(self.archive_threshold),
+                format_size(self.chunk_size)
+            ));
+        }
+        if self.merge_fanin < 2 {
+            return bad(format!(
+                "merge fan-in {} must be at least 2",
+                self.merge_fanin
+            ));
+        }
+        if self.merge_fanin > 64 {
+            return bad(format!("merge fan-in {} must be at most 64", self.merge_fanin));
+        }
+        if self.max_open_images == 0 {
+            return bad("max open images must be at least 1".into());
+        }
+        if self.max_open_images < self.merge_fanin {
+            return bad(format!(
+                "max open images {} must be at least the merge fan-in {}",
+                self.max_open_images, self.merge_fanin
+            ));
+        }
+        if self.head_size % (4 * KIB) != 0 {
+            return bad(format!(
+                "head size {} must be a multiple of 4 KiB (0 disables the head cache)",
+                self.head_size
+            ));
+        }
+        if self.cache_size != 0 && self.cache_size < self.object_size {
+            return bad(format!(
+                "cache size {} is smaller than one object ({})",
+                format_size(self.cache_size),
+                format_size(self.object_size)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and validates `STORE/spinfs.toml`.
+    pub fn load(store: &Path) -> Result<StoreConfig, ConfigError> {
+        let path = store.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and validates config text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<StoreConfig, ConfigError> {
+        // Check the version before the fields so that a newer format says so plainly.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: Option<u32>,
+        }
+        let probe: VersionOnly = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        match probe.version {
+            Some(CONFIG_VERSION) => {}
+            Some(found) => {
+                return Err(ConfigError::Version {
+                    path: path.to_path_buf(),
+                    found,
+                });
+            }
+            None => {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: "missing field `version`".into(),
+                });
+            }
+        }
+        let cfg: StoreConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: m,
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Renders the config file text.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from(
+            "# spinfs store configuration, written by `spinfs mkfs`. Sizes are in bytes.\n",
+        );
+        out.push_str(&toml::to_string(self).expect("config serializes"));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> StoreConfig {
+        StoreConfig {
+            media: "dir:/tmp/x".into(),
+            ..StoreConfig::default()
+        }
+    }
+
+    #[test]
+    fn default_geometry_matches_spec() {
+        let c = cfg();
+        c.validate().unwrap();
+        assert_eq!(c.container_usable(), 475 * MIB);
+        assert_eq!(c.container_reserved(), 5 * MIB);
+        assert_eq!(c.objects_per_container(), 1931);
+    }
+
+    #[test]
+    fn rejects_impossible() {
+        let cases: Vec<Box<dyn Fn(&mut StoreConfig)>> = vec![
+            Box::new(|c| c.object_size = c.container_size * 2),
+            Box::new(|c| c.chunk_size = 3 * MIB),
+            Box::new(|c| c.chunk_size = 2 * KIB),
+            Box::new(|c| c.object_size = 1000),
+            Box::new(|c| c.merge_fanin = 1),
+            Box::new(|c| c.max_open_images = 0),
+            Box::new(|c| c.archive_threshold = 1),
+            Box::new(|c| c.media = "s4:bucket".into()),
+            Box::new(|c| c.container_size = 1000),
+            Box::new(|c| c.head_size = 100),
+        ];
+        for (i, mutate) in cases.iter().enumerate() {
+            let mut c = cfg();
+            mutate(&mut c);
+            assert!(c.validate().is_err(), "case {i} should be rejected: {c:?}");
+        }
+    }
+
+    #[test]
+    fn round_trips_and_rejects_bad_files() {
+        let c = cfg();
+        let text = c.to_toml();
+        assert_eq!(StoreConfig::parse(&text, Path::new("x")).unwrap(), c);
+        assert!(StoreConfig::parse("garbage = [", Path::new("x")).is_err());
+        let newer = text.replace("version = 1", "version = 99");
+        let e = StoreConfig::parse(&newer, Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("version 99"), "{e}");
+    }
+}
