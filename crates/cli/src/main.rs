@@ -1,9 +1,14 @@
 //! The `spinfs` command: argument parsing and wiring of the library crates.
 
+mod daemon;
 mod image_cmd;
 mod media_cmd;
+mod status;
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use spinfs_store::{Store, StoreConfig, parse_size};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -15,6 +20,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a store (SSD directory + archive medium).
+    Mkfs(MkfsArgs),
+    /// Mount a store (runs in the background unless --foreground).
+    Mount(daemon::MountArgs),
+    /// Unmount a spinfs mount and wait for its daemon to finish.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// Show layers, media usage, queues, cache and counters.
+    Status {
+        store: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with EROFS image pairs directly (build, merge, list, cat).
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
@@ -23,9 +44,82 @@ enum Command {
     Media(media_cmd::MediaCmd),
 }
 
+#[derive(Args)]
+struct MkfsArgs {
+    /// Store directory to create (must not exist or be empty).
+    store: PathBuf,
+    /// Archive medium: dir:PATH or file:PATH (default: dir:STORE/media).
+    #[arg(long)]
+    media: Option<String>,
+    /// Writable-layer data that triggers a seal (default 1G).
+    #[arg(long, value_name = "SIZE")]
+    archive_threshold: Option<String>,
+    /// Archived layers merged into one (default 4).
+    #[arg(long, value_name = "N")]
+    merge_fanin: Option<u32>,
+    /// Media container size, metadata included (default 480M).
+    #[arg(long, value_name = "SIZE")]
+    container_size: Option<String>,
+    /// Media object size (default 252K).
+    #[arg(long, value_name = "SIZE")]
+    object_size: Option<String>,
+    /// Write chunk and EROFS chunk size, a power of two >= 4K (default 4M).
+    #[arg(long, value_name = "SIZE")]
+    chunk_size: Option<String>,
+    /// SSD cache for archived data (default 10G).
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
+    /// Head of every archived file kept on the SSD (default 64K).
+    #[arg(long, value_name = "SIZE")]
+    head_size: Option<String>,
+    /// Archived images held open at once (default 64).
+    #[arg(long, value_name = "N")]
+    max_open_images: Option<u32>,
+}
+
+fn size_arg(name: &str, value: &Option<String>, default: u64) -> Result<u64> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_size(v).with_context(|| format!("--{name}")),
+    }
+}
+
+fn mkfs(a: MkfsArgs) -> Result<ExitCode> {
+    let d = StoreConfig::default();
+    let config = StoreConfig {
+        media: a.media.clone().unwrap_or_default(),
+        archive_threshold: size_arg(
+            "archive-threshold",
+            &a.archive_threshold,
+            d.archive_threshold,
+        )?,
+        merge_fanin: a.merge_fanin.unwrap_or(d.merge_fanin),
+        container_size: size_arg("container-size", &a.container_size, d.container_size)?,
+        object_size: size_arg("object-size", &a.object_size, d.object_size)?,
+        chunk_size: size_arg("chunk-size", &a.chunk_size, d.chunk_size)?,
+        cache_size: size_arg("cache-size", &a.cache_size, d.cache_size)?,
+        head_size: size_arg("head-size", &a.head_size, d.head_size)?,
+        max_open_images: a.max_open_images.unwrap_or(d.max_open_images),
+        ..d
+    };
+    if let Some(m) = &a.media
+        && let Some(p) = m.strip_prefix("file:")
+        && !std::path::Path::new(p).exists()
+    {
+        bail!("media {m}: {p} does not exist (create the file or device first)");
+    }
+    Store::create(&a.store, config)?;
+    println!("created spinfs store {}", a.store.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Mkfs(a) => mkfs(a),
+        Command::Mount(a) => daemon::mount(a),
+        Command::Umount { mountpoint } => daemon::umount(&mountpoint),
+        Command::Status { store, json } => status::run(&store, json),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Media(cmd) => media_cmd::run(cmd),
     };

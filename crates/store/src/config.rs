@@ -64,10 +64,10 @@ impl Default for StoreConfig {
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
@@ -75,10 +75,10 @@ pub enum ConfigError {
     Version { path: PathBuf, found: u32 },
     #[error("impossible configuration: {0}")]
     Invalid(String),
-    #[error("cannot write config {path}: {source}")]
+    #[error("cannot write config {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -87,12 +87,15 @@ impl StoreConfig {
     /// checksums, index). It is 1/96 of the container rounded up to 4 KiB, at least 64 KiB:
     /// exactly the 5 MiB of a 480 MiB container that SPEC §1 describes.
     pub fn container_reserved(&self) -> u64 {
-        (self.container_size / 96).next_multiple_of(4 * KIB).max(64 * KIB)
+        (self.container_size / 96)
+            .next_multiple_of(4 * KIB)
+            .max(64 * KIB)
     }
 
     /// Bytes of a container that hold filesystem data (475 MiB by default).
     pub fn container_usable(&self) -> u64 {
-        self.container_size.saturating_sub(self.container_reserved())
+        self.container_size
+            .saturating_sub(self.container_reserved())
     }
 
     /// Objects per container; the last one is shorter when the usable space is not a whole
@@ -127,13 +130,13 @@ impl StoreConfig {
                 format_size(self.chunk_size)
             ));
         }
-        if self.object_size == 0 || self.object_size % (4 * KIB) != 0 {
+        if self.object_size == 0 || !self.object_size.is_multiple_of(4 * KIB) {
             return bad(format!(
                 "object size {} must be a non-zero multiple of 4 KiB",
                 self.object_size
             ));
         }
-        if self.container_size % (4 * KIB) != 0 {
+        if !self.container_size.is_multiple_of(4 * KIB) {
             return bad(format!(
                 "container size {} must be a multiple of 4 KiB",
                 self.container_size
@@ -175,7 +178,10 @@ impl StoreConfig {
             ));
         }
         if self.merge_fanin > 64 {
-            return bad(format!("merge fan-in {} must be at most 64", self.merge_fanin));
+            return bad(format!(
+                "merge fan-in {} must be at most 64",
+                self.merge_fanin
+            ));
         }
         if self.max_open_images == 0 {
             return bad("max open images must be at least 1".into());
@@ -186,7 +192,7 @@ impl StoreConfig {
                 self.max_open_images, self.merge_fanin
             ));
         }
-        if self.head_size % (4 * KIB) != 0 {
+        if !self.head_size.is_multiple_of(4 * KIB) {
             return bad(format!(
                 "head size {} must be a multiple of 4 KiB (0 disables the head cache)",
                 self.head_size
@@ -205,9 +211,9 @@ impl StoreConfig {
     /// Reads and validates `STORE/spinfs.toml`.
     pub fn load(store: &Path) -> Result<StoreConfig, ConfigError> {
         let path = store.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(&path).map_err(|error| ConfigError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         Self::parse(&text, &path)
     }
@@ -284,7 +290,8 @@ mod tests {
 
     #[test]
     fn rejects_impossible() {
-        let cases: Vec<Box<dyn Fn(&mut StoreConfig)>> = vec![
+        type Mutation = Box<dyn Fn(&mut StoreConfig)>;
+        let cases: Vec<Mutation> = vec![
             Box::new(|c| c.object_size = c.container_size * 2),
             Box::new(|c| c.chunk_size = 3 * MIB),
             Box::new(|c| c.chunk_size = 2 * KIB),

@@ -1,8 +1,18 @@
-//! The layered store: configuration, on-SSD layout, the writable layer and its inode table.
-//! Later: manifest, generations, sealing, merging, caches and recovery.
+//! The layered store: configuration, on-SSD layout, manifest, and the volume that the mount
+//! serves. Archived layers, sealing, merging and caches build on these.
 
 pub mod config;
+pub mod layout;
+pub mod manifest;
 pub mod size;
+pub mod store;
+pub mod sys;
+pub mod volume;
 
 pub use config::{ConfigError, StoreConfig};
+pub use layout::StoreLayout;
+pub use manifest::Manifest;
 pub use size::{format_size, parse_size};
+pub use store::{Store, StoreError};
+pub use sys::Errno;
+pub use volume::Volume;

@@ -1,0 +1,51 @@
+//! Where things live inside a store directory.
+//!
+//! ```text
+//! STORE/spinfs.toml      configuration (mkfs options)
+//! STORE/manifest         the durable source of truth (see manifest.rs)
+//! STORE/lock             flock'ed by the daemon (or an offline command); holds its pid
+//! STORE/gens/G/tree/     the tree of writable generation G, real files on the SSD
+//! STORE/media/           the embedded `dir:` medium when mkfs got no --media
+//! STORE/spinfs.log       the daemon's log when it runs in the background
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// Paths of one store.
+#[derive(Debug, Clone)]
+pub struct StoreLayout {
+    root: PathBuf,
+}
+
+impl StoreLayout {
+    pub fn new(root: impl Into<PathBuf>) -> StoreLayout {
+        StoreLayout { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join(crate::config::CONFIG_FILE)
+    }
+    pub fn manifest(&self) -> PathBuf {
+        self.root.join("manifest")
+    }
+    pub fn lock(&self) -> PathBuf {
+        self.root.join("lock")
+    }
+    pub fn gens(&self) -> PathBuf {
+        self.root.join("gens")
+    }
+    pub fn generation(&self, gen_id: u64) -> PathBuf {
+        self.gens().join(format!("{gen_id:016x}"))
+    }
+    pub fn generation_tree(&self, gen_id: u64) -> PathBuf {
+        self.generation(gen_id).join("tree")
+    }
+    pub fn default_media(&self) -> PathBuf {
+        self.root.join("media")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("spinfs.log")
+    }
+}
