@@ -114,7 +114,22 @@ fn mkfs(a: MkfsArgs) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first line, without its usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("spinfs: {first} (see spinfs --help)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Mkfs(a) => mkfs(a),
         Command::Mount(a) => daemon::mount(a),
@@ -126,7 +141,14 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("spinfs: {e:#}");
+            // Errors are one line, whatever the layers below put into their messages.
+            let text = format!("{e:#}");
+            let line: Vec<&str> = text
+                .split('\n')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("spinfs: {}", line.join(" "));
             ExitCode::FAILURE
         }
     }

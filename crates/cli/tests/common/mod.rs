@@ -1,0 +1,131 @@
+//! Shared helpers for tests that run the real `spinfs` binary against a real FUSE mount.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn spinfs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spinfs")
+}
+
+/// Runs `spinfs ARGS...` and returns its output.
+pub fn spinfs(args: &[&str]) -> Output {
+    Command::new(spinfs_bin())
+        .args(args)
+        .output()
+        .expect("run spinfs")
+}
+
+/// Like `spinfs`, asserting success.
+pub fn spinfs_ok(args: &[&str]) -> Output {
+    let out = spinfs(args);
+    assert!(
+        out.status.success(),
+        "spinfs {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A store in a temporary directory, mounted for the guard's lifetime.
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    /// mkfs with `mkfs_args` and mount with `-o allow_other` (tests act as other users too).
+    pub fn new(mkfs_args: &[&str]) -> Mounted {
+        let dir = tempfile::Builder::new()
+            .prefix("spinfs-test-")
+            .tempdir_in(test_root())
+            .expect("tempdir");
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        // Other users must be able to reach the mount point for permission tests.
+        set_mode(dir.path(), 0o755);
+        let mut args = vec!["mkfs", store.to_str().unwrap()];
+        args.extend_from_slice(mkfs_args);
+        spinfs_ok(&args);
+        let mut m = Mounted {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
+        m.mount();
+        m
+    }
+
+    pub fn mount(&mut self) {
+        spinfs_ok(&[
+            "mount",
+            self.store.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "-o",
+            "allow_other",
+        ]);
+        self.mounted = true;
+    }
+
+    pub fn umount(&mut self) {
+        spinfs_ok(&["umount", self.mnt.to_str().unwrap()]);
+        self.mounted = false;
+    }
+
+    pub fn remount(&mut self) {
+        self.umount();
+        self.mount();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let out = spinfs(&["umount", self.mnt.to_str().unwrap()]);
+            if !out.status.success() {
+                // Never leave a mount behind, even when a test failed with files open.
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+    }
+}
+
+/// Where test stores live: on the machine's real disk (ext4), not a tmpfs, so that the
+/// backing filesystem supports everything spinfs relies on.
+pub fn test_root() -> PathBuf {
+    let root = std::env::var_os("SPINFS_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/spinfs-tests"));
+    std::fs::create_dir_all(&root).unwrap();
+    set_mode(&root, 0o755);
+    root
+}
+
+pub fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs a command as another user (uid/gid, no supplementary groups).
+pub fn as_user(uid: u32, gid: u32, cmd: &[&str]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .args(cmd)
+        .output()
+        .expect("run setpriv")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
