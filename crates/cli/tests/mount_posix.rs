@@ -36,6 +36,7 @@ fn read_write_at_any_offset_and_truncate() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(true)
         .open(&p)
         .unwrap();
     f.write_all_at(b"hello", 0).unwrap();
@@ -85,6 +86,7 @@ fn fallocate_punch_hole_zero_range_and_seek_data_hole() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(true)
         .open(&p)
         .unwrap();
     let fd = f.as_raw_fd();
@@ -138,6 +140,7 @@ fn fsync_fdatasync_and_copy_file_range() {
     let fo = OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(true)
         .open(m.path("dst"))
         .unwrap();
     let mut off_in: i64 = 1000;
@@ -559,6 +562,7 @@ fn open_unlinked_file_keeps_working_through_its_descriptor() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(true)
         .open(&p)
         .unwrap();
     f.write_all(b"before").unwrap();
@@ -692,6 +696,7 @@ fn mmap_reads_and_writes() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(true)
         .open(&p)
         .unwrap();
     f.set_len(65536).unwrap();
