@@ -285,6 +285,23 @@ fn file_attr(a: &Attr) -> FileAttr {
 
 const GEN: Generation = Generation(0);
 
+/// Attributes sent with a negative lookup reply (only the zero node id matters).
+const NEGATIVE: Attr = Attr {
+    ino: 0,
+    size: 0,
+    blocks: 0,
+    atime: Timestamp { sec: 0, nsec: 0 },
+    mtime: Timestamp { sec: 0, nsec: 0 },
+    ctime: Timestamp { sec: 0, nsec: 0 },
+    kind: FileKind::Regular,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 4096,
+};
+
 impl Filesystem for SpinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let wanted = InitFlags::FUSE_POSIX_ACL
@@ -306,6 +323,13 @@ impl Filesystem for SpinFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.vol.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), GEN),
+            // A negative entry (node id 0) lets the kernel cache the miss; it drops it itself
+            // when a name is created through the mount.
+            Err(e) if e.0 == libc::ENOENT => {
+                let mut neg = file_attr(&NEGATIVE);
+                neg.ino = INodeNo(0);
+                reply.entry(&TTL, &neg, GEN)
+            }
             Err(e) => reply.error(err(e)),
         }
     }

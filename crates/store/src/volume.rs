@@ -16,7 +16,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The root directory's inode number.
@@ -146,6 +146,24 @@ pub struct FsStats {
 struct Node {
     fd: OwnedFd,
     lookups: AtomicU64,
+    /// Whether this directory has a default POSIX ACL: unknown, no or yes. Cached because
+    /// every create asks, and only our own setxattr/removexattr can change it.
+    default_acl: AtomicU8,
+}
+
+const ACL_UNKNOWN: u8 = 0;
+const ACL_NONE: u8 = 1;
+const ACL_PRESENT: u8 = 2;
+const DEFAULT_ACL_XATTR: &[u8] = b"system.posix_acl_default";
+
+impl Node {
+    fn new(fd: OwnedFd) -> Node {
+        Node {
+            fd,
+            lookups: AtomicU64::new(1),
+            default_acl: AtomicU8::new(ACL_UNKNOWN),
+        }
+    }
 }
 
 /// An open file or directory.
@@ -185,13 +203,7 @@ impl Volume {
         )?;
         let st = sys::fstat(root_fd.as_fd())?;
         let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT_INO,
-            Arc::new(Node {
-                fd: root_fd,
-                lookups: AtomicU64::new(1),
-            }),
-        );
+        nodes.insert(ROOT_INO, Arc::new(Node::new(root_fd)));
         Ok(Volume {
             generation,
             root_backing_ino: st.st_ino,
@@ -259,13 +271,7 @@ impl Volume {
                 node.lookups.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                nodes.insert(
-                    attr.ino,
-                    Arc::new(Node {
-                        fd,
-                        lookups: AtomicU64::new(1),
-                    }),
-                );
+                nodes.insert(attr.ino, Arc::new(Node::new(fd)));
             }
         }
         Ok(attr)
@@ -400,10 +406,18 @@ impl Volume {
     /// The mode to create with: the kernel sends it unmasked (POSIX ACLs are on); the umask
     /// applies unless the parent has a default ACL, which the backing filesystem then applies.
     fn create_mode(parent: &Node, mode: u32, umask: u32) -> u32 {
-        let mut probe = [0u8; 0];
-        let has_default_acl =
-            sys::getxattr_fd(parent.fd.as_fd(), c"system.posix_acl_default", &mut probe).is_ok();
-        if has_default_acl { mode } else { mode & !umask }
+        let mut state = parent.default_acl.load(Ordering::Relaxed);
+        if state == ACL_UNKNOWN {
+            let present =
+                sys::getxattr_fd(parent.fd.as_fd(), c"system.posix_acl_default", &mut []).is_ok();
+            state = if present { ACL_PRESENT } else { ACL_NONE };
+            parent.default_acl.store(state, Ordering::Relaxed);
+        }
+        if state == ACL_PRESENT {
+            mode
+        } else {
+            mode & !umask
+        }
     }
 
     pub fn mknod(
@@ -539,25 +553,17 @@ impl Volume {
         let p = self.node(parent)?;
         let cname = sys::cname(name)?;
         let mode = Self::create_mode(&p, mode, umask);
+        // Create and open in one call; O_EXCL only if the caller asked for it, so that an
+        // existing file is opened as open(2) would.
+        let open_flags = Self::backing_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
+        let file = std::cell::Cell::new(None);
         self.make_owned(&p, &cname, caller, || {
-            sys::openat(
-                p.fd.as_fd(),
-                &cname,
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                mode & 0o7777,
-            )
-            .map(drop)
-        })
-        .or_else(|e| {
-            // O_CREAT without O_EXCL on an existing file opens it.
-            if e == Errno::EEXIST && flags & libc::O_EXCL == 0 {
-                Ok(())
-            } else {
-                Err(e)
-            }
+            let fd = sys::openat(p.fd.as_fd(), &cname, open_flags, mode & 0o7777)?;
+            file.set(Some(fd));
+            Ok(())
         })?;
+        let fd = file.take().ok_or(Errno::EIO)?;
         let path_fd = sys::open_path(p.fd.as_fd(), &cname)?;
-        let fd = sys::reopen(path_fd.as_fd(), Self::backing_flags(flags))?;
         let attr = self.remember(path_fd)?;
         let fh = self.add_handle(attr.ino, fd);
         Ok((attr, fh, self.handle(fh)?))
@@ -689,6 +695,9 @@ impl Volume {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
         let n = self.node(ino)?;
+        if name.as_bytes() == DEFAULT_ACL_XATTR {
+            n.default_acl.store(ACL_UNKNOWN, Ordering::Relaxed);
+        }
         sys::setxattr_fd(n.fd.as_fd(), &Self::backing_xattr_name(name)?, value, flags)
     }
 
@@ -734,6 +743,9 @@ impl Volume {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> SysResult<()> {
         let n = self.node(ino)?;
+        if name.as_bytes() == DEFAULT_ACL_XATTR {
+            n.default_acl.store(ACL_UNKNOWN, Ordering::Relaxed);
+        }
         sys::removexattr_fd(n.fd.as_fd(), &Self::backing_xattr_name(name)?)
     }
 
