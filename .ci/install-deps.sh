@@ -17,14 +17,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages. Runtime: fuse3 (fusermount3, /etc/fuse.conf), erofs-utils (mkfs/fsck.erofs),
-# fio (benchmarks), attr/acl (getfattr/setfacl, also used by pjdfstest), ffmpeg (ffprobe),
-# kmod (modprobe), util-linux (mount, losetup), procps, python3 (bench helper), time.
+# fio (benchmarks), attr/acl (getfattr/setfacl; acl also for pjdfstest), ffmpeg (ffprobe),
+# kmod (modprobe), mount + util-linux (mount, findmnt, mountpoint, losetup), procps, python3
+# (runner helpers), time (/usr/bin/time).
 # Build: build-essential + pkg-config for the cargo tools, libacl1-dev (pjdfstest links libacl
 # through the exacl crate), ca-certificates for crates.io over TLS.
 APT_PACKAGES=(
     fuse3 erofs-utils fio attr acl libacl1-dev ffmpeg
-    build-essential pkg-config ca-certificates curl
-    kmod util-linux procps python3 time
+    build-essential pkg-config ca-certificates
+    kmod mount util-linux procps python3 time
 )
 
 missing=()

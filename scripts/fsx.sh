@@ -10,6 +10,9 @@
 # Exit 0 only if fsx and the fallocate check both pass.
 set -euo pipefail
 
+# cargo-installed tools (.ci/install-deps.sh) live here; CI may not have it on PATH.
+[ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then
     echo "usage: $0 FILE_OR_DIR NOPS [SEED]" >&2
@@ -39,7 +42,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-fstype=$(stat -f -c %T "$(dirname "$file")")
+fstype=$(findmnt -n -o FSTYPE -T "$(dirname "$file")")
 echo "fsx.sh: file=$file fstype=$fstype nops=$nops seed=$seed config=$config"
 start=$(date +%s.%N)
 set +e

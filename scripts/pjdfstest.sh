@@ -20,6 +20,9 @@
 # Prints "N passed, N failed, N skipped" (pjdfstest's own counts) as the last line.
 set -euo pipefail
 
+# cargo-installed tools (.ci/install-deps.sh) live here; CI may not have it on PATH.
+[ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
     echo "usage: $0 DIR [EXPECTED_FAILURES_FILE]" >&2
@@ -59,7 +62,7 @@ if [ -n "${PJDFSTEST_SECONDARY_FS:-}" ]; then
     extra=(-s "$PJDFSTEST_SECONDARY_FS")
 fi
 
-echo "pjdfstest.sh: dir=$dir fstype=$(stat -f -c %T "$dir") config=$config expected=${expected_file:-<none>}"
+echo "pjdfstest.sh: dir=$dir fstype=$(findmnt -n -o FSTYPE -T "$dir") config=$config expected=${expected_file:-<none>}"
 start=$(date +%s.%N)
 set +e
 # Run from / so that a relative cwd on the target cannot interfere; no colours in the log.
