@@ -20,7 +20,7 @@ if [ $# -lt 2 ] || [ $# -gt 3 ]; then
 fi
 target=$1
 nops=$2
-seed=${3:-$(( (RANDOM << 15 | RANDOM) ))}
+seed=${3:-$(( RANDOM << 15 | RANDOM ))}
 config=${FSX_CONFIG:-$here/tests/fsx/fsx.toml}
 [[ $nops =~ ^[0-9]+$ ]] || { echo "fsx.sh: NOPS must be a number: $nops" >&2; exit 2; }
 command -v fsx >/dev/null || { echo "fsx.sh: fsx not installed (.ci/install-deps.sh)" >&2; exit 2; }
