@@ -40,7 +40,7 @@ impl Mounted {
     /// mkfs with `mkfs_args` and mount with `-o allow_other` (tests act as other users too).
     pub fn new(mkfs_args: &[&str]) -> Mounted {
         let dir = tempfile::Builder::new()
-            .prefix("spinfs-test-")
+            .prefix("m")
             .tempdir_in(test_root())
             .expect("tempdir");
         let store = dir.path().join("store");
@@ -104,7 +104,7 @@ impl Drop for Mounted {
 pub fn test_root() -> PathBuf {
     let root = std::env::var_os("SPINFS_TEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/spinfs-tests"));
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/spt"));
     std::fs::create_dir_all(&root).unwrap();
     set_mode(&root, 0o755);
     root
