@@ -1,0 +1,498 @@
+//! Backends: where container bytes live, chosen by a URI.
+//!
+//! The interface is at the granularity of (container, offset, length) with whole objects and
+//! whole metadata blocks, never a stream: a file, a block device, a tape or an object store
+//! (one key per object and per metadata block) can all serve it. `dir:` and `file:` are
+//! implemented here; both share one I/O engine, io_uring or pread/pwrite, chosen at runtime.
+
+use crate::buf::ALIGN;
+use crate::error::{MediaError, Result};
+use io_uring::{IoUring, opcode, types};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One write of a batch: `data` at byte `offset` of container `container`.
+pub struct WriteOp<'a> {
+    pub container: u64,
+    pub offset: u64,
+    pub data: &'a [u8],
+    /// Index of the buffer holding `data` among those passed to `register_buffers`.
+    pub fixed_buf: Option<u16>,
+}
+
+/// Where the bytes of containers are stored.
+pub trait Backend: Send + Sync {
+    /// The medium URI, used in every error.
+    fn uri(&self) -> &str;
+    /// Number of container slots that may hold a container (0..n are probed by a scan).
+    fn container_slots(&self) -> Result<u64>;
+    /// Makes container `index` writable from scratch (creates its file, checks capacity).
+    fn prepare_container(&self, index: u64) -> Result<()>;
+    /// Reads up to `buf.len()` bytes at `offset` of container `container`; returns the
+    /// number read (less only at the end of what the container holds).
+    fn read_at(&self, container: u64, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    /// Writes every op; returns when all are written (not necessarily durable).
+    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<()>;
+    /// Makes every write to the given containers durable.
+    fn sync(&self, containers: &[u64]) -> Result<()>;
+    /// Registers staging buffers for zero-copy writes; returns false when unsupported.
+    ///
+    /// # Safety
+    /// Every `(ptr, len)` must stay valid and unmoved until `unregister_buffers` is called.
+    unsafe fn register_buffers(&self, _bufs: &[(*mut u8, usize)]) -> bool {
+        false
+    }
+    /// Forgets buffers registered with `register_buffers`.
+    fn unregister_buffers(&self) {}
+    /// Name of the write engine in use ("io_uring", "pwrite", ...).
+    fn engine_name(&self) -> &'static str;
+    /// True when I/O bypasses the page cache.
+    fn direct_io(&self) -> bool;
+}
+
+/// Which write engine a file backend uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// io_uring when the kernel allows it, else pwrite.
+    Auto,
+    /// io_uring or an error.
+    Uring,
+    /// Portable pread/pwrite.
+    Pwrite,
+}
+
+/// How to open a backend.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendOptions {
+    pub engine: EngineChoice,
+    /// Try O_DIRECT (falls back to buffered I/O where the filesystem refuses it).
+    pub direct: bool,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            engine: EngineChoice::Auto,
+            direct: true,
+        }
+    }
+}
+
+/// Opens the backend named by `uri` for containers of `container_size` bytes.
+pub fn open_backend(
+    uri: &str,
+    container_size: u64,
+    opts: BackendOptions,
+) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(FileBackend::open(uri, container_size, opts)?))
+}
+
+enum Place {
+    /// One file per container in a directory.
+    Dir(PathBuf),
+    /// Containers at fixed offsets of one file or block device.
+    File {
+        file: Arc<File>,
+        /// Containers that fit on a block device; None for a growable regular file.
+        capacity: Option<u64>,
+    },
+}
+
+struct Uring {
+    ring: IoUring,
+    registered: bool,
+}
+
+enum Engine {
+    Pwrite,
+    Uring(Mutex<Uring>),
+}
+
+/// The `dir:` and `file:` backends.
+pub struct FileBackend {
+    uri: String,
+    place: Place,
+    container_size: u64,
+    direct: bool,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    engine: Engine,
+}
+
+const RING_ENTRIES: u32 = 64;
+
+fn open_maybe_direct(path: &Path, create: bool, direct: bool) -> std::io::Result<(File, bool)> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if create {
+        o.create(true).truncate(true);
+    }
+    if direct {
+        let mut od = o.clone();
+        od.custom_flags(libc::O_DIRECT);
+        match od.open(path) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((o.open(path)?, false))
+}
+
+impl FileBackend {
+    /// Opens `dir:PATH` (creating the directory) or `file:PATH` (an existing block device,
+    /// or a regular file created when absent).
+    pub fn open(uri: &str, container_size: u64, opts: BackendOptions) -> Result<FileBackend> {
+        let bad = |reason: &str| MediaError::BadUri {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        let (scheme, path) = uri
+            .split_once(':')
+            .ok_or_else(|| bad("expected dir:PATH or file:PATH"))?;
+        if path.is_empty() {
+            return Err(bad("empty path"));
+        }
+        let path = PathBuf::from(path);
+        let io = |what: String, e| MediaError::io(uri, what, e);
+        let (place, direct) = match scheme {
+            "dir" => {
+                std::fs::create_dir_all(&path)
+                    .map_err(|e| io(format!("cannot create directory {}", path.display()), e))?;
+                // Probe O_DIRECT support once on a scratch file of the directory.
+                let probe = path.join(".direct-probe");
+                let direct = match open_maybe_direct(&probe, true, opts.direct) {
+                    Ok((_, d)) => d,
+                    Err(e) => return Err(io(format!("cannot write in {}", path.display()), e)),
+                };
+                let _ = std::fs::remove_file(&probe);
+                (Place::Dir(path), direct)
+            }
+            "file" => {
+                let exists = path.exists();
+                let (file, direct) = open_maybe_direct(&path, false, opts.direct)
+                    .or_else(|e| {
+                        if exists {
+                            Err(e)
+                        } else {
+                            let f = OpenOptions::new()
+                                .read(true)
+                                .write(true)
+                                .create_new(true)
+                                .open(&path)?;
+                            drop(f);
+                            open_maybe_direct(&path, false, opts.direct)
+                        }
+                    })
+                    .map_err(|e| io(format!("cannot open {}", path.display()), e))?;
+                let meta = file
+                    .metadata()
+                    .map_err(|e| io(format!("cannot stat {}", path.display()), e))?;
+                let capacity = if meta.file_type().is_block_device() {
+                    use std::io::{Seek, SeekFrom};
+                    let size = (&file)
+                        .seek(SeekFrom::End(0))
+                        .map_err(|e| io(format!("cannot size {}", path.display()), e))?;
+                    Some(size / container_size)
+                } else if meta.is_file() {
+                    None
+                } else {
+                    return Err(bad("file: needs a regular file or a block device"));
+                };
+                (
+                    Place::File {
+                        file: Arc::new(file),
+                        capacity,
+                    },
+                    direct,
+                )
+            }
+            _ => return Err(bad("unknown scheme (expected dir: or file:)")),
+        };
+        let engine = match opts.engine {
+            EngineChoice::Pwrite => Engine::Pwrite,
+            EngineChoice::Uring | EngineChoice::Auto => match IoUring::new(RING_ENTRIES) {
+                Ok(ring) => Engine::Uring(Mutex::new(Uring {
+                    ring,
+                    registered: false,
+                })),
+                Err(e) if opts.engine == EngineChoice::Uring => {
+                    return Err(io("io_uring is not available".into(), e));
+                }
+                Err(e) => {
+                    tracing::info!("io_uring unavailable ({e}), using pwrite");
+                    Engine::Pwrite
+                }
+            },
+        };
+        Ok(FileBackend {
+            uri: uri.to_string(),
+            place,
+            container_size,
+            direct,
+            files: Mutex::new(HashMap::new()),
+            engine,
+        })
+    }
+
+    fn container_path(dir: &Path, index: u64) -> PathBuf {
+        dir.join(format!("c{index:08}.spc"))
+    }
+
+    /// The file holding `container` and the byte offset of the container in it.
+    fn locate(&self, container: u64, create: bool) -> Result<(Arc<File>, u64)> {
+        match &self.place {
+            Place::File { file, capacity } => {
+                if let Some(cap) = capacity
+                    && container >= *cap
+                {
+                    return Err(MediaError::Full {
+                        medium: self.uri.clone(),
+                        container,
+                    });
+                }
+                let base =
+                    container
+                        .checked_mul(self.container_size)
+                        .ok_or_else(|| MediaError::Full {
+                            medium: self.uri.clone(),
+                            container,
+                        })?;
+                Ok((file.clone(), base))
+            }
+            Place::Dir(dir) => {
+                let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+                if !create && let Some(f) = files.get(&container) {
+                    return Ok((f.clone(), 0));
+                }
+                let path = Self::container_path(dir, container);
+                let (f, _) = open_maybe_direct(&path, create, self.direct).map_err(|e| {
+                    MediaError::io(
+                        &self.uri,
+                        format!("container {container}: cannot open {}", path.display()),
+                        e,
+                    )
+                })?;
+                let f = Arc::new(f);
+                files.insert(container, f.clone());
+                Ok((f, 0))
+            }
+        }
+    }
+
+    fn pwrite_all(&self, file: &File, data: &[u8], at: u64, container: u64) -> Result<()> {
+        file.write_all_at(data, at).map_err(|e| {
+            MediaError::io(
+                &self.uri,
+                format!("container {container}: write at {at}"),
+                e,
+            )
+        })
+    }
+}
+
+impl Backend for FileBackend {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn container_slots(&self) -> Result<u64> {
+        match &self.place {
+            Place::File { file, capacity } => match capacity {
+                Some(c) => Ok(*c),
+                None => {
+                    let len = file
+                        .metadata()
+                        .map_err(|e| MediaError::io(&self.uri, "cannot stat", e))?
+                        .len();
+                    Ok(len.div_ceil(self.container_size))
+                }
+            },
+            Place::Dir(dir) => {
+                let mut n = 0;
+                while Self::container_path(dir, n).exists() {
+                    n += 1;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    fn prepare_container(&self, index: u64) -> Result<()> {
+        self.locate(index, true)?;
+        if let Place::Dir(dir) = &self.place {
+            // The new file's directory entry must be durable before anything in it is.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+                MediaError::io(
+                    &self.uri,
+                    format!("cannot sync directory {}", dir.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, container: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let (file, base) = self.locate(container, false)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], base + offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // O_DIRECT refuses a read that starts past the end on some filesystems.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && done > 0 => break,
+                Err(e) => {
+                    return Err(MediaError::io(
+                        &self.uri,
+                        format!("container {container}: read at {}", offset + done as u64),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<()> {
+        let mut located = Vec::with_capacity(ops.len());
+        for op in ops {
+            debug_assert!(op.offset % ALIGN as u64 == 0 && op.data.len() % ALIGN == 0);
+            let (f, base) = self.locate(op.container, false)?;
+            located.push((f, base + op.offset));
+        }
+        let uring = match &self.engine {
+            Engine::Pwrite => {
+                for (op, (f, at)) in ops.iter().zip(&located) {
+                    self.pwrite_all(f, op.data, *at, op.container)?;
+                }
+                return Ok(());
+            }
+            Engine::Uring(u) => u,
+        };
+        let mut u = uring.lock().unwrap_or_else(|p| p.into_inner());
+        for (group_no, group) in ops.chunks(RING_ENTRIES as usize).enumerate() {
+            let first = group_no * RING_ENTRIES as usize;
+            for (i, op) in group.iter().enumerate() {
+                let (f, at) = &located[first + i];
+                let fd = types::Fd(f.as_raw_fd());
+                let len = op.data.len() as u32;
+                let entry = match op.fixed_buf {
+                    Some(idx) if u.registered => {
+                        opcode::WriteFixed::new(fd, op.data.as_ptr(), len, idx)
+                            .offset(*at)
+                            .build()
+                    }
+                    _ => opcode::Write::new(fd, op.data.as_ptr(), len)
+                        .offset(*at)
+                        .build(),
+                }
+                .user_data((first + i) as u64);
+                // SAFETY: the buffer and the file stay alive until the completions are reaped
+                // below, before this function returns.
+                unsafe { u.ring.submission().push(&entry) }.map_err(|_| {
+                    MediaError::io(
+                        &self.uri,
+                        "io_uring submission queue full",
+                        std::io::Error::other("sq full"),
+                    )
+                })?;
+            }
+            let mut left = group.len();
+            let mut short = Vec::new();
+            let mut failure = None;
+            while left > 0 {
+                if let Err(e) = u.ring.submit_and_wait(1) {
+                    if e.raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    return Err(MediaError::io(&self.uri, "io_uring submit", e));
+                }
+                for cqe in u.ring.completion() {
+                    left -= 1;
+                    let i = cqe.user_data() as usize;
+                    let res = cqe.result();
+                    if res < 0 {
+                        failure.get_or_insert((i, std::io::Error::from_raw_os_error(-res)));
+                    } else if (res as usize) < ops[i].data.len() {
+                        short.push((i, res as usize));
+                    }
+                }
+            }
+            if let Some((i, e)) = failure {
+                return Err(MediaError::io(
+                    &self.uri,
+                    format!("container {}: write at {}", ops[i].container, ops[i].offset),
+                    e,
+                ));
+            }
+            for (i, done) in short {
+                let (f, at) = &located[i];
+                self.pwrite_all(f, &ops[i].data[done..], at + done as u64, ops[i].container)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self, containers: &[u64]) -> Result<()> {
+        match &self.place {
+            Place::File { file, .. } => file
+                .sync_data()
+                .map_err(|e| MediaError::io(&self.uri, "fdatasync", e)),
+            Place::Dir(_) => {
+                for &c in containers {
+                    let (f, _) = self.locate(c, false)?;
+                    f.sync_data().map_err(|e| {
+                        MediaError::io(&self.uri, format!("container {c}: fdatasync"), e)
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    unsafe fn register_buffers(&self, bufs: &[(*mut u8, usize)]) -> bool {
+        let Engine::Uring(u) = &self.engine else {
+            return false;
+        };
+        let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
+        if u.registered {
+            let _ = u.ring.submitter().unregister_buffers();
+        }
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|&(p, l)| libc::iovec {
+                iov_base: p.cast(),
+                iov_len: l,
+            })
+            .collect();
+        // SAFETY: the caller guarantees the buffers outlive the registration.
+        u.registered = unsafe { u.ring.submitter().register_buffers(&iov) }.is_ok();
+        u.registered
+    }
+
+    fn unregister_buffers(&self) {
+        if let Engine::Uring(u) = &self.engine {
+            let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
+            if u.registered {
+                let _ = u.ring.submitter().unregister_buffers();
+                u.registered = false;
+            }
+        }
+    }
+
+    fn engine_name(&self) -> &'static str {
+        match self.engine {
+            Engine::Pwrite => "pwrite",
+            Engine::Uring(_) => "io_uring",
+        }
+    }
+
+    fn direct_io(&self) -> bool {
+        self.direct
+    }
+}
