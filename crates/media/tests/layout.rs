@@ -75,17 +75,39 @@ fn roundtrip(engine: EngineChoice) {
     let a = data(1, 700_000);
     let b = data(2, 3000);
     let ea = write_image(&mut w, blob(1), &a, 100_000);
-    let eb = write_image(&mut w, ImageRef { id: 1, kind: ImageKind::Meta }, &b, 7);
+    let eb = write_image(
+        &mut w,
+        ImageRef {
+            id: 1,
+            kind: ImageKind::Meta,
+        },
+        &b,
+        7,
+    );
     let info = w.commit().unwrap();
     assert_eq!(info.images.len(), 2);
     assert_eq!(ea.length, a.len() as u64);
     assert_eq!(ea.crc, crc32c::crc32c(&a));
     let r = MediumReader::new(m.clone(), None);
-    assert_eq!(r.read(&ea, 0, a.len() as u64, ReadOptions::default()).unwrap(), a);
+    assert_eq!(
+        r.read(&ea, 0, a.len() as u64, ReadOptions::default())
+            .unwrap(),
+        a
+    );
     assert_eq!(r.read(&eb, 0, 3000, ReadOptions::default()).unwrap(), b);
-    for (off, len) in [(0u64, 1u64), (65535, 2), (131072, 65536), (699_999, 1), (300_000, 250_000)] {
+    for (off, len) in [
+        (0u64, 1u64),
+        (65535, 2),
+        (131072, 65536),
+        (699_999, 1),
+        (300_000, 250_000),
+    ] {
         let got = r.read(&ea, off, len, ReadOptions::default()).unwrap();
-        assert_eq!(got, &a[off as usize..(off + len) as usize], "range {off}+{len}");
+        assert_eq!(
+            got,
+            &a[off as usize..(off + len) as usize],
+            "range {off}+{len}"
+        );
     }
     // A one-byte read fetches exactly one object.
     let before = r.stats().objects_fetched;
@@ -111,11 +133,24 @@ fn boundaries_object_and_container() {
     let mut w = MediumWriter::open(m.clone(), None).unwrap();
     // Exactly one object, then one byte past an object.
     let e1 = write_image(&mut w, blob(1), &data(1, OBJ as usize), 4096);
-    assert_eq!(e1.extents, vec![Extent { container: 0, offset: 0, length: OBJ, image_offset: 0 }]);
+    assert_eq!(
+        e1.extents,
+        vec![Extent {
+            container: 0,
+            offset: 0,
+            length: OBJ,
+            image_offset: 0
+        }]
+    );
     let e2 = write_image(&mut w, blob(2), &data(2, OBJ as usize + 1), 4096);
     assert_eq!(
         e2.extents,
-        vec![Extent { container: 0, offset: OBJ, length: OBJ + 1, image_offset: 0 }]
+        vec![Extent {
+            container: 0,
+            offset: OBJ,
+            length: OBJ + 1,
+            image_offset: 0
+        }]
     );
     // e2 used objects 1 and 2 (the second holds 1 byte); fill the rest of container 0 exactly.
     let rest = USABLE - 3 * OBJ;
@@ -125,15 +160,33 @@ fn boundaries_object_and_container() {
     assert_eq!(e3.extents[0].container, 0);
     // The next byte goes to container 1, object 0.
     let e4 = write_image(&mut w, blob(4), &data(4, 1), 1);
-    assert_eq!(e4.extents, vec![Extent { container: 1, offset: 0, length: 1, image_offset: 0 }]);
+    assert_eq!(
+        e4.extents,
+        vec![Extent {
+            container: 1,
+            offset: 0,
+            length: 1,
+            image_offset: 0
+        }]
+    );
     // An image spanning a container end: exactly a container's worth, then one byte more.
     let e5 = write_image(&mut w, blob(5), &data(5, USABLE as usize + 1), 300_000);
     // Container 1 has 14 free objects after e4; the rest (one object and one byte) rolls over.
     assert_eq!(
         e5.extents,
         vec![
-            Extent { container: 1, offset: OBJ, length: USABLE - OBJ, image_offset: 0 },
-            Extent { container: 2, offset: 0, length: OBJ + 1, image_offset: USABLE - OBJ },
+            Extent {
+                container: 1,
+                offset: OBJ,
+                length: USABLE - OBJ,
+                image_offset: 0
+            },
+            Extent {
+                container: 2,
+                offset: 0,
+                length: OBJ + 1,
+                image_offset: USABLE - OBJ
+            },
         ]
     );
     w.commit().unwrap();
@@ -179,7 +232,11 @@ fn commit_mid_image_seals_partial_object_and_resume_continues() {
     let cat = Catalogue::scan(&m, &mut |_, _| {}).unwrap();
     let r = MediumReader::new(m.clone(), None);
     let e7 = &cat.images[&blob(7)];
-    assert_eq!(r.read(e7, 0, a.len() as u64, ReadOptions::default()).unwrap(), a);
+    assert_eq!(
+        r.read(e7, 0, a.len() as u64, ReadOptions::default())
+            .unwrap(),
+        a
+    );
 }
 
 #[test]
@@ -214,7 +271,11 @@ fn torn_tail_uncommitted_data_is_ignored() {
     assert_eq!(cat.images[&blob(2)], eb);
     assert_eq!(cat.images[&blob(1)], ea);
     let r = MediumReader::new(m.clone(), None);
-    assert_eq!(r.read(&eb, 0, b.len() as u64, ReadOptions::default()).unwrap(), b);
+    assert_eq!(
+        r.read(&eb, 0, b.len() as u64, ReadOptions::default())
+            .unwrap(),
+        b
+    );
 }
 
 #[test]
@@ -256,9 +317,16 @@ fn checksum_failure_names_container_and_object() {
     patch(&container_file(&t, 1), (64 << 10) + OBJ + 5, &[0xAA]);
     let m = open(&dir_uri(&t), EngineChoice::Auto);
     let r = MediumReader::new(m.clone(), None);
-    let err = r.read(&ea, USABLE + OBJ, 10, ReadOptions::default()).unwrap_err();
+    let err = r
+        .read(&ea, USABLE + OBJ, 10, ReadOptions::default())
+        .unwrap_err();
     match &err {
-        MediaError::Damaged { container, object, medium, .. } => {
+        MediaError::Damaged {
+            container,
+            object,
+            medium,
+            ..
+        } => {
             assert_eq!((*container, *object), (1, 1));
             assert!(medium.starts_with("dir:"));
         }
@@ -266,9 +334,13 @@ fn checksum_failure_names_container_and_object() {
     }
     assert!(err.to_string().contains("container 1 object 1"), "{err}");
     // Other ranges still read.
-    assert_eq!(r.read(&ea, 0, 100, ReadOptions::default()).unwrap(), &a[..100]);
     assert_eq!(
-        r.read(&ea, USABLE + 2 * OBJ, 100, ReadOptions::default()).unwrap(),
+        r.read(&ea, 0, 100, ReadOptions::default()).unwrap(),
+        &a[..100]
+    );
+    assert_eq!(
+        r.read(&ea, USABLE + 2 * OBJ, 100, ReadOptions::default())
+            .unwrap(),
         &a[(USABLE + 2 * OBJ) as usize..][..100]
     );
     let rep = verify(&m, &mut |_, _| {}).unwrap();
@@ -282,15 +354,35 @@ fn truncated_last_object_is_damage_not_data() {
     let t = tempfile::tempdir().unwrap();
     let m = open(&dir_uri(&t), EngineChoice::Auto);
     let mut w = MediumWriter::open(m.clone(), None).unwrap();
-    let ea = write_image(&mut w, blob(1), &data(1, 2 * OBJ as usize + 10_000), 1 << 20);
+    let ea = write_image(
+        &mut w,
+        blob(1),
+        &data(1, 2 * OBJ as usize + 10_000),
+        1 << 20,
+    );
     w.commit().unwrap();
     drop(w);
-    let f = std::fs::OpenOptions::new().write(true).open(container_file(&t, 0)).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(container_file(&t, 0))
+        .unwrap();
     f.set_len((64 << 10) + 2 * OBJ + 100).unwrap();
     let m = open(&dir_uri(&t), EngineChoice::Auto);
     let r = MediumReader::new(m.clone(), None);
-    let err = r.read(&ea, 2 * OBJ, 10, ReadOptions::default()).unwrap_err();
-    assert!(matches!(err, MediaError::Damaged { container: 0, object: 2, .. }), "{err}");
+    let err = r
+        .read(&ea, 2 * OBJ, 10, ReadOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MediaError::Damaged {
+                container: 0,
+                object: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let rep = verify(&m, &mut |_, _| {}).unwrap();
     assert_eq!(rep.damaged.len(), 1);
     assert_eq!(rep.damaged[0].object, 2);
@@ -316,7 +408,10 @@ fn many_commits_roll_the_record_log_over() {
     let r = MediumReader::new(m.clone(), None);
     for (i, e) in all.iter().enumerate() {
         assert_eq!(cat.images.get(&blob(i as u64)), Some(e));
-        assert_eq!(r.read(e, 0, e.length, ReadOptions::default()).unwrap(), data(i as u64, e.length as usize));
+        assert_eq!(
+            r.read(e, 0, e.length, ReadOptions::default()).unwrap(),
+            data(i as u64, e.length as usize)
+        );
     }
 }
 
@@ -327,15 +422,22 @@ fn misuse_and_geometry_errors_are_typed() {
     let mut w = MediumWriter::open(m.clone(), None).unwrap();
     assert!(matches!(w.append(b"x"), Err(MediaError::Misuse { .. })));
     w.begin_image(blob(1)).unwrap();
-    assert!(matches!(w.begin_image(blob(2)), Err(MediaError::Misuse { .. })));
+    assert!(matches!(
+        w.begin_image(blob(2)),
+        Err(MediaError::Misuse { .. })
+    ));
     w.append(b"abc").unwrap();
     w.finish_image().unwrap();
     w.commit().unwrap();
     let other = Geometry::with_default_reserve(2 << 20, OBJ, 256 << 10).unwrap();
-    let e = Medium::open(&dir_uri(&t), other, BackendOptions::default()).err().unwrap();
+    let e = Medium::open(&dir_uri(&t), other, BackendOptions::default())
+        .err()
+        .unwrap();
     assert!(matches!(e, MediaError::GeometryMismatch { .. }), "{e}");
     assert!(matches!(
-        Medium::open("s3:bucket", geom(), BackendOptions::default()).err().unwrap(),
+        Medium::open("s3:bucket", geom(), BackendOptions::default())
+            .err()
+            .unwrap(),
         MediaError::BadUri { .. }
     ));
     assert!(Geometry::new(1 << 20, 4096, OBJ, 256 << 10).is_err());
@@ -359,5 +461,8 @@ fn file_backend_on_regular_file() {
     assert_eq!(cat.containers.len(), 2);
     assert_eq!(cat.containers[1].data_bytes, USABLE);
     let r = MediumReader::new(m, None);
-    assert_eq!(r.read(&ea, USABLE - 5, 10, ReadOptions::default()).unwrap(), &a[(USABLE - 5) as usize..][..10]);
+    assert_eq!(
+        r.read(&ea, USABLE - 5, 10, ReadOptions::default()).unwrap(),
+        &a[(USABLE - 5) as usize..][..10]
+    );
 }
