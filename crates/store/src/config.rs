@@ -87,12 +87,15 @@ impl StoreConfig {
     /// checksums, index). It is 1/96 of the container rounded up to 4 KiB, at least 64 KiB:
     /// exactly the 5 MiB of a 480 MiB container that SPEC §1 describes.
     pub fn container_reserved(&self) -> u64 {
-        (self.container_size / 96).next_multiple_of(4 * KIB).max(64 * KIB)
+        (self.container_size / 96)
+            .next_multiple_of(4 * KIB)
+            .max(64 * KIB)
     }
 
     /// Bytes of a container that hold filesystem data (475 MiB by default).
     pub fn container_usable(&self) -> u64 {
-        self.container_size.saturating_sub(self.container_reserved())
+        self.container_size
+            .saturating_sub(self.container_reserved())
     }
 
     /// Objects per container; the last one is shorter when the usable space is not a whole
@@ -175,7 +178,10 @@ impl StoreConfig {
             ));
         }
         if self.merge_fanin > 64 {
-            return bad(format!("merge fan-in {} must be at most 64", self.merge_fanin));
+            return bad(format!(
+                "merge fan-in {} must be at most 64",
+                self.merge_fanin
+            ));
         }
         if self.max_open_images == 0 {
             return bad("max open images must be at least 1".into());

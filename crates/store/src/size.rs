@@ -80,7 +80,16 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "K", "-4K", "1.5M", "4X", "abc", "99999999999999999999", "16777216T"] {
+        for bad in [
+            "",
+            "K",
+            "-4K",
+            "1.5M",
+            "4X",
+            "abc",
+            "99999999999999999999",
+            "16777216T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} should be rejected");
         }
     }
