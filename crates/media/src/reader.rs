@@ -85,12 +85,18 @@ impl MediumReader {
             .clear();
     }
 
-    fn index(&self, container: u64, deadline: Option<Instant>) -> Result<Arc<ContainerScan>> {
-        if let Some(s) = self
-            .indexes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&container)
+    fn index(
+        &self,
+        container: u64,
+        deadline: Option<Instant>,
+        fresh: bool,
+    ) -> Result<Arc<ContainerScan>> {
+        if !fresh
+            && let Some(s) = self
+                .indexes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&container)
         {
             return Ok(s.clone());
         }
@@ -184,8 +190,12 @@ impl MediumReader {
         // Load every index first, then queue every fetch so the scheduler can batch them.
         let mut fetches = Vec::with_capacity(pieces.len());
         for p in &pieces {
-            let idx = self.index(p.container, deadline)?;
             let last = p.first_object + p.objects - 1;
+            let mut idx = self.index(p.container, deadline, false)?;
+            if idx.object(last).is_none() {
+                // The container may have grown since its index was cached.
+                idx = self.index(p.container, deadline, true)?;
+            }
             let last_len = match idx.object(last) {
                 Some(Record::Object { len, .. }) => *len as u64,
                 _ => {

@@ -443,10 +443,10 @@ impl MediumWriter {
     /// Steps 2-4 of the protocol for the open container.
     fn write_records(&mut self) -> Result<u64> {
         let g = self.medium.geometry();
-        let id = self.medium.id().expect("an open container implies an id");
         let Some(oc) = self.open.as_mut() else {
             return Ok(0);
         };
+        let id = self.medium.id().expect("an open container implies an id");
         if oc.dirty {
             self.medium.backend().sync(&[oc.index])?;
             oc.dirty = false;

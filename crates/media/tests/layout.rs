@@ -1,6 +1,7 @@
 //! Layout, durability, torn tails, checksums and catalogue rebuild on real backends.
 
 use spinfs_media::backend::BackendOptions;
+use spinfs_media::sched;
 use spinfs_media::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -465,4 +466,67 @@ fn file_backend_on_regular_file() {
         r.read(&ea, USABLE - 5, 10, ReadOptions::default()).unwrap(),
         &a[(USABLE - 5) as usize..][..10]
     );
+}
+
+#[test]
+fn commit_on_empty_medium_and_reader_sees_later_appends() {
+    let t = tempfile::tempdir().unwrap();
+    let m = open(&dir_uri(&t), EngineChoice::Auto);
+    let mut w = MediumWriter::open(m.clone(), None).unwrap();
+    assert_eq!(w.commit().unwrap(), CommitInfo::default());
+    assert_eq!(m.containers().unwrap(), 0);
+    let e1 = write_image(&mut w, blob(1), &data(1, 1000), 1000);
+    w.commit().unwrap();
+    let r = MediumReader::new(m.clone(), None);
+    r.read(&e1, 0, 10, ReadOptions::default()).unwrap();
+    // Container 0's index is cached; a later image in it is still found.
+    let e2 = write_image(&mut w, blob(2), &data(2, 1000), 1000);
+    w.commit().unwrap();
+    assert_eq!(e2.extents[0].container, 0);
+    assert_eq!(
+        r.read(&e2, 0, 1000, ReadOptions::default()).unwrap(),
+        data(2, 1000)
+    );
+}
+
+#[test]
+fn reads_through_scheduler_and_model_are_batched() {
+    use spinfs_media::model::ModelDevice;
+    use std::time::Duration;
+    let t = tempfile::tempdir().unwrap();
+    let m = open(&dir_uri(&t), EngineChoice::Auto);
+    let mut w = MediumWriter::open(m.clone(), None).unwrap();
+    let a = data(5, (3 * USABLE) as usize);
+    let ea = write_image(&mut w, blob(5), &a, 1 << 20);
+    w.commit().unwrap();
+    drop(w);
+    let params = ModelParams {
+        switch: Duration::from_millis(20),
+        seek: Duration::from_millis(1),
+        bandwidth: 1 << 30,
+    };
+    let dev = Arc::new(ModelDevice::new(
+        params,
+        Some(m.clone() as Arc<dyn sched::Device>),
+        0.0,
+    ));
+    let s = MediaScheduler::new(dev.clone(), SchedConfig::default());
+    let r = MediumReader::new(m.clone(), Some(s.clone()));
+    // One read covering all three containers: each container loaded once for its index and
+    // its data, in the order the scheduler chose.
+    let got = r
+        .read(
+            &ea,
+            1000,
+            3 * USABLE - 2000,
+            ReadOptions {
+                class: Class::Foreground,
+                timeout: Some(Duration::from_secs(10)),
+            },
+        )
+        .unwrap();
+    assert_eq!(got, &a[1000..(3 * USABLE - 1000) as usize]);
+    let st = s.stats();
+    assert_eq!(st.reads, 6, "{st:?}");
+    assert!(dev.counters().switches <= 6);
 }
