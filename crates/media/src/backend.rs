@@ -24,6 +24,11 @@ pub struct WriteOp<'a> {
     pub fixed_buf: Option<u16>,
 }
 
+/// A batch of writes started by [`Backend::start_writes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use]
+pub struct WriteTicket(pub u64);
+
 /// Where the bytes of containers are stored.
 pub trait Backend: Send + Sync {
     /// The medium URI, used in every error.
@@ -37,6 +42,20 @@ pub trait Backend: Send + Sync {
     fn read_at(&self, container: u64, offset: u64, buf: &mut [u8]) -> Result<usize>;
     /// Writes every op; returns when all are written (not necessarily durable).
     fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<()>;
+    /// Starts writing every op and returns, when the engine can write asynchronously
+    /// (io_uring); otherwise writes them before returning. `wait_writes` reports the outcome.
+    ///
+    /// # Safety
+    /// The memory of every op's `data` must stay valid and unmodified until `wait_writes`
+    /// has returned for the returned ticket.
+    unsafe fn start_writes(&self, ops: &[WriteOp<'_>]) -> Result<WriteTicket> {
+        self.write_batch(ops)?;
+        Ok(WriteTicket(u64::MAX))
+    }
+    /// Waits until the writes of `ticket` are done; returns their first error.
+    fn wait_writes(&self, _ticket: WriteTicket) -> Result<()> {
+        Ok(())
+    }
     /// Makes every write to the given containers durable.
     fn sync(&self, containers: &[u64]) -> Result<()>;
     /// Registers staging buffers for zero-copy writes; returns false when unsupported.
@@ -105,7 +124,30 @@ enum Place {
 struct Uring {
     ring: IoUring,
     registered: bool,
+    next_ticket: u64,
+    inflight: HashMap<u64, Inflight>,
 }
+
+/// A started batch: what is needed to finish short writes and report errors.
+struct Inflight {
+    remaining: usize,
+    ops: Vec<InflightOp>,
+    error: Option<(usize, std::io::Error)>,
+    short: Vec<(usize, usize)>,
+}
+
+struct InflightOp {
+    file: Arc<File>,
+    at: u64,
+    container: u64,
+    offset: u64,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the raw pointers in InflightOp are only dereferenced under the start_writes
+// contract (the caller keeps the memory valid until wait_writes returns).
+unsafe impl Send for Uring {}
 
 enum Engine {
     Pwrite,
@@ -218,6 +260,8 @@ impl FileBackend {
                 Ok(ring) => Engine::Uring(Mutex::new(Uring {
                     ring,
                     registered: false,
+                    next_ticket: 0,
+                    inflight: HashMap::new(),
                 })),
                 Err(e) if opts.engine == EngineChoice::Uring => {
                     return Err(io("io_uring is not available".into(), e));
@@ -294,6 +338,27 @@ impl FileBackend {
     }
 }
 
+/// Moves every available completion to its batch.
+fn reap(u: &mut Uring) {
+    let mut cq = u.ring.completion();
+    cq.sync();
+    for cqe in cq {
+        let ticket = cqe.user_data() >> 20;
+        let i = (cqe.user_data() & ((1 << 20) - 1)) as usize;
+        let Some(b) = u.inflight.get_mut(&ticket) else {
+            continue;
+        };
+        b.remaining -= 1;
+        let res = cqe.result();
+        if res < 0 {
+            b.error
+                .get_or_insert((i, std::io::Error::from_raw_os_error(-res)));
+        } else if (res as usize) < b.ops[i].len {
+            b.short.push((i, res as usize));
+        }
+    }
+}
+
 impl Backend for FileBackend {
     fn uri(&self) -> &str {
         &self.uri
@@ -359,81 +424,114 @@ impl Backend for FileBackend {
     }
 
     fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<()> {
+        if let Engine::Pwrite = self.engine {
+            for op in ops {
+                debug_assert!(op.offset % ALIGN as u64 == 0 && op.data.len() % ALIGN == 0);
+                let (f, base) = self.locate(op.container, false)?;
+                self.pwrite_all(&f, op.data, base + op.offset, op.container)?;
+            }
+            return Ok(());
+        }
+        // SAFETY: `ops` borrows its data for this whole call, and we wait before returning.
+        let t = unsafe { self.start_writes(ops) }?;
+        self.wait_writes(t)
+    }
+
+    unsafe fn start_writes(&self, ops: &[WriteOp<'_>]) -> Result<WriteTicket> {
+        let Engine::Uring(uring) = &self.engine else {
+            self.write_batch(ops)?;
+            return Ok(WriteTicket(u64::MAX));
+        };
         let mut located = Vec::with_capacity(ops.len());
         for op in ops {
             debug_assert!(op.offset % ALIGN as u64 == 0 && op.data.len() % ALIGN == 0);
             let (f, base) = self.locate(op.container, false)?;
-            located.push((f, base + op.offset));
+            located.push(InflightOp {
+                file: f,
+                at: base + op.offset,
+                container: op.container,
+                offset: op.offset,
+                ptr: op.data.as_ptr(),
+                len: op.data.len(),
+            });
         }
-        let uring = match &self.engine {
-            Engine::Pwrite => {
-                for (op, (f, at)) in ops.iter().zip(&located) {
-                    self.pwrite_all(f, op.data, *at, op.container)?;
-                }
-                return Ok(());
+        let mut guard = uring.lock().unwrap_or_else(|p| p.into_inner());
+        let u = &mut *guard;
+        let ticket = u.next_ticket;
+        u.next_ticket += 1;
+        for (i, (op, l)) in ops.iter().zip(&located).enumerate() {
+            let fd = types::Fd(l.file.as_raw_fd());
+            let entry = match op.fixed_buf {
+                Some(idx) if u.registered => opcode::WriteFixed::new(fd, l.ptr, l.len as u32, idx)
+                    .offset(l.at)
+                    .build(),
+                _ => opcode::Write::new(fd, l.ptr, l.len as u32)
+                    .offset(l.at)
+                    .build(),
             }
-            Engine::Uring(u) => u,
+            .user_data((ticket << 20) | i as u64);
+            loop {
+                // SAFETY: the data stays valid until wait_writes (the caller's contract), the
+                // file is kept alive in `inflight` until its completion is reaped.
+                if unsafe { u.ring.submission().push(&entry) }.is_ok() {
+                    break;
+                }
+                // Submission queue full: hand what is queued to the kernel and retry.
+                u.ring
+                    .submit()
+                    .map_err(|e| MediaError::io(&self.uri, "io_uring submit", e))?;
+                reap(u);
+            }
+        }
+        u.inflight.insert(
+            ticket,
+            Inflight {
+                remaining: ops.len(),
+                ops: located,
+                error: None,
+                short: Vec::new(),
+            },
+        );
+        u.ring
+            .submit()
+            .map_err(|e| MediaError::io(&self.uri, "io_uring submit", e))?;
+        Ok(WriteTicket(ticket))
+    }
+
+    fn wait_writes(&self, ticket: WriteTicket) -> Result<()> {
+        let Engine::Uring(uring) = &self.engine else {
+            return Ok(());
         };
-        let mut u = uring.lock().unwrap_or_else(|p| p.into_inner());
-        for (group_no, group) in ops.chunks(RING_ENTRIES as usize).enumerate() {
-            let first = group_no * RING_ENTRIES as usize;
-            for (i, op) in group.iter().enumerate() {
-                let (f, at) = &located[first + i];
-                let fd = types::Fd(f.as_raw_fd());
-                let len = op.data.len() as u32;
-                let entry = match op.fixed_buf {
-                    Some(idx) if u.registered => {
-                        opcode::WriteFixed::new(fd, op.data.as_ptr(), len, idx)
-                            .offset(*at)
-                            .build()
-                    }
-                    _ => opcode::Write::new(fd, op.data.as_ptr(), len)
-                        .offset(*at)
-                        .build(),
-                }
-                .user_data((first + i) as u64);
-                // SAFETY: the buffer and the file stay alive until the completions are reaped
-                // below, before this function returns.
-                unsafe { u.ring.submission().push(&entry) }.map_err(|_| {
-                    MediaError::io(
-                        &self.uri,
-                        "io_uring submission queue full",
-                        std::io::Error::other("sq full"),
-                    )
-                })?;
+        let mut guard = uring.lock().unwrap_or_else(|p| p.into_inner());
+        let u = &mut *guard;
+        loop {
+            reap(u);
+            match u.inflight.get(&ticket.0) {
+                None => return Ok(()),
+                Some(b) if b.remaining == 0 => break,
+                Some(_) => {}
             }
-            let mut left = group.len();
-            let mut short = Vec::new();
-            let mut failure = None;
-            while left > 0 {
-                if let Err(e) = u.ring.submit_and_wait(1) {
-                    if e.raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
-                    return Err(MediaError::io(&self.uri, "io_uring submit", e));
-                }
-                for cqe in u.ring.completion() {
-                    left -= 1;
-                    let i = cqe.user_data() as usize;
-                    let res = cqe.result();
-                    if res < 0 {
-                        failure.get_or_insert((i, std::io::Error::from_raw_os_error(-res)));
-                    } else if (res as usize) < ops[i].data.len() {
-                        short.push((i, res as usize));
-                    }
-                }
+            if let Err(e) = u.ring.submit_and_wait(1)
+                && e.raw_os_error() != Some(libc::EINTR)
+            {
+                return Err(MediaError::io(&self.uri, "io_uring wait", e));
             }
-            if let Some((i, e)) = failure {
-                return Err(MediaError::io(
-                    &self.uri,
-                    format!("container {}: write at {}", ops[i].container, ops[i].offset),
-                    e,
-                ));
-            }
-            for (i, done) in short {
-                let (f, at) = &located[i];
-                self.pwrite_all(f, &ops[i].data[done..], at + done as u64, ops[i].container)?;
-            }
+        }
+        let b = u.inflight.remove(&ticket.0).expect("checked above");
+        drop(guard);
+        if let Some((i, e)) = b.error {
+            let op = &b.ops[i];
+            return Err(MediaError::io(
+                &self.uri,
+                format!("container {}: write at {}", op.container, op.offset),
+                e,
+            ));
+        }
+        for (i, done) in b.short {
+            let op = &b.ops[i];
+            // SAFETY: start_writes' contract keeps ptr valid for len bytes until we return.
+            let data = unsafe { std::slice::from_raw_parts(op.ptr, op.len) };
+            self.pwrite_all(&op.file, &data[done..], op.at + done as u64, op.container)?;
         }
         Ok(())
     }

@@ -674,6 +674,11 @@ fn dispatcher(sh: &Shared) {
             }
             Op::Write => {
                 sh.device.granting_write(d.container, d.offset, d.len);
+                {
+                    let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+                    st.stats.writes += 1;
+                    st.stats.bytes_written += d.len;
+                }
                 for (reply, _, _) in replies {
                     let Reply::Write(tx) = reply else { continue };
                     let (done_tx, done_rx) = mpsc::channel();
@@ -682,9 +687,6 @@ fn dispatcher(sh: &Shared) {
                         let _ = done_rx.recv();
                     }
                 }
-                let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
-                st.stats.writes += 1;
-                st.stats.bytes_written += d.len;
             }
         }
         let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());

@@ -14,7 +14,7 @@
 //! at the first block that is not a valid continuation of the chain, so such data is never
 //! returned, and an image without a valid completion marker is reported incomplete.
 
-use crate::backend::WriteOp;
+use crate::backend::{WriteOp, WriteTicket};
 use crate::buf::AlignedBuf;
 use crate::error::{MediaError, Result};
 use crate::layout::{
@@ -22,7 +22,8 @@ use crate::layout::{
     encode_record_block, push_extent,
 };
 use crate::medium::Medium;
-use crate::sched::{Class, MediaScheduler};
+use crate::sched::{Class, MediaScheduler, WriteGrant};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,6 +56,13 @@ struct Staged {
     image: ImageRef,
     stream: u64,
     image_offset: u64,
+}
+
+/// A batch handed to the backend and not yet known to be written.
+struct InFlight {
+    ticket: WriteTicket,
+    bufs: Vec<usize>,
+    _grant: Option<WriteGrant>,
 }
 
 struct Stream {
@@ -99,6 +107,7 @@ pub struct MediumWriter {
     registered: bool,
     cur: Option<Staged>,
     queued: Vec<Staged>,
+    inflight: VecDeque<InFlight>,
     stream: Option<Stream>,
     completed: Vec<ImageRef>,
     poisoned: Option<String>,
@@ -128,7 +137,8 @@ impl MediumWriter {
                 open = Some(oc);
             }
         }
-        let count = g.objects_per_chunk() + 1;
+        // Two chunks of buffers: one is filled while the other is being written.
+        let count = 2 * g.objects_per_chunk() + 1;
         let mut bufs: Vec<AlignedBuf> = (0..count)
             .map(|_| AlignedBuf::zeroed(g.object_size as usize))
             .collect();
@@ -149,6 +159,7 @@ impl MediumWriter {
             registered,
             cur: None,
             queued: Vec::new(),
+            inflight: VecDeque::new(),
             stream: None,
             completed: Vec::new(),
             poisoned: None,
@@ -358,7 +369,10 @@ impl MediumWriter {
         if self.free.is_empty() {
             self.submit_queued()?;
         }
-        let buf = self.free.pop().expect("submit frees buffers");
+        while self.free.is_empty() && !self.inflight.is_empty() {
+            self.wait_oldest()?;
+        }
+        let buf = self.free.pop().expect("waiting frees buffers");
         let st = self.stream.as_mut().expect("open stream");
         let oc = self.open.as_mut().expect("opened above");
         let object = oc.next_object;
@@ -378,6 +392,8 @@ impl MediumWriter {
         Ok(())
     }
 
+    /// Hands every full or sealed object to the backend as one batch. Their records go to
+    /// the pending list now; they are written only after `wait_all` and a sync.
     fn submit_queued(&mut self) -> Result<()> {
         if self.queued.is_empty() {
             return Ok(());
@@ -385,21 +401,40 @@ impl MediumWriter {
         let g = self.medium.geometry();
         let queued = std::mem::take(&mut self.queued);
         let mut total = 0;
+        let oc = self
+            .open
+            .as_mut()
+            .expect("staged objects live in the open container");
         for s in &queued {
             let padded = s.fill.next_multiple_of(BLOCK) as usize;
             let b = &mut self.bufs[s.buf];
             b.full_mut()[s.fill as usize..padded].fill(0);
             b.set_len(padded);
             total += padded as u64;
+            oc.pending.push(Record::Object {
+                object: s.object as u32,
+                image: s.image,
+                stream: s.stream,
+                image_offset: s.image_offset,
+                len: s.fill as u32,
+                crc: crc32c::crc32c(&b[..s.fill as usize]),
+            });
+            oc.unrecorded -= 1;
+            oc.dirty = true;
         }
         let first = &queued[0];
-        let grant = match &self.sched {
-            Some(s) => Some(s.acquire_write(
-                Class::Background,
-                first.container,
-                g.data_to_container(first.object * g.object_size),
-                total,
-            )?),
+        let grant = match self.sched.clone() {
+            Some(s) => {
+                // The scheduler owns the device until a grant is dropped: finish the batch
+                // in flight before asking for the next grant.
+                self.wait_all()?;
+                Some(s.acquire_write(
+                    Class::Background,
+                    first.container,
+                    g.data_to_container(first.object * g.object_size),
+                    total,
+                )?)
+            }
             None => None,
         };
         let ops: Vec<WriteOp<'_>> = queued
@@ -411,31 +446,34 @@ impl MediumWriter {
                 fixed_buf: self.registered.then_some(s.buf as u16),
             })
             .collect();
-        let res = self.medium.backend().write_batch(&ops);
+        // SAFETY: the buffers of `queued` go back to `free` only in `wait_oldest`, after the
+        // backend reported this ticket done, and Drop waits for every batch in flight.
+        let ticket = unsafe { self.medium.backend().start_writes(&ops) }?;
         drop(ops);
-        drop(grant);
-        res?;
+        self.inflight.push_back(InFlight {
+            ticket,
+            bufs: queued.iter().map(|s| s.buf).collect(),
+            _grant: grant,
+        });
         self.stats.batches += 1;
         self.stats.bytes_written += total;
-        let oc = self
-            .open
-            .as_mut()
-            .expect("staged objects live in the open container");
-        for s in queued {
-            let data = &self.bufs[s.buf][..s.fill as usize];
-            oc.pending.push(Record::Object {
-                object: s.object as u32,
-                image: s.image,
-                stream: s.stream,
-                image_offset: s.image_offset,
-                len: s.fill as u32,
-                crc: crc32c::crc32c(data),
-            });
-            oc.unrecorded -= 1;
-            oc.dirty = true;
-            self.free.push(s.buf);
-            self.objects_since_commit += 1;
-            self.stats.objects_written += 1;
+        self.stats.objects_written += queued.len() as u64;
+        self.objects_since_commit += queued.len() as u64;
+        Ok(())
+    }
+
+    fn wait_oldest(&mut self) -> Result<()> {
+        if let Some(b) = self.inflight.pop_front() {
+            let res = self.medium.backend().wait_writes(b.ticket);
+            self.free.extend(b.bufs);
+            res?;
+        }
+        Ok(())
+    }
+
+    fn wait_all(&mut self) -> Result<()> {
+        while !self.inflight.is_empty() {
+            self.wait_oldest()?;
         }
         Ok(())
     }
@@ -443,12 +481,15 @@ impl MediumWriter {
     /// Steps 2-4 of the protocol for the open container.
     fn write_records(&mut self) -> Result<u64> {
         let g = self.medium.geometry();
-        let Some(oc) = self.open.as_mut() else {
+        let Some(index) = self.open.as_ref().map(|oc| oc.index) else {
             return Ok(0);
         };
         let id = self.medium.id().expect("an open container implies an id");
+        // Every write in flight is done and the data is durable before any record is written.
+        self.wait_all()?;
+        let oc = self.open.as_mut().expect("still open");
         if oc.dirty {
-            self.medium.backend().sync(&[oc.index])?;
+            self.medium.backend().sync(&[index])?;
             oc.dirty = false;
         }
         if oc.pending.is_empty() {
@@ -554,6 +595,10 @@ impl MediumWriter {
 
 impl Drop for MediumWriter {
     fn drop(&mut self) {
+        // The kernel may still be reading the buffers: wait before they are freed.
+        while let Some(b) = self.inflight.pop_front() {
+            let _ = self.medium.backend().wait_writes(b.ticket);
+        }
         if self.registered {
             self.medium.backend().unregister_buffers();
         }

@@ -530,3 +530,27 @@ fn reads_through_scheduler_and_model_are_batched() {
     assert_eq!(st.reads, 6, "{st:?}");
     assert!(dev.counters().switches <= 6);
 }
+
+#[test]
+fn writer_through_scheduler_respects_the_bandwidth_cap() {
+    use std::time::{Duration, Instant};
+    let t = tempfile::tempdir().unwrap();
+    let m = open(&dir_uri(&t), EngineChoice::Uring);
+    let cfg = SchedConfig {
+        bg_write_rate: 8 << 20,
+        bg_write_burst: 256 << 10,
+        ..SchedConfig::default()
+    };
+    let s = MediaScheduler::new(m.clone() as Arc<dyn sched::Device>, cfg);
+    let mut w = MediumWriter::open(m.clone(), Some(s.clone())).unwrap();
+    let a = data(11, 2 << 20);
+    let start = Instant::now();
+    let e = write_image(&mut w, blob(11), &a, 100_000);
+    w.commit().unwrap();
+    let el = start.elapsed();
+    // 2 MiB of objects (plus 4 KiB-padding of the last) at 8 MiB/s after a 256 KiB burst.
+    assert!(el >= Duration::from_millis(210), "took {el:?}");
+    assert!(s.stats().bytes_written >= 2 << 20);
+    let r = MediumReader::new(m.clone(), Some(s.clone()));
+    assert_eq!(r.read(&e, 0, e.length, ReadOptions::default()).unwrap(), a);
+}
