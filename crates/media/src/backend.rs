@@ -338,6 +338,44 @@ impl FileBackend {
     }
 }
 
+/// Adjacent ops merged: same container, contiguous on the media and in memory, same
+/// registered buffer.
+struct Run {
+    container: u64,
+    offset: u64,
+    ptr: *const u8,
+    len: usize,
+    fixed_buf: Option<u16>,
+}
+
+/// Largest single write handed to the kernel.
+const MAX_RUN: usize = 16 << 20;
+
+fn coalesce(ops: &[WriteOp<'_>]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::with_capacity(ops.len());
+    for op in ops {
+        debug_assert!(op.offset % ALIGN as u64 == 0 && op.data.len() % ALIGN == 0);
+        if let Some(r) = runs.last_mut()
+            && r.container == op.container
+            && r.offset + r.len as u64 == op.offset
+            && r.ptr.wrapping_add(r.len) == op.data.as_ptr()
+            && r.fixed_buf == op.fixed_buf
+            && r.len + op.data.len() <= MAX_RUN
+        {
+            r.len += op.data.len();
+            continue;
+        }
+        runs.push(Run {
+            container: op.container,
+            offset: op.offset,
+            ptr: op.data.as_ptr(),
+            len: op.data.len(),
+            fixed_buf: op.fixed_buf,
+        });
+    }
+    runs
+}
+
 /// Moves every available completion to its batch.
 fn reap(u: &mut Uring) {
     let mut cq = u.ring.completion();
@@ -425,10 +463,11 @@ impl Backend for FileBackend {
 
     fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<()> {
         if let Engine::Pwrite = self.engine {
-            for op in ops {
-                debug_assert!(op.offset % ALIGN as u64 == 0 && op.data.len() % ALIGN == 0);
-                let (f, base) = self.locate(op.container, false)?;
-                self.pwrite_all(&f, op.data, base + op.offset, op.container)?;
+            for r in coalesce(ops) {
+                let (f, base) = self.locate(r.container, false)?;
+                // SAFETY: `r` spans memory of adjacent ops borrowed for this whole call.
+                let data = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+                self.pwrite_all(&f, data, base + r.offset, r.container)?;
             }
             return Ok(());
         }
@@ -442,26 +481,26 @@ impl Backend for FileBackend {
             self.write_batch(ops)?;
             return Ok(WriteTicket(u64::MAX));
         };
-        let mut located = Vec::with_capacity(ops.len());
-        for op in ops {
-            debug_assert!(op.offset % ALIGN as u64 == 0 && op.data.len() % ALIGN == 0);
-            let (f, base) = self.locate(op.container, false)?;
+        let runs = coalesce(ops);
+        let mut located = Vec::with_capacity(runs.len());
+        for r in &runs {
+            let (f, base) = self.locate(r.container, false)?;
             located.push(InflightOp {
                 file: f,
-                at: base + op.offset,
-                container: op.container,
-                offset: op.offset,
-                ptr: op.data.as_ptr(),
-                len: op.data.len(),
+                at: base + r.offset,
+                container: r.container,
+                offset: r.offset,
+                ptr: r.ptr,
+                len: r.len,
             });
         }
         let mut guard = uring.lock().unwrap_or_else(|p| p.into_inner());
         let u = &mut *guard;
         let ticket = u.next_ticket;
         u.next_ticket += 1;
-        for (i, (op, l)) in ops.iter().zip(&located).enumerate() {
+        for (i, (run, l)) in runs.iter().zip(&located).enumerate() {
             let fd = types::Fd(l.file.as_raw_fd());
-            let entry = match op.fixed_buf {
+            let entry = match run.fixed_buf {
                 Some(idx) if u.registered => opcode::WriteFixed::new(fd, l.ptr, l.len as u32, idx)
                     .offset(l.at)
                     .build(),
@@ -486,7 +525,7 @@ impl Backend for FileBackend {
         u.inflight.insert(
             ticket,
             Inflight {
-                remaining: ops.len(),
+                remaining: runs.len(),
                 ops: located,
                 error: None,
                 short: Vec::new(),

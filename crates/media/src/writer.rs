@@ -102,8 +102,12 @@ pub struct MediumWriter {
     sched: Option<Arc<MediaScheduler>>,
     open: Option<OpenContainer>,
     next_container: u64,
-    bufs: Vec<AlignedBuf>,
-    free: Vec<usize>,
+    /// Staging memory: regions of one chunk each, cut into object slots. Slots are handed
+    /// out in order so that a batch is contiguous in memory as on the media, and the backend
+    /// can write it with few large operations.
+    regions: Vec<AlignedBuf>,
+    slots_per_region: usize,
+    free: VecDeque<usize>,
     registered: bool,
     cur: Option<Staged>,
     queued: Vec<Staged>,
@@ -137,25 +141,26 @@ impl MediumWriter {
                 open = Some(oc);
             }
         }
-        // Two chunks of buffers: one is filled while the other is being written.
-        let count = 2 * g.objects_per_chunk() + 1;
-        let mut bufs: Vec<AlignedBuf> = (0..count)
-            .map(|_| AlignedBuf::zeroed(g.object_size as usize))
+        // Two chunks of staging: one is filled while the other is being written.
+        let per = g.objects_per_chunk();
+        let mut regions: Vec<AlignedBuf> = (0..2)
+            .map(|_| AlignedBuf::zeroed(per * g.object_size as usize))
             .collect();
-        let ptrs: Vec<(*mut u8, usize)> = bufs
+        let ptrs: Vec<(*mut u8, usize)> = regions
             .iter_mut()
             .map(|b| (b.as_mut_ptr(), b.capacity()))
             .collect();
-        // SAFETY: the buffers live in `self.bufs`, are never reallocated or moved (the Vec of
-        // AlignedBuf owns fixed heap allocations) and are unregistered in Drop before freed.
+        // SAFETY: the regions live in `self.regions`, are never reallocated or moved (each
+        // AlignedBuf owns a fixed heap allocation) and are unregistered in Drop before freed.
         let registered = unsafe { medium.backend().register_buffers(&ptrs) };
         Ok(MediumWriter {
             medium,
             sched,
             open,
             next_container: n,
-            free: (0..count).rev().collect(),
-            bufs,
+            free: (0..2 * per).collect(),
+            regions,
+            slots_per_region: per,
             registered,
             cur: None,
             queued: Vec::new(),
@@ -244,7 +249,8 @@ impl MediumWriter {
             let cur = self.cur.as_mut().expect("just started");
             let n = (cur.capacity - cur.fill).min(data.len() as u64) as usize;
             let at = cur.fill as usize;
-            self.bufs[cur.buf].full_mut()[at..at + n].copy_from_slice(&data[..n]);
+            let (r, base) = slot_place(self.slots_per_region, g.object_size, cur.buf);
+            self.regions[r][base + at..base + at + n].copy_from_slice(&data[..n]);
             let e = Extent {
                 container: cur.container,
                 offset: cur.object * g.object_size + cur.fill,
@@ -337,7 +343,7 @@ impl MediumWriter {
             if cur.fill > 0 {
                 self.queued.push(cur);
             } else {
-                self.free.push(cur.buf);
+                self.free.push_front(cur.buf);
                 if let Some(oc) = self.open.as_mut() {
                     oc.unrecorded -= 1;
                 }
@@ -372,7 +378,7 @@ impl MediumWriter {
         while self.free.is_empty() && !self.inflight.is_empty() {
             self.wait_oldest()?;
         }
-        let buf = self.free.pop().expect("waiting frees buffers");
+        let buf = self.free.pop_front().expect("waiting frees buffers");
         let st = self.stream.as_mut().expect("open stream");
         let oc = self.open.as_mut().expect("opened above");
         let object = oc.next_object;
@@ -407,9 +413,9 @@ impl MediumWriter {
             .expect("staged objects live in the open container");
         for s in &queued {
             let padded = s.fill.next_multiple_of(BLOCK) as usize;
-            let b = &mut self.bufs[s.buf];
-            b.full_mut()[s.fill as usize..padded].fill(0);
-            b.set_len(padded);
+            let (r, base) = slot_place(self.slots_per_region, g.object_size, s.buf);
+            let b = &mut self.regions[r][base..base + padded];
+            b[s.fill as usize..].fill(0);
             total += padded as u64;
             oc.pending.push(Record::Object {
                 object: s.object as u32,
@@ -442,8 +448,13 @@ impl MediumWriter {
             .map(|s| WriteOp {
                 container: s.container,
                 offset: g.data_to_container(s.object * g.object_size),
-                data: &self.bufs[s.buf],
-                fixed_buf: self.registered.then_some(s.buf as u16),
+                data: {
+                    let (r, base) = slot_place(self.slots_per_region, g.object_size, s.buf);
+                    &self.regions[r][base..base + s.fill.next_multiple_of(BLOCK) as usize]
+                },
+                fixed_buf: self
+                    .registered
+                    .then_some((s.buf / self.slots_per_region) as u16),
             })
             .collect();
         // SAFETY: the buffers of `queued` go back to `free` only in `wait_oldest`, after the
@@ -591,6 +602,11 @@ impl MediumWriter {
         self.next_container = index + 1;
         Ok(())
     }
+}
+
+/// Region and byte offset of staging slot `slot`.
+fn slot_place(per_region: usize, object_size: u64, slot: usize) -> (usize, usize) {
+    (slot / per_region, (slot % per_region) * object_size as usize)
 }
 
 impl Drop for MediumWriter {
