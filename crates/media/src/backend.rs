@@ -151,7 +151,7 @@ unsafe impl Send for Uring {}
 
 enum Engine {
     Pwrite,
-    Uring(Mutex<Uring>),
+    Uring(Box<Mutex<Uring>>),
 }
 
 /// The `dir:` and `file:` backends.
@@ -257,12 +257,12 @@ impl FileBackend {
         let engine = match opts.engine {
             EngineChoice::Pwrite => Engine::Pwrite,
             EngineChoice::Uring | EngineChoice::Auto => match IoUring::new(RING_ENTRIES) {
-                Ok(ring) => Engine::Uring(Mutex::new(Uring {
+                Ok(ring) => Engine::Uring(Box::new(Mutex::new(Uring {
                     ring,
                     registered: false,
                     next_ticket: 0,
                     inflight: HashMap::new(),
-                })),
+                }))),
                 Err(e) if opts.engine == EngineChoice::Uring => {
                     return Err(io("io_uring is not available".into(), e));
                 }
