@@ -58,6 +58,8 @@ pub trait Backend: Send + Sync {
     }
     /// Makes every write to the given containers durable.
     fn sync(&self, containers: &[u64]) -> Result<()>;
+    /// Forgets container `index` entirely (used by `Medium::format` to wipe a medium).
+    fn erase_container(&self, index: u64) -> Result<()>;
     /// Registers staging buffers for zero-copy writes; returns false when unsupported.
     ///
     /// # Safety
@@ -415,9 +417,21 @@ impl Backend for FileBackend {
                 }
             },
             Place::Dir(dir) => {
+                // One past the highest container file: a missing file in between is a
+                // damaged container to report, not the end of the medium.
+                let rd = std::fs::read_dir(dir).map_err(|e| {
+                    MediaError::io(&self.uri, format!("cannot list {}", dir.display()), e)
+                })?;
                 let mut n = 0;
-                while Self::container_path(dir, n).exists() {
-                    n += 1;
+                for entry in rd.flatten() {
+                    let name = entry.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    if let Some(num) = name.strip_prefix('c').and_then(|r| r.strip_suffix(".spc"))
+                        && num.len() == 8
+                        && let Ok(i) = num.parse::<u64>()
+                    {
+                        n = n.max(i + 1);
+                    }
                 }
                 Ok(n)
             }
@@ -440,7 +454,14 @@ impl Backend for FileBackend {
     }
 
     fn read_at(&self, container: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let (file, base) = self.locate(container, false)?;
+        let (file, base) = match self.locate(container, false) {
+            Ok(x) => x,
+            // A container file that does not exist holds nothing.
+            Err(MediaError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
         let mut done = 0;
         while done < buf.len() {
             match file.read_at(&mut buf[done..], base + offset + done as u64) {
@@ -588,6 +609,38 @@ impl Backend for FileBackend {
                     })?;
                 }
                 Ok(())
+            }
+        }
+    }
+
+    fn erase_container(&self, index: u64) -> Result<()> {
+        match &self.place {
+            Place::Dir(dir) => {
+                self.files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&index);
+                let path = Self::container_path(dir, index);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(MediaError::io(
+                        &self.uri,
+                        format!("container {index}: cannot remove {}", path.display()),
+                        e,
+                    )),
+                }
+            }
+            Place::File { .. } => {
+                // Zero the header and the first record slot: the container then reads as
+                // never written.
+                let zero = crate::buf::AlignedBuf::zeroed(2 * ALIGN);
+                self.write_batch(&[WriteOp {
+                    container: index,
+                    offset: 0,
+                    data: &zero,
+                    fixed_buf: None,
+                }])
             }
         }
     }

@@ -69,25 +69,71 @@ impl Medium {
         Medium::with_backend(backend, geometry)
     }
 
-    /// Builds a medium over an already opened backend.
+    /// Builds a medium over an already opened backend. The medium id and geometry come from
+    /// the first container with a valid header (a damaged container 0 must not make a
+    /// written medium look empty).
     pub fn with_backend(backend: Arc<dyn Backend>, geometry: Geometry) -> Result<Arc<Medium>> {
         let m = Medium {
             backend,
             geometry,
             id: Mutex::new(None),
         };
-        if m.backend.container_slots()? > 0
-            && let Some((h, _)) = m.read_header(0)?
-        {
+        let slots = m.backend.container_slots()?;
+        for i in 0..slots {
+            let Some((h, _)) = m.read_header(i)? else {
+                continue;
+            };
             if h.geometry != geometry {
                 return Err(MediaError::GeometryMismatch {
                     medium: m.uri().to_string(),
                     reason: format!("written with {:?}, opened with {:?}", h.geometry, geometry),
                 });
             }
-            *m.id.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.medium);
+            m.set_id(h.medium);
+            break;
         }
         Ok(Arc::new(m))
+    }
+
+    /// Opens the medium at `uri` and makes it empty: every container that holds a header is
+    /// erased (a `dir:` container file is removed; a `file:` container's header zeroed), so
+    /// that nothing of an earlier medium can be taken for this one. Refuses a medium that
+    /// holds containers unless `wipe` is true.
+    pub fn format(
+        uri: &str,
+        geometry: Geometry,
+        opts: BackendOptions,
+        wipe: bool,
+    ) -> Result<Arc<Medium>> {
+        let backend = open_backend(uri, geometry.container_size, opts)?;
+        let slots = backend.container_slots()?;
+        let probe = Medium {
+            backend: backend.clone(),
+            geometry,
+            id: Mutex::new(None),
+        };
+        for i in 0..slots {
+            if let Some((h, _)) = probe.read_header(i)? {
+                if !wipe {
+                    return Err(MediaError::Misuse {
+                        medium: uri.to_string(),
+                        reason: format!(
+                            "container {i} already belongs to medium {}; refusing to format",
+                            h.medium
+                        ),
+                    });
+                }
+                backend.erase_container(i)?;
+            }
+        }
+        if slots > 0 {
+            backend.sync(&(0..slots).collect::<Vec<_>>())?;
+        }
+        Ok(Arc::new(Medium {
+            backend,
+            geometry,
+            id: Mutex::new(None),
+        }))
     }
 
     /// The medium URI.
@@ -125,16 +171,19 @@ impl Medium {
         }))
     }
 
-    /// Number of containers written: consecutive containers from 0 whose header is valid,
-    /// of this medium and at the right index.
+    /// Number of containers written: one past the last container whose header is valid, of
+    /// this medium and at the right index. Containers before it with a bad header are
+    /// damaged (`scan_container` says why); one after it is a torn, never-used container.
     pub fn containers(&self) -> Result<u64> {
         let Some(id) = self.id() else { return Ok(0) };
         let slots = self.backend.container_slots()?;
         let mut n = 0;
-        while n < slots {
-            match self.read_header(n)? {
-                Some((h, _)) if h.medium == id && h.container == n => n += 1,
-                _ => break,
+        for i in 0..slots {
+            if let Some((h, _)) = self.read_header(i)?
+                && h.medium == id
+                && h.container == i
+            {
+                n = i + 1;
             }
         }
         Ok(n)

@@ -565,6 +565,24 @@ impl MediumWriter {
                 id
             }
         };
+        // A slot past the last valid container may hold a container whose header creation
+        // was torn by a crash (its first record slot is then zero: header and that slot are
+        // written together). Records there mean a damaged header over committed data: never
+        // overwrite that.
+        let mut probe = AlignedBuf::zeroed(BLOCK as usize);
+        let n = self
+            .medium
+            .backend()
+            .read_at(index, g.record_slot_offset(0), &mut probe)?;
+        if probe[..n].iter().any(|&b| b != 0) {
+            return Err(MediaError::BadContainer {
+                medium: self.medium.uri().to_string(),
+                container: index,
+                reason: "holds records but no valid header; refusing to overwrite it (run \
+                         `spinfs media verify`)"
+                    .into(),
+            });
+        }
         self.medium.backend().prepare_container(index)?;
         let header = ContainerHeader {
             medium: id,
@@ -606,7 +624,10 @@ impl MediumWriter {
 
 /// Region and byte offset of staging slot `slot`.
 fn slot_place(per_region: usize, object_size: u64, slot: usize) -> (usize, usize) {
-    (slot / per_region, (slot % per_region) * object_size as usize)
+    (
+        slot / per_region,
+        (slot % per_region) * object_size as usize,
+    )
 }
 
 impl Drop for MediumWriter {

@@ -554,3 +554,73 @@ fn writer_through_scheduler_respects_the_bandwidth_cap() {
     let r = MediumReader::new(m.clone(), Some(s.clone()));
     assert_eq!(r.read(&e, 0, e.length, ReadOptions::default()).unwrap(), a);
 }
+
+#[test]
+fn damaged_header_is_reported_and_never_overwritten() {
+    let t = tempfile::tempdir().unwrap();
+    let m = open(&dir_uri(&t), EngineChoice::Auto);
+    let mut w = MediumWriter::open(m.clone(), None).unwrap();
+    let a = data(1, (2 * USABLE + 10) as usize);
+    let ea = write_image(&mut w, blob(1), &a, 1 << 20);
+    let eb = write_image(&mut w, blob(2), &data(2, 100), 100);
+    w.commit().unwrap();
+    drop(w);
+    assert_eq!(m.containers().unwrap(), 3);
+
+    // Container 0's header is damaged: the medium is still recognised from container 1.
+    patch(&container_file(&t, 0), 40, &[0xEE]);
+    let m = open(&dir_uri(&t), EngineChoice::Auto);
+    assert_eq!(m.containers().unwrap(), 3);
+    let cat = Catalogue::scan(&m, &mut |_, _| {}).unwrap();
+    assert_eq!(cat.problems.len(), 2, "{:?}", cat.problems);
+    assert!(
+        cat.problems[0].contains("container 0"),
+        "{:?}",
+        cat.problems
+    );
+    assert!(!cat.images.contains_key(&blob(1)));
+    assert_eq!(cat.images.get(&blob(2)), Some(&eb));
+    assert!(!verify(&m, &mut |_, _| {}).unwrap().is_clean());
+    drop(ea);
+
+    // The last container's header is damaged: the writer refuses to overwrite it.
+    patch(&container_file(&t, 2), 40, &[0xEE]);
+    let m = open(&dir_uri(&t), EngineChoice::Auto);
+    assert_eq!(m.containers().unwrap(), 2);
+    let mut w = MediumWriter::open(m.clone(), None).unwrap();
+    w.begin_image(blob(3)).unwrap();
+    let e = w.append(b"x").unwrap_err();
+    assert!(
+        matches!(e, MediaError::BadContainer { container: 2, .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn format_wipes_or_refuses() {
+    let t = tempfile::tempdir().unwrap();
+    let uri = format!("file:{}", t.path().join("dev.img").display());
+    let m = open(&uri, EngineChoice::Auto);
+    let mut w = MediumWriter::open(m.clone(), None).unwrap();
+    write_image(&mut w, blob(1), &data(1, (USABLE + 5) as usize), 1 << 20);
+    w.commit().unwrap();
+    drop(w);
+    let old_id = m.id().unwrap();
+    let e = Medium::format(&uri, geom(), BackendOptions::default(), false)
+        .err()
+        .unwrap();
+    assert!(matches!(e, MediaError::Misuse { .. }), "{e}");
+    let m = Medium::format(&uri, geom(), BackendOptions::default(), true).unwrap();
+    assert_eq!(m.containers().unwrap(), 0);
+    let mut w = MediumWriter::open(m.clone(), None).unwrap();
+    let e2 = write_image(&mut w, blob(2), &data(2, 10), 10);
+    w.commit().unwrap();
+    drop(w);
+    let m = open(&uri, EngineChoice::Auto);
+    assert_ne!(m.id().unwrap(), old_id);
+    // Nothing of the old medium (its container 1 included) is taken for the new one.
+    assert_eq!(m.containers().unwrap(), 1);
+    let cat = Catalogue::scan(&m, &mut |_, _| {}).unwrap();
+    assert_eq!(cat.images.len(), 1);
+    assert_eq!(cat.images[&blob(2)], e2);
+}
