@@ -276,8 +276,9 @@ impl MediumWriter {
         Ok(out)
     }
 
-    /// Closes the open image: its completion marker is written by the next `commit`, after
-    /// which the image is complete on the medium. Returns all its extents.
+    /// Closes the open image: its completion marker is durable when the next `commit`
+    /// returns (it may reach the medium earlier, when its container fills up; only `commit`
+    /// promises anything). Returns all its extents.
     pub fn finish_image(&mut self) -> Result<ImageExtents> {
         self.check_poison()?;
         if self.stream.is_none() {
