@@ -122,6 +122,44 @@ impl MediumReader {
         Ok(scan)
     }
 
+    /// Loads the indexes of `containers` not cached yet, queueing their reads together.
+    fn preload_indexes(&self, containers: &[u64], deadline: Option<Instant>) -> Result<()> {
+        let Some(s) = &self.sched else {
+            return Ok(());
+        };
+        let mut missing: Vec<u64> = {
+            let idx = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+            containers
+                .iter()
+                .copied()
+                .filter(|c| !idx.contains_key(c))
+                .collect()
+        };
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.len() < 2 {
+            return Ok(());
+        }
+        let reserved = self.medium.geometry().reserved;
+        let pending: Vec<(u64, PendingRead)> = missing
+            .iter()
+            .map(|&c| Ok((c, s.submit_read(Class::Metadata, c, 0, reserved)?)))
+            .collect::<Result<_>>()?;
+        for (c, p) in pending {
+            let bytes = p.wait(deadline)?;
+            let scan = Arc::new(self.medium.parse_container_meta(c, &bytes)?);
+            self.stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .index_loads += 1;
+            self.indexes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(c, scan);
+        }
+        Ok(())
+    }
+
     /// Returns exactly bytes `[offset, offset + len)` of `image`, fetching only the objects
     /// that cover them and verifying each against its checksum and index entry.
     pub fn read(
@@ -187,7 +225,10 @@ impl MediumReader {
                 ),
             });
         }
-        // Load every index first, then queue every fetch so the scheduler can batch them.
+        // Load every index first (queued together), then queue every fetch so the scheduler
+        // can batch them.
+        let containers: Vec<u64> = pieces.iter().map(|p| p.container).collect();
+        self.preload_indexes(&containers, deadline)?;
         let mut fetches = Vec::with_capacity(pieces.len());
         for p in &pieces {
             let last = p.first_object + p.objects - 1;
