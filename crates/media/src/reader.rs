@@ -183,6 +183,20 @@ impl MediumReader {
         let deadline = opts.timeout.map(|t| Instant::now() + t);
         let g = self.medium.geometry();
         let os = g.object_size;
+        // Extents come from a manifest: check them before any arithmetic trusts them.
+        for e in &image.extents {
+            let fits = e
+                .offset
+                .checked_add(e.length)
+                .is_some_and(|end| end <= g.usable())
+                && e.image_offset.checked_add(e.length).is_some();
+            if !fits || e.length == 0 {
+                return Err(MediaError::OutOfRange {
+                    medium: uri,
+                    reason: format!("{}: extent {e:?} does not fit a container", image.image),
+                });
+            }
+        }
         let mut pieces = Vec::new();
         let mut covered = 0;
         for e in &image.extents {
