@@ -462,11 +462,17 @@ impl MediumWriter {
         // backend reported this ticket done, and Drop waits for every batch in flight.
         let ticket = unsafe { self.medium.backend().start_writes(&ops) }?;
         drop(ops);
+        let scheduled = grant.is_some();
         self.inflight.push_back(InFlight {
             ticket,
             bufs: queued.iter().map(|s| s.buf).collect(),
             _grant: grant,
         });
+        if scheduled {
+            // A grant holds the device: release it as soon as the batch is written, not
+            // when the writer next needs a buffer (it may sit idle for long).
+            self.wait_all()?;
+        }
         self.stats.batches += 1;
         self.stats.bytes_written += total;
         self.stats.objects_written += queued.len() as u64;

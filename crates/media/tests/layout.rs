@@ -624,3 +624,25 @@ fn format_wipes_or_refuses() {
     assert_eq!(cat.images.len(), 1);
     assert_eq!(cat.images[&blob(2)], e2);
 }
+
+#[test]
+fn idle_writer_does_not_hold_the_device() {
+    use std::time::Duration;
+    let t = tempfile::tempdir().unwrap();
+    let m = open(&dir_uri(&t), EngineChoice::Uring);
+    let s = MediaScheduler::new(m.clone() as Arc<dyn sched::Device>, SchedConfig::default());
+    let mut w = MediumWriter::open(m.clone(), Some(s.clone())).unwrap();
+    let e1 = write_image(&mut w, blob(1), &data(1, 1000), 1000);
+    w.commit().unwrap();
+    // One whole chunk is submitted through a grant; the writer then sits idle.
+    w.begin_image(blob(2)).unwrap();
+    w.append(&data(2, 300 << 10)).unwrap();
+    let r = MediumReader::new(m.clone(), Some(s.clone()));
+    let opts = ReadOptions {
+        class: Class::Foreground,
+        timeout: Some(Duration::from_secs(5)),
+    };
+    assert_eq!(r.read(&e1, 0, 1000, opts).unwrap(), data(1, 1000));
+    w.finish_image().unwrap();
+    w.commit().unwrap();
+}
