@@ -169,8 +169,22 @@ pub struct FileBackend {
 const RING_ENTRIES: u32 = 64;
 
 fn open_maybe_direct(path: &Path, create: bool, direct: bool) -> std::io::Result<(File, bool)> {
+    match open_rw(path, create, direct, true) {
+        // A read-only medium can still be listed, read and verified.
+        Err(e)
+            if !create
+                && (e.kind() == std::io::ErrorKind::PermissionDenied
+                    || e.raw_os_error() == Some(libc::EROFS)) =>
+        {
+            open_rw(path, false, direct, false)
+        }
+        r => r,
+    }
+}
+
+fn open_rw(path: &Path, create: bool, direct: bool, write: bool) -> std::io::Result<(File, bool)> {
     let mut o = OpenOptions::new();
-    o.read(true).write(true);
+    o.read(true).write(write);
     if create {
         o.create(true).truncate(true);
     }
@@ -210,6 +224,13 @@ impl FileBackend {
                 let probe = path.join(".direct-probe");
                 let direct = match open_maybe_direct(&probe, true, opts.direct) {
                     Ok((_, d)) => d,
+                    // Read-only: writes will fail with their own error; reads stay buffered.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::PermissionDenied
+                            || e.raw_os_error() == Some(libc::EROFS) =>
+                    {
+                        false
+                    }
                     Err(e) => return Err(io(format!("cannot write in {}", path.display()), e)),
                 };
                 let _ = std::fs::remove_file(&probe);

@@ -26,5 +26,5 @@ pub use layout::{Extent, Geometry, ImageExtents, ImageKind, ImageRef, MediumId};
 pub use medium::Medium;
 pub use model::{MediaModel, ModelCounters, ModelDevice, ModelParams};
 pub use reader::{MediumReader, ReadOptions};
-pub use sched::{Class, MediaScheduler, Policy, SchedConfig};
+pub use sched::{Class, Device, MediaScheduler, PendingRead, Policy, SchedConfig, WriteGrant};
 pub use writer::{CommitInfo, MediumWriter, WriterStats};
