@@ -1,8 +1,8 @@
 //! Media benchmarks (run through `bench/media_bench.sh`).
 //!
 //! (a) Sequential append throughput to a `dir:` medium with the io_uring and the pwrite
-//!     engines, against a raw direct-I/O write of the same number of bytes with
-//!     `dd oflag=direct conv=fsync` in the same directory, in the same run. Rounds are
+//!     engines, against a raw direct-I/O write of the same bytes (a copy in /dev/shm) with
+//!     `dd bs=4M oflag=direct conv=fsync` in the same directory, in the same run. Rounds are
 //!     interleaved and the median of each is reported.
 //! (b) Scattered recall of 500 random 1 MiB ranges over 20 containers through the media
 //!     model (2 s container switch, 10 ms seek, 200 MB/s): simulated media time with the
@@ -68,15 +68,17 @@ fn append_run(dir: &Path, engine: EngineChoice, total: u64, buf: &[u8]) -> (f64,
     (total as f64 / secs / 1e6, direct)
 }
 
-/// `dd` of the same byte count with O_DIRECT and a final fsync; returns MB/s.
-fn dd_run(dir: &Path, total: u64) -> f64 {
+/// `dd` of the same bytes (read from a copy in RAM, /dev/shm) with O_DIRECT and a final
+/// fsync; returns MB/s.
+fn dd_run(dir: &Path, total: u64, src: &Path) -> f64 {
     let out = dir.join("bench-dd.raw");
     let start = Instant::now();
     let st = Command::new("dd")
-        .arg("if=/dev/zero")
+        .arg(format!("if={}", src.display()))
         .arg(format!("of={}", out.display()))
         .arg("bs=4M")
         .arg(format!("count={}", total / (4 * MIB)))
+        .arg("iflag=fullblock")
         .arg("oflag=direct")
         .arg("conv=fsync")
         .arg("status=none")
@@ -88,12 +90,28 @@ fn dd_run(dir: &Path, total: u64) -> f64 {
     total as f64 / secs / 1e6
 }
 
+/// Writes the byte stream the appends write (the pattern repeated) to a RAM-backed file.
+fn dd_source(total: u64, buf: &[u8]) -> std::path::PathBuf {
+    use std::io::Write;
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() { shm } else { Path::new("/tmp") };
+    let path = dir.join(format!("spinfs-media-bench-{}.src", std::process::id()));
+    let mut f = std::fs::File::create(&path).expect("create dd source");
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).expect("write dd source");
+        left -= n as u64;
+    }
+    path
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
 }
 
-fn recall(policy: Policy) -> (Duration, spinfs_media::ModelCounters) {
+fn recall_requests() -> Vec<Request> {
     let g = geometry();
     let mut x: u64 = 42;
     let mut rnd = move |n: u64| {
@@ -102,7 +120,7 @@ fn recall(policy: Policy) -> (Duration, spinfs_media::ModelCounters) {
         x ^= x << 17;
         x % n
     };
-    let reqs: Vec<Request> = (0..500)
+    (0..500)
         .map(|i| {
             let container = rnd(20);
             let start = rnd(g.usable() - MIB);
@@ -119,13 +137,34 @@ fn recall(policy: Policy) -> (Duration, spinfs_media::ModelCounters) {
                 arrival: Duration::ZERO,
             }
         })
-        .collect();
+        .collect()
+}
+
+fn recall(policy: Policy) -> (Duration, spinfs_media::ModelCounters) {
     let cfg = SchedConfig {
         policy,
         ..SchedConfig::default()
     };
-    let r = simulate(cfg, ModelParams::disc_library(), reqs);
+    let r = simulate(cfg, ModelParams::disc_library(), recall_requests());
     (r.makespan, r.counters)
+}
+
+/// The same recall through the threaded scheduler and a `ModelDevice` (no sleeping): the
+/// model's simulated time of what the dispatcher actually did.
+fn recall_threaded() -> spinfs_media::ModelCounters {
+    let dev = std::sync::Arc::new(ModelDevice::new(ModelParams::disc_library(), None, 0.0));
+    let s = MediaScheduler::new(dev.clone(), SchedConfig::default());
+    let pending: Vec<_> = recall_requests()
+        .iter()
+        .map(|r| {
+            s.submit_read(r.class, r.container, r.offset, r.len)
+                .expect("submit")
+        })
+        .collect();
+    for p in pending {
+        p.wait(None).expect("read");
+    }
+    dev.counters()
 }
 
 fn main() {
@@ -136,17 +175,19 @@ fn main() {
     let total = mib.next_multiple_of(4) * MIB;
     let buf = pattern(64 * MIB as usize);
 
+    let src = dd_source(total, &buf);
     let (mut uring, mut pwrite, mut raw) = (Vec::new(), Vec::new(), Vec::new());
     let mut direct = true;
     for _ in 0..rounds {
         let (u, d1) = append_run(&dir, EngineChoice::Uring, total, &buf);
         let (p, d2) = append_run(&dir, EngineChoice::Pwrite, total, &buf);
-        let r = dd_run(&dir, total);
+        let r = dd_run(&dir, total, &src);
         direct &= d1 && d2;
         uring.push(u);
         pwrite.push(p);
         raw.push(r);
     }
+    let _ = std::fs::remove_file(&src);
     let (u, p, r) = (median(uring), median(pwrite), median(raw));
     println!(
         "# (a) sequential append of {mib} MiB to dir:{} (O_DIRECT: {direct}), median of {rounds}",
@@ -174,6 +215,13 @@ fn main() {
         sched.as_secs_f64(),
         sc.switches,
         sc.seeks
+    );
+    let tc = recall_threaded();
+    println!(
+        "recall_threaded_scheduler_sim_s {:.1} (switches {}, seeks {})",
+        tc.sim_time.as_secs_f64(),
+        tc.switches,
+        tc.seeks
     );
     println!(
         "recall_fifo_vs_scheduled {:.2}",
