@@ -324,6 +324,12 @@ impl Medium {
         }
         let got = crc32c::crc32c(data);
         if got != *crc {
+            tracing::warn!(
+                medium = self.uri(),
+                container,
+                object,
+                "object checksum mismatch"
+            );
             return Err(MediaError::Damaged {
                 medium: self.uri().to_string(),
                 container,

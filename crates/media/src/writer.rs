@@ -202,6 +202,7 @@ impl MediumWriter {
 
     fn poison<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
+            tracing::error!(medium = self.medium.uri(), "writer failed: {e}");
             self.poisoned = Some(e.to_string());
         }
         r
@@ -335,6 +336,13 @@ impl MediumWriter {
             record_blocks: blocks,
             images: std::mem::take(&mut self.completed),
         };
+        tracing::debug!(
+            medium = self.medium.uri(),
+            objects = info.objects,
+            record_blocks = info.record_blocks,
+            images = info.images.len(),
+            "commit durable"
+        );
         self.objects_since_commit = 0;
         Ok(info)
     }
@@ -615,6 +623,11 @@ impl MediumWriter {
         }])?;
         self.medium.backend().sync(&[index])?;
         self.stats.containers_opened += 1;
+        tracing::info!(
+            medium = self.medium.uri(),
+            container = index,
+            "container opened"
+        );
         self.open = Some(OpenContainer {
             index,
             next_object: 0,
