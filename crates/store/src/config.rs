@@ -42,6 +42,99 @@ pub struct StoreConfig {
     pub head_size: u64,
     /// Bound on archived images held open at once.
     pub max_open_images: u32,
+    /// Media I/O scheduler tunables (`[media_io]`; absent in older files = defaults).
+    #[serde(default)]
+    pub media_io: MediaIoConfig,
+}
+
+/// Tunables of the media I/O scheduler (see `spinfs_media::SchedConfig`). Times in
+/// milliseconds, sizes in bytes, rates in bytes per second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaIoConfig {
+    /// Deadline of foreground reads, after which they overtake other containers' batches.
+    pub read_deadline_ms: u64,
+    /// Deadline of metadata reads.
+    pub metadata_deadline_ms: u64,
+    /// Deadline of background I/O (archive writes).
+    pub background_deadline_ms: u64,
+    /// Requests served in one container before an expired request elsewhere takes over.
+    pub batch_limit: u32,
+    /// Largest merged read.
+    pub max_merge: u64,
+    /// Cap on background write bandwidth; 0 = none.
+    pub background_write_rate: u64,
+    /// Token bucket depth of that cap.
+    pub background_write_burst: u64,
+    /// Foreground read latency above which background writes back off; 0 = off.
+    pub latency_target_ms: u64,
+    /// A media read not served within this time fails instead of stalling the mount.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for MediaIoConfig {
+    fn default() -> Self {
+        MediaIoConfig {
+            read_deadline_ms: 30_000,
+            metadata_deadline_ms: 60_000,
+            background_deadline_ms: 300_000,
+            batch_limit: 64,
+            max_merge: 4 * MIB,
+            background_write_rate: 0,
+            background_write_burst: 8 * MIB,
+            latency_target_ms: 0,
+            request_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl MediaIoConfig {
+    /// Checks the media I/O tunables.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.batch_limit == 0 {
+            return bad("media_io.batch_limit must be at least 1".into());
+        }
+        if self.read_deadline_ms == 0
+            || self.metadata_deadline_ms == 0
+            || self.background_deadline_ms == 0
+        {
+            return bad("media_io deadlines must be at least 1 ms".into());
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("media_io.request_timeout_ms must be at least 1 ms".into());
+        }
+        if self.background_write_rate != 0 && self.background_write_burst < 4 * KIB {
+            return bad(format!(
+                "media_io.background_write_burst {} is below 4 KiB",
+                self.background_write_burst
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scheduler configuration these tunables describe.
+    pub fn sched_config(&self) -> spinfs_media::SchedConfig {
+        use std::time::Duration;
+        spinfs_media::SchedConfig {
+            policy: spinfs_media::Policy::Elevator,
+            deadlines: [
+                Duration::from_millis(self.read_deadline_ms),
+                Duration::from_millis(self.metadata_deadline_ms),
+                Duration::from_millis(self.background_deadline_ms),
+            ],
+            batch_limit: self.batch_limit,
+            max_merge: self.max_merge,
+            bg_write_rate: self.background_write_rate,
+            bg_write_burst: self.background_write_burst,
+            latency_target: Duration::from_millis(self.latency_target_ms),
+        }
+    }
+
+    /// The per-request timeout.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.request_timeout_ms)
+    }
 }
 
 impl Default for StoreConfig {
@@ -57,6 +150,7 @@ impl Default for StoreConfig {
             cache_size: 10 * GIB,
             head_size: 64 * KIB,
             max_open_images: 64,
+            media_io: MediaIoConfig::default(),
         }
     }
 }
@@ -205,6 +299,7 @@ impl StoreConfig {
                 format_size(self.object_size)
             ));
         }
+        self.media_io.validate()?;
         Ok(())
     }
 
@@ -302,6 +397,7 @@ mod tests {
             Box::new(|c| c.media = "s4:bucket".into()),
             Box::new(|c| c.container_size = 1000),
             Box::new(|c| c.head_size = 100),
+            Box::new(|c| c.media_io.batch_limit = 0),
         ];
         for (i, mutate) in cases.iter().enumerate() {
             let mut c = cfg();
@@ -316,6 +412,15 @@ mod tests {
         let text = c.to_toml();
         assert_eq!(StoreConfig::parse(&text, Path::new("x")).unwrap(), c);
         assert!(StoreConfig::parse("garbage = [", Path::new("x")).is_err());
+        // A file without [media_io] (written before it existed) gets the defaults.
+        let old = text.split("[media_io]").next().unwrap().to_string();
+        assert_eq!(StoreConfig::parse(&old, Path::new("x")).unwrap(), c);
+        let mut tuned = c.clone();
+        tuned.media_io.background_write_rate = 50 << 20;
+        let t = StoreConfig::parse(&tuned.to_toml(), Path::new("x")).unwrap();
+        assert_eq!(t.media_io.sched_config().bg_write_rate, 50 << 20);
+        let unknown = text.replace("[media_io]", "[media_io]\nbogus = 1");
+        assert!(StoreConfig::parse(&unknown, Path::new("x")).is_err());
         let newer = text.replace("version = 1", "version = 99");
         let e = StoreConfig::parse(&newer, Path::new("x")).unwrap_err();
         assert!(e.to_string().contains("version 99"), "{e}");

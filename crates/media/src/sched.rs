@@ -1,0 +1,696 @@
+//! The media I/O scheduler: the block layer's ideas applied to cold media.
+//!
+//! [`SchedQueue`] is the policy, a deterministic structure driven by explicit time so that
+//! it can be tested as properties and simulated against the media model. [`MediaScheduler`]
+//! runs it on a dispatcher thread in front of a [`Device`] (the medium, or the media model).
+//!
+//! Policy (the `Elevator` policy; `Fifo` is the baseline it is measured against):
+//! - priority classes: foreground reads, then metadata, then background (archive writes);
+//! - a container once loaded is drained (batching), in ascending offset order from the head
+//!   (C-SCAN elevator); the next container is the one holding the oldest request;
+//! - deadlines: after `batch_limit` dispatches in one container, an expired request (any
+//!   class) takes over, so nothing starves behind a busy container or a higher class;
+//! - adjacent or overlapping reads of one container are merged into one device read;
+//! - background writes pass a token bucket (`bg_write_rate`, `bg_write_burst`, like io.max)
+//!   and are held for a window after a foreground read slower than `latency_target` (like
+//!   wbt), unless their deadline has expired.
+
+use crate::buf::AlignedBuf;
+use crate::error::{MediaError, Result};
+use crate::medium::Medium;
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Priority class of a request, highest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// Reads a user is waiting for.
+    Foreground = 0,
+    /// Metadata reads (container indexes, meta images).
+    Metadata = 1,
+    /// Archive writes and background reads (merge, verify).
+    Background = 2,
+}
+
+/// Direction of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+}
+
+/// Dispatch policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Priorities, batching per container, elevator order, merging, deadlines.
+    Elevator,
+    /// Arrival order, nothing else (the baseline).
+    Fifo,
+}
+
+/// Scheduler tunables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedConfig {
+    pub policy: Policy,
+    /// Deadline per class (foreground, metadata, background) from arrival.
+    pub deadlines: [Duration; 3],
+    /// Dispatches in one container before an expired request elsewhere may take over.
+    pub batch_limit: u32,
+    /// Largest merged read in bytes.
+    pub max_merge: u64,
+    /// Background write bandwidth cap in bytes/s; 0 = no cap.
+    pub bg_write_rate: u64,
+    /// Token bucket depth in bytes.
+    pub bg_write_burst: u64,
+    /// Foreground read latency above which background writes back off; zero = off.
+    pub latency_target: Duration,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig {
+            policy: Policy::Elevator,
+            deadlines: [
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+            ],
+            batch_limit: 64,
+            max_merge: 4 << 20,
+            bg_write_rate: 0,
+            bg_write_burst: 8 << 20,
+            latency_target: Duration::ZERO,
+        }
+    }
+}
+
+/// A request as the queue sees it. Times are offsets from the scheduler's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: u64,
+    pub class: Class,
+    pub op: Op,
+    pub container: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub arrival: Duration,
+}
+
+/// One device operation chosen by the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Requests served by this operation (several when reads were merged).
+    pub ids: Vec<u64>,
+    pub class: Class,
+    pub op: Op,
+    pub container: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// Earliest arrival among the served requests.
+    pub oldest_arrival: Duration,
+    /// True when a deadline forced this choice.
+    pub expired: bool,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Dispatch(Dispatch),
+    /// Only throttled requests are pending: ask again at this time.
+    WaitUntil(Duration),
+    Idle,
+}
+
+/// The scheduling policy state.
+#[derive(Debug)]
+pub struct SchedQueue {
+    cfg: SchedConfig,
+    pending: Vec<Request>,
+    head: Option<(u64, u64)>,
+    batch_count: u32,
+    tokens: f64,
+    tokens_at: Duration,
+    wbt_hold_until: Duration,
+}
+
+impl SchedQueue {
+    pub fn new(cfg: SchedConfig) -> SchedQueue {
+        let tokens = cfg.bg_write_burst as f64;
+        SchedQueue {
+            cfg,
+            pending: Vec::new(),
+            head: None,
+            batch_count: 0,
+            tokens,
+            tokens_at: Duration::ZERO,
+            wbt_hold_until: Duration::ZERO,
+        }
+    }
+
+    pub fn config(&self) -> &SchedConfig {
+        &self.cfg
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Pending requests per class.
+    pub fn depth(&self) -> [usize; 3] {
+        let mut d = [0; 3];
+        for r in &self.pending {
+            d[r.class as usize] += 1;
+        }
+        d
+    }
+
+    pub fn push(&mut self, r: Request) {
+        self.pending.push(r);
+    }
+
+    /// Removes a request that has not been dispatched; false if it is not pending.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        let before = self.pending.len();
+        self.pending.retain(|r| r.id != id);
+        before != self.pending.len()
+    }
+
+    fn deadline(&self, r: &Request) -> Duration {
+        r.arrival + self.cfg.deadlines[r.class as usize]
+    }
+
+    fn refill(&mut self, now: Duration) {
+        if now > self.tokens_at {
+            let dt = (now - self.tokens_at).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.cfg.bg_write_rate as f64)
+                .min(self.cfg.bg_write_burst as f64);
+            self.tokens_at = now;
+        }
+    }
+
+    fn throttled_write(r: &Request) -> bool {
+        r.op == Op::Write && r.class == Class::Background
+    }
+
+    /// When request `r` may be dispatched (`now` if it may now).
+    fn eligible_at(&self, r: &Request, now: Duration) -> Duration {
+        if !Self::throttled_write(r) {
+            return now;
+        }
+        let mut at = now;
+        if self.cfg.bg_write_rate > 0 {
+            let need = (r.len as f64).min(self.cfg.bg_write_burst as f64);
+            if self.tokens < need {
+                let secs = (need - self.tokens) / self.cfg.bg_write_rate as f64;
+                at = at.max(now + Duration::from_secs_f64(secs) + Duration::from_nanos(1));
+            }
+        }
+        if self.deadline(r) > now && self.wbt_hold_until > now {
+            at = at.max(self.wbt_hold_until.min(self.deadline(r)));
+        }
+        at
+    }
+
+    /// Chooses the next operation at time `now`.
+    pub fn next(&mut self, now: Duration) -> Next {
+        if self.pending.is_empty() {
+            return Next::Idle;
+        }
+        self.refill(now);
+        let eligible: Vec<bool> = self
+            .pending
+            .iter()
+            .map(|r| self.eligible_at(r, now) <= now)
+            .collect();
+        if !eligible.iter().any(|&e| e) {
+            let t = self
+                .pending
+                .iter()
+                .map(|r| self.eligible_at(r, now))
+                .min()
+                .expect("non-empty");
+            return Next::WaitUntil(t);
+        }
+        let pick = match self.cfg.policy {
+            Policy::Fifo => self.pick_fifo(&eligible),
+            Policy::Elevator => self.pick_elevator(&eligible, now),
+        };
+        Next::Dispatch(self.take(pick))
+    }
+
+    fn pick_fifo(&self, eligible: &[bool]) -> (usize, bool) {
+        let i = (0..self.pending.len())
+            .filter(|&i| eligible[i])
+            .min_by_key(|&i| (self.pending[i].arrival, self.pending[i].id))
+            .expect("one is eligible");
+        (i, false)
+    }
+
+    fn pick_elevator(&self, eligible: &[bool], now: Duration) -> (usize, bool) {
+        let cands = || (0..self.pending.len()).filter(|&i| eligible[i]);
+        let class = cands()
+            .map(|i| self.pending[i].class)
+            .min()
+            .expect("one is eligible");
+        let oldest_expired = cands()
+            .filter(|&i| self.deadline(&self.pending[i]) <= now)
+            .min_by_key(|&i| (self.deadline(&self.pending[i]), self.pending[i].id));
+        let head_container = self.head.map(|h| h.0);
+        let in_head = |c: Class| {
+            cands().any(|i| {
+                Some(self.pending[i].container) == head_container && self.pending[i].class == c
+            })
+        };
+        let (class, container, expired) = match oldest_expired {
+            Some(e) if self.batch_count >= self.cfg.batch_limit || !in_head(class) => {
+                let r = &self.pending[e];
+                (r.class, r.container, true)
+            }
+            _ if in_head(class) => (class, head_container.expect("in_head"), false),
+            _ => {
+                let o = cands()
+                    .filter(|&i| self.pending[i].class == class)
+                    .min_by_key(|&i| (self.deadline(&self.pending[i]), self.pending[i].id))
+                    .expect("class has a candidate");
+                (class, self.pending[o].container, false)
+            }
+        };
+        let head_off = match self.head {
+            Some((c, off)) if c == container => off,
+            _ => 0,
+        };
+        let in_target = || {
+            cands().filter(|&i| {
+                self.pending[i].class == class && self.pending[i].container == container
+            })
+        };
+        let key = |i: &usize| (self.pending[*i].offset, self.pending[*i].id);
+        let i = in_target()
+            .filter(|&i| self.pending[i].offset >= head_off)
+            .min_by_key(key)
+            .or_else(|| in_target().min_by_key(key))
+            .expect("target has a candidate");
+        (i, expired)
+    }
+
+    fn take(&mut self, (i, expired): (usize, bool)) -> Dispatch {
+        let first = self.pending.swap_remove(i);
+        let mut d = Dispatch {
+            ids: vec![first.id],
+            class: first.class,
+            op: first.op,
+            container: first.container,
+            offset: first.offset,
+            len: first.len,
+            oldest_arrival: first.arrival,
+            expired,
+        };
+        if first.op == Op::Read && self.cfg.policy == Policy::Elevator {
+            loop {
+                let end = d.offset + d.len;
+                let m = self.pending.iter().position(|r| {
+                    r.op == Op::Read
+                        && r.container == d.container
+                        && r.offset <= end
+                        && r.offset + r.len >= d.offset
+                        && (r.offset + r.len).max(end) - r.offset.min(d.offset)
+                            <= self.cfg.max_merge.max(d.len)
+                });
+                let Some(m) = m else { break };
+                let r = self.pending.swap_remove(m);
+                let start = d.offset.min(r.offset);
+                d.len = (r.offset + r.len).max(end) - start;
+                d.offset = start;
+                d.ids.push(r.id);
+                d.oldest_arrival = d.oldest_arrival.min(r.arrival);
+            }
+        }
+        if Self::throttled_write(&first) && self.cfg.bg_write_rate > 0 {
+            self.tokens -= first.len as f64;
+        }
+        match self.head {
+            Some((c, _)) if c == d.container => self.batch_count += 1,
+            _ => self.batch_count = 1,
+        }
+        self.head = Some((d.container, d.offset + d.len));
+        d
+    }
+
+    /// Reports that `d` finished at `now` (feeds the latency target).
+    pub fn complete(&mut self, d: &Dispatch, now: Duration) {
+        let target = self.cfg.latency_target;
+        if d.class == Class::Foreground && !target.is_zero() {
+            let latency = now.saturating_sub(d.oldest_arrival);
+            if latency > target {
+                self.wbt_hold_until = self.wbt_hold_until.max(now + target);
+            }
+        }
+    }
+}
+
+/// What the scheduler drives: the medium, or the media model in front of it.
+pub trait Device: Send + Sync {
+    fn uri(&self) -> &str;
+    /// Reads `len` bytes at container byte `offset` (fewer at the end of what exists).
+    fn read(&self, container: u64, offset: u64, len: u64) -> Result<AlignedBuf>;
+    /// Called when a write of `len` bytes at `offset` is granted (a model accounts for it).
+    fn granting_write(&self, _container: u64, _offset: u64, _len: u64) {}
+}
+
+impl Device for Medium {
+    fn uri(&self) -> &str {
+        Medium::uri(self)
+    }
+    fn read(&self, container: u64, offset: u64, len: u64) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(len as usize);
+        let n = self.backend().read_at(container, offset, &mut buf)?;
+        buf.set_len(n.min(len as usize));
+        Ok(buf)
+    }
+}
+
+/// Counters of a scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedStats {
+    pub requests: u64,
+    pub dispatches: u64,
+    pub merged: u64,
+    pub expired: u64,
+    pub reads: u64,
+    pub bytes_read: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub timeouts: u64,
+}
+
+enum Reply {
+    Read(mpsc::Sender<Result<Vec<u8>>>),
+    Write(mpsc::Sender<mpsc::Sender<()>>),
+}
+
+struct State {
+    q: SchedQueue,
+    replies: HashMap<u64, (Reply, u64, u64)>,
+    next_id: u64,
+    shutdown: bool,
+    stats: SchedStats,
+}
+
+struct Shared {
+    st: Mutex<State>,
+    cv: Condvar,
+    device: Arc<dyn Device>,
+    epoch: Instant,
+}
+
+/// Exclusive use of the device for one granted background write; dropping it tells the
+/// scheduler the write is done.
+pub struct WriteGrant {
+    done: Option<mpsc::Sender<()>>,
+}
+
+impl Drop for WriteGrant {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            let _ = d.send(());
+        }
+    }
+}
+
+/// A read queued with [`MediaScheduler::submit_read`].
+pub struct PendingRead {
+    sched: Arc<MediaScheduler>,
+    id: u64,
+    rx: mpsc::Receiver<Result<Vec<u8>>>,
+    container: u64,
+    offset: u64,
+    len: u64,
+    submitted: Instant,
+}
+
+impl PendingRead {
+    /// Waits for the data until `deadline` (forever when None); on timeout the request is
+    /// withdrawn if it has not been dispatched yet.
+    pub fn wait(self, deadline: Option<Instant>) -> Result<Vec<u8>> {
+        let uri = || self.sched.shared.device.uri().to_string();
+        let res = match deadline {
+            Some(d) => self
+                .rx
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+                .map_err(|e| matches!(e, mpsc::RecvTimeoutError::Timeout)),
+            None => self.rx.recv().map_err(|_| false),
+        };
+        match res {
+            Ok(r) => r,
+            Err(true) => {
+                let mut st = self.sched.lock();
+                st.q.cancel(self.id);
+                st.replies.remove(&self.id);
+                st.stats.timeouts += 1;
+                Err(MediaError::Timeout {
+                    medium: uri(),
+                    what: format!(
+                        "read of {} bytes at {} of container {}",
+                        self.len, self.offset, self.container
+                    ),
+                    waited: self.submitted.elapsed(),
+                })
+            }
+            Err(false) => Err(MediaError::SchedulerStopped { medium: uri() }),
+        }
+    }
+}
+
+/// The scheduler thread in front of a device.
+pub struct MediaScheduler {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MediaScheduler {
+    pub fn new(device: Arc<dyn Device>, cfg: SchedConfig) -> Arc<MediaScheduler> {
+        let shared = Arc::new(Shared {
+            st: Mutex::new(State {
+                q: SchedQueue::new(cfg),
+                replies: HashMap::new(),
+                next_id: 0,
+                shutdown: false,
+                stats: SchedStats::default(),
+            }),
+            cv: Condvar::new(),
+            device,
+            epoch: Instant::now(),
+        });
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("media-sched".into())
+            .spawn(move || dispatcher(&s2))
+            .expect("spawn the media scheduler thread");
+        Arc::new(MediaScheduler {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> SchedStats {
+        self.lock().stats
+    }
+
+    /// Pending requests per class.
+    pub fn depth(&self) -> [usize; 3] {
+        self.lock().q.depth()
+    }
+
+    fn submit(
+        &self,
+        class: Class,
+        op: Op,
+        container: u64,
+        offset: u64,
+        len: u64,
+        reply: Reply,
+    ) -> Result<u64> {
+        let mut st = self.lock();
+        if st.shutdown {
+            return Err(MediaError::SchedulerStopped {
+                medium: self.shared.device.uri().to_string(),
+            });
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.stats.requests += 1;
+        st.replies.insert(id, (reply, offset, len));
+        st.q.push(Request {
+            id,
+            class,
+            op,
+            container,
+            offset,
+            len,
+            arrival: self.shared.epoch.elapsed(),
+        });
+        self.shared.cv.notify_all();
+        Ok(id)
+    }
+
+    /// Reads `len` bytes at byte `offset` of `container`, waiting at most `timeout`.
+    pub fn read(
+        self: &Arc<Self>,
+        class: Class,
+        container: u64,
+        offset: u64,
+        len: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.submit_read(class, container, offset, len)?
+            .wait(deadline)
+    }
+
+    /// Queues a read and returns at once; several queued reads can be merged and batched.
+    pub fn submit_read(
+        self: &Arc<Self>,
+        class: Class,
+        container: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<PendingRead> {
+        let (tx, rx) = mpsc::channel();
+        let id = self.submit(class, Op::Read, container, offset, len, Reply::Read(tx))?;
+        Ok(PendingRead {
+            sched: self.clone(),
+            id,
+            rx,
+            container,
+            offset,
+            len,
+            submitted: Instant::now(),
+        })
+    }
+
+    /// Waits until a write of `len` bytes at `offset` of `container` may go to the device.
+    pub fn acquire_write(
+        &self,
+        class: Class,
+        container: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<WriteGrant> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(class, Op::Write, container, offset, len, Reply::Write(tx))?;
+        let done = rx.recv().map_err(|_| MediaError::SchedulerStopped {
+            medium: self.shared.device.uri().to_string(),
+        })?;
+        Ok(WriteGrant { done: Some(done) })
+    }
+}
+
+impl Drop for MediaScheduler {
+    fn drop(&mut self) {
+        self.lock().shutdown = true;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dispatcher(sh: &Shared) {
+    loop {
+        let (d, replies) = {
+            let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+            let d = loop {
+                if st.shutdown && st.q.is_empty() {
+                    return;
+                }
+                let now = sh.epoch.elapsed();
+                match st.q.next(now) {
+                    Next::Dispatch(d) => break d,
+                    Next::WaitUntil(t) => {
+                        let wait = t.saturating_sub(now).max(Duration::from_micros(50));
+                        st = sh
+                            .cv
+                            .wait_timeout(st, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    Next::Idle => st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                }
+            };
+            st.stats.dispatches += 1;
+            st.stats.merged += d.ids.len() as u64 - 1;
+            st.stats.expired += d.expired as u64;
+            let replies: Vec<(Reply, u64, u64)> = d
+                .ids
+                .iter()
+                .filter_map(|id| st.replies.remove(id))
+                .collect();
+            (d, replies)
+        };
+        match d.op {
+            Op::Read => {
+                let res = sh.device.read(d.container, d.offset, d.len);
+                let mut first_err = None;
+                let res = match res {
+                    Ok(b) => Ok(b),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        first_err = Some(e);
+                        Err(msg)
+                    }
+                };
+                for (reply, offset, len) in replies {
+                    let Reply::Read(tx) = reply else { continue };
+                    let out = match &res {
+                        Ok(buf) => {
+                            let start = ((offset - d.offset) as usize).min(buf.len());
+                            let end = (start + len as usize).min(buf.len());
+                            Ok(buf[start..end].to_vec())
+                        }
+                        Err(msg) => Err(first_err.take().unwrap_or_else(|| {
+                            MediaError::io(
+                                sh.device.uri(),
+                                format!("merged read of container {}", d.container),
+                                std::io::Error::other(msg.clone()),
+                            )
+                        })),
+                    };
+                    let _ = tx.send(out);
+                }
+                let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+                st.stats.reads += 1;
+                st.stats.bytes_read += res.as_ref().map_or(0, |b| b.len() as u64);
+            }
+            Op::Write => {
+                sh.device.granting_write(d.container, d.offset, d.len);
+                {
+                    let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+                    st.stats.writes += 1;
+                    st.stats.bytes_written += d.len;
+                }
+                for (reply, _, _) in replies {
+                    let Reply::Write(tx) = reply else { continue };
+                    let (done_tx, done_rx) = mpsc::channel();
+                    if tx.send(done_tx).is_ok() {
+                        // The device is the writer's until it drops the grant.
+                        let _ = done_rx.recv();
+                    }
+                }
+            }
+        }
+        let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+        let now = sh.epoch.elapsed();
+        st.q.complete(&d, now);
+    }
+}

@@ -1,0 +1,310 @@
+//! Scheduler policy as properties (proptest) over simulated time, and the threaded scheduler
+//! in real time (throttle accuracy, timeouts, reads through the model).
+
+use proptest::prelude::*;
+use spinfs_media::model::{ModelParams, simulate};
+use spinfs_media::sched::{Dispatch, Next, Op, Request, SchedQueue};
+use spinfs_media::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn params() -> ModelParams {
+    ModelParams {
+        switch: Duration::from_secs(2),
+        seek: Duration::from_millis(10),
+        bandwidth: 200_000_000,
+    }
+}
+
+fn far_deadlines() -> SchedConfig {
+    SchedConfig {
+        deadlines: [Duration::from_secs(1 << 30); 3],
+        ..SchedConfig::default()
+    }
+}
+
+fn class_of(c: u8) -> Class {
+    [Class::Foreground, Class::Metadata, Class::Background][c as usize % 3]
+}
+
+fn req_strategy() -> impl Strategy<Value = Vec<(u8, u64, u64, u64, u64)>> {
+    // (class, container, offset in 64K units, length in 4K units, arrival ms)
+    prop::collection::vec((0u8..3, 0u64..6, 0u64..100, 1u64..40, 0u64..5000), 1..60)
+}
+
+fn build(v: &[(u8, u64, u64, u64, u64)], at_zero: bool) -> Vec<Request> {
+    v.iter()
+        .enumerate()
+        .map(|(i, &(c, cont, off, len, arr))| Request {
+            id: i as u64,
+            class: class_of(c),
+            op: Op::Read,
+            container: cont,
+            offset: off * 65536,
+            len: len * 4096,
+            arrival: if at_zero {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(arr)
+            },
+        })
+        .collect()
+}
+
+fn served_once(reqs: &[Request], dispatches: &[(Duration, Dispatch)]) {
+    let mut seen = HashMap::new();
+    for (_, d) in dispatches {
+        for id in &d.ids {
+            *seen.entry(*id).or_insert(0) += 1;
+            let r = &reqs[*id as usize];
+            // Every request lies inside the operation that serves it.
+            assert!(r.container == d.container && r.offset >= d.offset);
+            assert!(r.offset + r.len <= d.offset + d.len);
+        }
+    }
+    assert_eq!(seen.len(), reqs.len());
+    assert!(seen.values().all(|&n| n == 1));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn every_request_served_exactly_once(v in req_strategy(), fifo in any::<bool>()) {
+        let reqs = build(&v, false);
+        let cfg = SchedConfig {
+            policy: if fifo { Policy::Fifo } else { Policy::Elevator },
+            deadlines: [200 * MS, 400 * MS, 800 * MS],
+            batch_limit: 4,
+            ..SchedConfig::default()
+        };
+        let r = simulate(cfg, params(), reqs.clone());
+        served_once(&reqs, &r.dispatches);
+        for (_, d) in &r.dispatches {
+            let largest = d.ids.iter().map(|i| reqs[*i as usize].len).max().unwrap();
+            prop_assert!(d.len <= (4u64 << 20).max(largest));
+        }
+    }
+
+    #[test]
+    fn priority_classes_in_order(v in req_strategy()) {
+        let reqs = build(&v, true);
+        let r = simulate(far_deadlines(), params(), reqs.clone());
+        let classes: Vec<Class> = r.dispatches.iter().map(|(_, d)| d.class).collect();
+        let mut sorted = classes.clone();
+        sorted.sort();
+        prop_assert_eq!(classes, sorted);
+    }
+
+    #[test]
+    fn batched_per_container_in_offset_order(v in req_strategy()) {
+        let mut reqs = build(&v, true);
+        for r in &mut reqs {
+            r.class = Class::Foreground;
+        }
+        let r = simulate(far_deadlines(), params(), reqs.clone());
+        let distinct: std::collections::HashSet<u64> = reqs.iter().map(|r| r.container).collect();
+        // One load per container, and inside a container the head only moves forward.
+        prop_assert_eq!(r.counters.switches, distinct.len() as u64);
+        for w in r.dispatches.windows(2) {
+            let (a, b) = (&w[0].1, &w[1].1);
+            if a.container == b.container {
+                prop_assert!(b.offset >= a.offset + a.len, "{:?} then {:?}", a, b);
+            }
+        }
+        let fifo = simulate(
+            SchedConfig { policy: Policy::Fifo, ..far_deadlines() },
+            params(),
+            reqs.clone(),
+        );
+        prop_assert!(r.makespan <= fifo.makespan);
+    }
+
+    #[test]
+    fn deadline_bounds_starvation(batch_limit in 1u32..20, deadline_ms in 100u64..3000, n in 300u64..600) {
+        // A backlogged stream of 4 MiB foreground reads keeps container 0 busy for ever (they
+        // arrive every 5 ms, each takes 31 ms); one background read waits in container 5.
+        // Without its deadline it would wait for the whole stream (more than 9 s).
+        let mut reqs: Vec<Request> = (0..n)
+            .map(|i| Request {
+                id: i,
+                class: Class::Foreground,
+                op: Op::Read,
+                container: 0,
+                offset: i * (4 << 20),
+                len: 4 << 20,
+                arrival: Duration::from_millis(i * 5),
+            })
+            .collect();
+        reqs.push(Request {
+            id: n,
+            class: Class::Background,
+            op: Op::Read,
+            container: 5,
+            offset: 0,
+            len: 4096,
+            arrival: Duration::ZERO,
+        });
+        let cfg = SchedConfig {
+            deadlines: [Duration::from_secs(1 << 30), Duration::from_secs(1 << 30), Duration::from_millis(deadline_ms)],
+            batch_limit,
+            ..SchedConfig::default()
+        };
+        let r = simulate(cfg, params(), reqs);
+        let done: HashMap<u64, Duration> = r.completions.iter().copied().collect();
+        let service = Duration::from_millis(10) + Duration::from_secs_f64((4u64 << 20) as f64 / 2e8);
+        // Load container 0 first, then after expiry at most batch_limit more reads there
+        // (plus the one in progress), then load container 5 and read.
+        let switch = Duration::from_secs(2);
+        let bound = Duration::from_millis(deadline_ms) + switch + service * (batch_limit + 1) + switch + service;
+        prop_assert!(done[&n] <= bound, "waited {:?}, bound {:?}", done[&n], bound);
+    }
+}
+
+#[test]
+fn token_bucket_rate_is_accurate() {
+    // 200 backlogged background writes of 256 KiB through a 10 MB/s cap on a fast device.
+    let cfg = SchedConfig {
+        bg_write_rate: 10_000_000,
+        bg_write_burst: 1 << 20,
+        ..far_deadlines()
+    };
+    let fast = ModelParams {
+        switch: Duration::ZERO,
+        seek: Duration::ZERO,
+        bandwidth: 0,
+    };
+    let reqs: Vec<Request> = (0..200)
+        .map(|i| Request {
+            id: i,
+            class: Class::Background,
+            op: Op::Write,
+            container: 0,
+            offset: i * 262144,
+            len: 262144,
+            arrival: Duration::ZERO,
+        })
+        .collect();
+    let r = simulate(cfg, fast, reqs);
+    let total = 200.0 * 262144.0;
+    let expect = (total - (1 << 20) as f64) / 10e6;
+    let got = r.dispatches.last().unwrap().0.as_secs_f64();
+    assert!(
+        (got - expect).abs() / expect < 0.01,
+        "last write at {got} s, expected {expect} s"
+    );
+    // At no time did the dispatched bytes exceed burst + rate * t.
+    let mut bytes = 0.0;
+    for (t, d) in &r.dispatches {
+        bytes += d.len as f64;
+        assert!(bytes <= (1 << 20) as f64 + 10e6 * t.as_secs_f64() + 1.0);
+    }
+}
+
+#[test]
+fn slow_foreground_reads_hold_background_writes() {
+    let cfg = SchedConfig {
+        latency_target: 50 * MS,
+        ..far_deadlines()
+    };
+    let mut q = SchedQueue::new(cfg);
+    q.push(Request {
+        id: 0,
+        class: Class::Foreground,
+        op: Op::Read,
+        container: 1,
+        offset: 0,
+        len: 4096,
+        arrival: Duration::ZERO,
+    });
+    q.push(Request {
+        id: 1,
+        class: Class::Background,
+        op: Op::Write,
+        container: 0,
+        offset: 0,
+        len: 4096,
+        arrival: Duration::ZERO,
+    });
+    let Next::Dispatch(d) = q.next(Duration::ZERO) else {
+        panic!()
+    };
+    assert_eq!(d.class, Class::Foreground);
+    // The read took 2 s (> 50 ms target): writes wait one window after it.
+    q.complete(&d, Duration::from_secs(2));
+    assert_eq!(
+        q.next(Duration::from_secs(2)),
+        Next::WaitUntil(Duration::from_secs(2) + 50 * MS)
+    );
+    assert!(matches!(
+        q.next(Duration::from_secs(2) + 50 * MS),
+        Next::Dispatch(_)
+    ));
+}
+
+#[test]
+fn threaded_scheduler_throttles_writes_in_real_time() {
+    let dev = Arc::new(ModelDevice::new(
+        ModelParams {
+            switch: Duration::ZERO,
+            seek: Duration::ZERO,
+            bandwidth: 0,
+        },
+        None,
+        0.0,
+    ));
+    let cfg = SchedConfig {
+        bg_write_rate: 8 << 20,
+        bg_write_burst: 256 << 10,
+        ..SchedConfig::default()
+    };
+    let s = MediaScheduler::new(dev.clone(), cfg);
+    let start = Instant::now();
+    for i in 0..16u64 {
+        let g = s
+            .acquire_write(Class::Background, 0, i * (256 << 10), 256 << 10)
+            .unwrap();
+        drop(g);
+    }
+    let el = start.elapsed().as_secs_f64();
+    // 4 MiB at 8 MiB/s with a 256 KiB burst: 15/32 s.
+    let expect = 15.0 / 32.0;
+    assert!(
+        el >= expect * 0.97 && el < expect * 1.5,
+        "took {el} s, expected {expect} s"
+    );
+    assert_eq!(dev.counters().bytes_written, 4 << 20);
+    assert_eq!(s.stats().writes, 16);
+}
+
+#[test]
+fn read_times_out_on_slow_media_and_is_withdrawn() {
+    let slow = ModelParams {
+        switch: Duration::from_millis(300),
+        seek: Duration::ZERO,
+        bandwidth: 0,
+    };
+    let dev = Arc::new(ModelDevice::new(slow, None, 1.0));
+    let s = MediaScheduler::new(dev.clone(), SchedConfig::default());
+    let a = s.submit_read(Class::Foreground, 1, 0, 4096).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // Container 2 needs another 300 ms switch after the first read's: more than 100 ms.
+    let e = s
+        .read(
+            Class::Foreground,
+            2,
+            0,
+            4096,
+            Some(Duration::from_millis(100)),
+        )
+        .unwrap_err();
+    assert!(matches!(e, MediaError::Timeout { .. }), "{e}");
+    assert_eq!(a.wait(None).unwrap().len(), 4096);
+    assert_eq!(s.stats().timeouts, 1);
+    drop(s);
+    // The withdrawn read never reached the device.
+    assert_eq!(dev.counters().switches, 1);
+}
