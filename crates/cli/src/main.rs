@@ -108,9 +108,29 @@ fn mkfs(a: MkfsArgs) -> Result<ExitCode> {
     {
         bail!("media {m}: {p} does not exist (create the file or device first)");
     }
-    Store::create(&a.store, config)?;
+    // Check and claim the medium before the store exists, so that a medium that already
+    // holds another store's containers is refused without anything written.
+    if config.media.is_empty() {
+        Store::create(&a.store, config.clone())?;
+        let cfg = StoreConfig::load(&a.store)?;
+        format_medium(&cfg)?;
+    } else {
+        config.validate()?;
+        format_medium(&config)?;
+        Store::create(&a.store, config)?;
+    }
     println!("created spinfs store {}", a.store.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn format_medium(cfg: &StoreConfig) -> Result<()> {
+    let geometry = media_cmd::geometry(cfg)?;
+    if let Some(dir) = cfg.media.strip_prefix("dir:") {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create media directory {dir}"))?;
+    }
+    spinfs_media::Medium::format(&cfg.media, geometry, spinfs_media::BackendOptions::default(), false)
+        .with_context(|| format!("media {}", cfg.media))?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
