@@ -128,7 +128,12 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             // SAFETY: valid C strings; null buffer with size 0 asks for the value size.
             let n = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
             if n < 0 {
-                return Err(err(std::io::Error::last_os_error()));
+                let e = std::io::Error::last_os_error();
+                // Removed since listed, or hidden by the VFS (user.* on special files).
+                if e.raw_os_error() == Some(libc::ENODATA) {
+                    break None;
+                }
+                return Err(err(e));
             }
             let mut buf = vec![0u8; n as usize];
             // SAFETY: buf is writable for buf.len() bytes.
@@ -142,14 +147,19 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             };
             if m >= 0 {
                 buf.truncate(m as usize);
-                break buf;
+                break Some(buf);
             }
             let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENODATA) {
+                break None;
+            }
             if e.raw_os_error() != Some(libc::ERANGE) {
                 return Err(err(e));
             }
         };
-        out.push((name.to_vec(), value));
+        if let Some(value) = value {
+            out.push((name.to_vec(), value));
+        }
     }
     out.sort();
     Ok(out)
