@@ -107,8 +107,8 @@ pub fn merge_tree<R: ReadAt>(
     }
     let root_meta = m.dir_meta(&chain[0], stopped)?;
     let mut tree = Tree::new(root_meta);
-    let mut work: Vec<(NodeId, Vec<Member>)> = vec![(tree.root(), chain)];
-    while let Some((out, chain)) = work.pop() {
+    let mut work: Vec<(NodeId, Vec<Member>, bool)> = vec![(tree.root(), chain, stopped)];
+    while let Some((out, chain, out_opaque)) = work.pop() {
         for member in &chain {
             if !m.seen_dirs.insert((member.layer, member.dir.nid)) {
                 return corrupt(format!(
@@ -139,7 +139,8 @@ pub fn merge_tree<R: ReadAt>(
             let (layer, ref top_entry, parent_nid) = cands[0];
             let top = m.inode(layer, top_entry)?;
             if top.is_whiteout() {
-                if mode == MergeMode::KeepOverlay {
+                // Inside an opaque directory a whiteout hides nothing: drop it.
+                if mode == MergeMode::KeepOverlay && !out_opaque {
                     m.add_leaf(&mut tree, out, name, layer, &top)?;
                 }
                 continue;
@@ -183,7 +184,7 @@ pub fn merge_tree<R: ReadAt>(
                     kind: NodeKind::Dir(Vec::new()),
                 },
             );
-            work.push((id, sub));
+            work.push((id, sub, stopped));
         }
     }
     Ok((tree, m.devices))
