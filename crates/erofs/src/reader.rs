@@ -336,6 +336,13 @@ impl<R: ReadAt> Image<R> {
                 _ => return corrupt(format!("inode {nid} has invalid data layout {layout}")),
             },
         }
+        let flat = matches!(
+            file_type,
+            FileType::File | FileType::Dir | FileType::Symlink
+        ) && layout != LAYOUT_CHUNK_BASED;
+        if flat && ino.size > (self.sb.blocks as u64 + 1) * self.bs {
+            return corrupt(format!("inode {nid}: size {} exceeds the image", ino.size));
+        }
         if file_type == FileType::Dir && ino.size == 0 {
             return corrupt(format!("directory inode {nid} is empty (no . and ..)"));
         }
@@ -725,7 +732,7 @@ impl<R: ReadAt> Image<R> {
                     for (k, r) in self.chunk_refs(ino, first, batch)?.into_iter().enumerate() {
                         let cstart = (first + k as u64) << bits;
                         let from = pos.max(cstart);
-                        let to = end.min(cstart + cs);
+                        let to = end.min(cstart.saturating_add(cs));
                         if from >= to {
                             break;
                         }
@@ -876,6 +883,68 @@ impl<R: ReadAt> Image<R> {
             stack.extend(subdirs.into_iter().rev());
         }
         Ok(())
+    }
+}
+
+/// What [`Image::verify`] looked at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyStats {
+    pub inodes: u64,
+    pub directories: u64,
+    pub data_bytes: u64,
+}
+
+impl<R: ReadAt> Image<R> {
+    /// Checks the whole image: every directory (names, order, ".", "..", cycles), inode,
+    /// xattr, symlink and chunk mapping, and with `devices` also reads all file data. The
+    /// work is bounded by the size of the image and its devices.
+    pub fn verify(&self, devices: Option<&dyn DeviceReader>) -> Result<VerifyStats> {
+        let mut stats = VerifyStats::default();
+        let mut done = HashSet::new();
+        let root = self.root()?;
+        self.xattrs(&root)?;
+        stats.inodes += 1;
+        stats.directories += 1;
+        let mut buf = Vec::new();
+        self.walk(|_, _, ino| {
+            if !done.insert(ino.nid) {
+                return Ok(());
+            }
+            stats.inodes += 1;
+            self.raw_xattrs(ino)?;
+            match ino.file_type {
+                FileType::Dir => stats.directories += 1,
+                FileType::Symlink => {
+                    self.readlink(ino)?;
+                }
+                FileType::File => {
+                    let mut pos = 0;
+                    while pos < ino.size {
+                        let extents = self.map(ino, pos, ino.size - pos)?;
+                        let Some(last) = extents.last() else {
+                            return corrupt(format!("inode {}: unmapped data", ino.nid));
+                        };
+                        let next = last.offset + last.len;
+                        if let Some(devs) = devices {
+                            for e in extents.iter().filter(|e| e.location.is_some()) {
+                                let mut off = e.offset;
+                                while off < e.offset + e.len {
+                                    let n = (e.offset + e.len - off).min(1 << 20) as usize;
+                                    buf.resize(n, 0);
+                                    self.read_data(ino, off, &mut buf, devs)?;
+                                    stats.data_bytes += n as u64;
+                                    off += n as u64;
+                                }
+                            }
+                        }
+                        pos = next;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+        Ok(stats)
     }
 }
 

@@ -711,3 +711,119 @@ impl Stack {
         oracle
     }
 }
+
+/// A tree exercising every inode kind and attribute the format carries.
+pub fn make_rich_tree(root: &Path) {
+    fs::create_dir_all(root.join("dir/sub/deeper")).unwrap();
+    fs::write(root.join("small"), b"hello world\n").unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    fs::write(root.join("exact_block"), pattern(4096, 1)).unwrap();
+    fs::write(
+        root.join("dir/multi_chunk"),
+        pattern(9 * 1024 * 1024 + 17, 2),
+    )
+    .unwrap();
+    fs::write(root.join("zeros"), vec![0u8; 3 * 1024 * 1024]).unwrap();
+    // Sparse: data, hole, data, trailing hole.
+    let f = File::create(root.join("sparse")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(5000, 3), 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(7000, 4), 12 * 1024 * 1024 + 5).unwrap();
+    f.set_len(30 * 1024 * 1024).unwrap();
+    drop(f);
+    // Hard links: three names, one inode.
+    fs::write(root.join("linked"), b"shared inode").unwrap();
+    fs::hard_link(root.join("linked"), root.join("dir/link2")).unwrap();
+    fs::hard_link(root.join("linked"), root.join("dir/sub/link3")).unwrap();
+    std::os::unix::fs::symlink("small", root.join("sym")).unwrap();
+    std::os::unix::fs::symlink("x".repeat(4000), root.join("dir/longsym")).unwrap();
+    std::os::unix::fs::symlink("../../small", root.join("dir/sub/up")).unwrap();
+    mknod(&root.join("chr"), libc::S_IFCHR | 0o620, 1, 3);
+    mknod(&root.join("blk"), libc::S_IFBLK | 0o660, 259, 70000);
+    mknod(&root.join("fifo"), libc::S_IFIFO | 0o600, 0, 0);
+    std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+    whiteout(&root.join("dir/gone"));
+    set_xattr(&root.join("dir/sub"), "trusted.overlay.opaque", b"y");
+    set_xattr(&root.join("small"), "user.comment", b"a value");
+    set_xattr(&root.join("small"), "user.empty", b"");
+    set_xattr(&root.join("small"), "trusted.t", &pattern(300, 5));
+    set_xattr(&root.join("small"), "security.s", b"label");
+    set_xattr(&root.join("dir"), "user.big", &pattern(3000, 6));
+    // POSIX ACLs via the raw xattr format (version 2, entries: user::rw-, user:1000:r--,
+    // group::r--, mask::r--, other::---).
+    let acl: Vec<u8> = [
+        &2u32.to_le_bytes()[..],
+        &[1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff],
+        &[2, 0, 4, 0, 0xe8, 0x03, 0, 0],
+        &[4, 0, 4, 0, 0xff, 0xff, 0xff, 0xff],
+        &[0x10, 0, 4, 0, 0xff, 0xff, 0xff, 0xff],
+        &[0x20, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+    ]
+    .concat();
+    set_xattr(&root.join("exact_block"), "system.posix_acl_access", &acl);
+    set_xattr(&root.join("dir/sub"), "system.posix_acl_default", &acl);
+    // A directory spanning several blocks, names sorting around "." and "..".
+    for i in 0..700 {
+        fs::write(
+            root.join(format!(
+                "dir/sub/deeper/entry-{i:04}-{}",
+                "n".repeat(i % 40)
+            )),
+            b"",
+        )
+        .unwrap();
+    }
+    fs::write(root.join("dir/-dash"), b"").unwrap();
+    fs::write(root.join("dir/!bang"), b"").unwrap();
+    fs::write(root.join("dir/.hidden"), b"").unwrap();
+    fs::write(root.join("dir/".to_string() + &"L".repeat(255)), b"").unwrap();
+    let nonutf8 = std::ffi::OsStr::from_encoded_bytes_unchecked_safe(b"caf\xe9");
+    fs::write(root.join("dir").join(nonutf8), b"latin1").unwrap();
+    // Attributes.
+    fs::set_permissions(
+        root.join("small"),
+        <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o4755),
+    )
+    .unwrap();
+    fs::set_permissions(
+        root.join("dir/sub"),
+        <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o1777),
+    )
+    .unwrap();
+    lchown(&root.join("small"), 1234, 5678);
+    lchown(&root.join("sym"), 4_000_000, 70_000);
+    lchown(&root.join("dir"), 100_000, 0);
+    for (i, p) in [
+        "small",
+        "sparse",
+        "linked",
+        "sym",
+        "chr",
+        "blk",
+        "fifo",
+        "sock",
+        "dir/gone",
+        "dir/sub/deeper",
+        "dir/sub",
+        "dir",
+        "",
+    ]
+    .iter()
+    .enumerate()
+    {
+        set_mtime(
+            &root.join(p),
+            1_600_000_000 + i as i64 * 1000,
+            123_456_789 + i as i64,
+        );
+    }
+    set_mtime(&root.join("zeros"), -86_400 * 365, 5);
+}
+
+pub trait OsStrExt2 {
+    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr;
+}
+impl OsStrExt2 for std::ffi::OsStr {
+    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
