@@ -37,11 +37,12 @@ pub fn tree_from_dir(root: &Path) -> Result<Tree> {
             let md = fs::symlink_metadata(&path)
                 .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
             let key = (md.dev(), md.ino());
-            if !md.is_dir() && md.nlink() > 1 {
-                if let Some(&target) = links.get(&key) {
-                    tree.link(id, name.as_bytes(), target);
-                    continue;
-                }
+            if !md.is_dir()
+                && md.nlink() > 1
+                && let Some(&target) = links.get(&key)
+            {
+                tree.link(id, name.as_bytes(), target);
+                continue;
             }
             let ft = md.file_type();
             let kind = if ft.is_dir() {

@@ -125,6 +125,9 @@ pub struct Extent {
     pub location: Option<(u16, u64)>,
 }
 
+/// An extended attribute: full name and value.
+pub type Xattr = (Vec<u8>, Vec<u8>);
+
 /// One chunk of a chunk-based file: `None` for a hole, else (device, block).
 pub type ChunkRef = Option<(u16, u64)>;
 
@@ -431,7 +434,7 @@ impl<R: ReadAt> Image<R> {
             return Err(bad("shorter than one entry"));
         }
         let first = le16(&buf, 8) as usize;
-        if first < DIRENT_SIZE || first % DIRENT_SIZE != 0 || first >= len {
+        if first < DIRENT_SIZE || !first.is_multiple_of(DIRENT_SIZE) || first >= len {
             return Err(bad("bad first name offset"));
         }
         let n = first / DIRENT_SIZE;
@@ -621,7 +624,7 @@ impl<R: ReadAt> Image<R> {
         Ok(out)
     }
 
-    fn xattr_entry(&self, ino: &Inode, b: &[u8]) -> Result<(usize, (Vec<u8>, Vec<u8>))> {
+    fn xattr_entry(&self, ino: &Inode, b: &[u8]) -> Result<(usize, Xattr)> {
         let name_len = b[0] as usize;
         let index = b[1];
         let value_len = le16(b, 2) as usize;

@@ -88,7 +88,7 @@ pub struct WriteSummary {
 /// Checks a chunk size in bytes given by a user: a power of two of at least 4 KiB and at most
 /// 1 GiB. Returns its log2.
 pub fn chunk_bits_for_size(size: u64) -> Result<u8> {
-    if !size.is_power_of_two() || size < BS || size > (1 << MAX_STREAM_CHUNK_BITS) {
+    if !size.is_power_of_two() || !(BS..=(1 << MAX_STREAM_CHUNK_BITS)).contains(&size) {
         return invalid(format!(
             "chunk size {size} must be a power of two between 4096 and {}",
             1u64 << MAX_STREAM_CHUNK_BITS
@@ -197,7 +197,7 @@ pub fn write_image(
         let mut rec = head;
         match &node.kind {
             NodeKind::Dir(_) => {
-                let entries = plan.dir_entries(tree, pos, &vec![0; 0]);
+                let entries = plan.dir_entries(tree, pos, &[]);
                 let size = dir_content(&entries, None);
                 s.size = size;
                 let nblocks = size.div_ceil(BS);
@@ -244,9 +244,9 @@ pub fn write_image(
             rec
         };
         cursor = cursor.next_multiple_of(INODE_SLOT);
-        if fixed <= BS && cursor % BS + fixed > BS {
-            cursor = cursor.next_multiple_of(BS);
-        } else if fixed > BS {
+        // Keep an inode with its xattrs and inline data inside one block; a record larger
+        // than a block starts on a block boundary.
+        if cursor % BS + fixed > BS {
             cursor = cursor.next_multiple_of(BS);
         }
         s.offset = cursor;
@@ -610,7 +610,10 @@ pub(crate) fn dir_content(entries: &[(&[u8], u64, u8)], mut out: Option<&mut Vec
     size
 }
 
-fn xattr_list(node: &Node) -> Result<Vec<(u8, &[u8], &[u8])>> {
+/// (name index, name suffix, value).
+type RawXattr<'a> = (u8, &'a [u8], &'a [u8]);
+
+fn xattr_list(node: &Node) -> Result<Vec<RawXattr<'_>>> {
     let mut list = Vec::with_capacity(node.meta.xattrs.len());
     for (name, value) in &node.meta.xattrs {
         if name.as_slice() == SPINFS_INO_XATTR {
@@ -701,15 +704,15 @@ impl Streamer<'_, '_> {
         }
         let cs = 1u64 << bits;
         let n = f.size.div_ceil(cs);
-        if let Some(c) = &f.chunks {
-            if c.len() as u64 != n {
-                return invalid(format!(
-                    "file of {} bytes with {}-byte chunks needs {n} chunk entries, got {}",
-                    f.size,
-                    cs,
-                    c.len()
-                ));
-            }
+        if let Some(c) = &f.chunks
+            && c.len() as u64 != n
+        {
+            return invalid(format!(
+                "file of {} bytes with {}-byte chunks needs {n} chunk entries, got {}",
+                f.size,
+                cs,
+                c.len()
+            ));
         }
         let mut opened: Option<Opened> = None;
         let mut table = Vec::with_capacity(n as usize);
@@ -766,11 +769,11 @@ impl Streamer<'_, '_> {
     }
 
     fn new_chunk(&mut self, src: &Opened, start: u64, len: u64) -> Result<u64> {
-        if let Opened::File(file, _) = src {
-            if !has_data(file, start, start + len) {
-                self.hole_chunks += 1;
-                return Ok(HOLE);
-            }
+        if let Opened::File(file, _) = src
+            && !has_data(file, start, start + len)
+        {
+            self.hole_chunks += 1;
+            return Ok(HOLE);
         }
         let padded = len.next_multiple_of(BS) as usize;
         if self.buf.len() < padded {
