@@ -301,3 +301,133 @@ fn in_memory_tree_with_existing_chunks_and_inos() {
     assert_eq!(ext[3].location, Some((1, 0)));
     fsck(&meta, &blobs, None);
 }
+
+/// Layout corner cases only an in-memory tree can produce (ext4 caps xattrs at one block):
+/// inline xattrs spanning several blocks, a symlink and a directory pushed out of inline
+/// layout by their xattrs, 30 devices (the device table spills past block 0).
+#[test]
+fn layout_corner_cases() {
+    let t = tempfile::tempdir().unwrap();
+    let big_xattrs: Vec<(Vec<u8>, Vec<u8>)> = (0..4u8)
+        .map(|i| (format!("user.x{i}").into_bytes(), vec![b'a' + i; 3000]))
+        .collect();
+    let m = |xattrs: Vec<(Vec<u8>, Vec<u8>)>| Metadata {
+        perm: 0o755,
+        mtime: 1,
+        mtime_nsec: 2,
+        xattrs,
+        ..Metadata::default()
+    };
+    let mut tree = Tree::new(m(vec![]));
+    let blob_data = Arc::new(pattern(8192, 1));
+    tree.add(
+        tree.root(),
+        "bigx",
+        Node {
+            meta: m(big_xattrs.clone()),
+            kind: NodeKind::File(FileData {
+                size: 8192,
+                chunk_bits: None,
+                chunks: None,
+                source: Some(Source::Reader(
+                    blob_data.clone() as Arc<dyn spinfs_erofs::ReadAt>
+                )),
+            }),
+        },
+    );
+    let long = vec![b'y'; 4000];
+    tree.add(
+        tree.root(),
+        "longsym",
+        Node {
+            meta: m(vec![(b"trusted.t".to_vec(), vec![b't'; 500])]),
+            kind: NodeKind::Symlink(long.clone()),
+        },
+    );
+    let d = tree.add(
+        tree.root(),
+        "d",
+        Node {
+            meta: m(vec![(b"user.big".to_vec(), vec![b'q'; 3900])]),
+            kind: NodeKind::Dir(vec![]),
+        },
+    );
+    tree.add(
+        d,
+        "x",
+        Node {
+            meta: m(vec![]),
+            kind: NodeKind::Fifo,
+        },
+    );
+    // 30 existing one-block devices, each holding one chunk of a file.
+    let mut devices = Vec::new();
+    let mut blobs = Vec::new();
+    for i in 0..30u16 {
+        let p = t.path().join(format!("dev{i:02}"));
+        fs::write(&p, pattern(4096, 1000 + i as u64)).unwrap();
+        blobs.push(p);
+        devices.push(DeviceSpec {
+            tag: format!("dev{i}").into_bytes(),
+            blocks: 1,
+        });
+        tree.add(
+            d,
+            format!("f{i:02}"),
+            Node {
+                meta: m(vec![]),
+                kind: NodeKind::File(FileData {
+                    size: 4000,
+                    chunk_bits: Some(12),
+                    chunks: Some(vec![Chunk::Existing {
+                        device: i + 1,
+                        block: 0,
+                    }]),
+                    source: None,
+                }),
+            },
+        );
+    }
+    let opts = WriteOptions {
+        devices,
+        ..WriteOptions::default()
+    };
+    let meta = t.path().join("meta");
+    let new_blob = t.path().join("new_blob");
+    let mut sink = File::create(&new_blob).unwrap();
+    let s = write_image(
+        &tree,
+        &opts,
+        &mut File::create(&meta).unwrap(),
+        Some(&mut sink),
+    )
+    .unwrap();
+    assert_eq!(s.new_blob_device, Some(31));
+    blobs.push(new_blob);
+    let img = Image::open(File::open(&meta).unwrap()).unwrap();
+    assert!(
+        img.root_nid() * 32 > 4096,
+        "root inode lies after a device table longer than a block"
+    );
+    assert_eq!(img.devices().len(), 31);
+    drop(img);
+
+    let mnt = mount_erofs(&meta, &blobs, &t.path().join("mnt"));
+    let snap = snapshot(&mnt.path, SnapOpts::default());
+    for (k, v) in &big_xattrs {
+        assert_eq!(snap["/bigx"].xattrs.get(k), Some(v));
+    }
+    assert_eq!(fs::read(mnt.path.join("bigx")).unwrap(), *blob_data);
+    assert_eq!(snap["/longsym"].target, long);
+    assert_eq!(snap["/longsym"].xattrs[&b"trusted.t"[..]], vec![b't'; 500]);
+    assert_eq!(snap["/d"].xattrs[&b"user.big"[..]], vec![b'q'; 3900]);
+    assert_eq!(snap["/d/x"].kind, 'p');
+    for i in 0..30u64 {
+        let got = fs::read(mnt.path.join(format!("d/f{i:02}"))).unwrap();
+        assert_eq!(got, pattern(4096, 1000 + i)[..4000]);
+    }
+    let via_reader = reader_snapshot(&meta, &blobs, SnapOpts::default());
+    assert_same("reader vs kernel", &snap, &via_reader);
+    drop(mnt);
+    fsck(&meta, &blobs, None);
+}

@@ -219,3 +219,72 @@ fn merged_root_mode_and_directory_nanoseconds() {
     assert_eq!(s["/d"].nlink, 2);
     assert_eq!(s["/"].nlink, 3);
 }
+
+/// Merges of merges (as the store does when merged layers accumulate): the device lists
+/// concatenate in order and the result still equals overlayfs over the original layers.
+#[test]
+fn merge_of_merged_images() {
+    use spinfs_erofs::{Image, MergeMode, WriteOptions, merge_images};
+    use std::fs::File;
+    let layers = vec![
+        vec![
+            File("a/new", data("n")),
+            Whiteout("a/gone"),
+            Opaque("o"),
+            File("o/x", data("ox")),
+        ],
+        vec![File("a/mid", data("m")), Whiteout("b")],
+        vec![
+            File("a/gone", data("g")),
+            File("b/inner", data("bi")),
+            File("o/hidden", data("oh")),
+        ],
+        vec![
+            Dir("a"),
+            File("a/base", data("base")),
+            File("b/old", data("bo")),
+            File("o/y", data("oy")),
+        ],
+    ];
+    let stack = Stack::build(&layers);
+    let o = SnapOpts {
+        nlink: false,
+        dir_nlink: false,
+        hide_overlay_xattrs: true,
+        content: true,
+    };
+    let oracle_mnt = stack.overlay(&stack.layer_mounts(0..4), "oracle_mm");
+    let oracle = snapshot(&oracle_mnt.path, o);
+    drop(oracle_mnt);
+
+    let (m01, _) = stack.merge(0..2, false, "m01");
+    let (m23, _) = stack.merge(2..4, false, "m23");
+    let images: Vec<_> = [&m01, &m23]
+        .iter()
+        .map(|m| Image::open(File::open(m).unwrap()).unwrap())
+        .collect();
+    let out = stack.dir.path().join("m0123");
+    let s = merge_images(
+        &images,
+        MergeMode::StripOverlay,
+        &WriteOptions::default(),
+        &mut File::create(&out).unwrap(),
+    )
+    .unwrap();
+    let order: Vec<(usize, u16)> = s
+        .devices
+        .iter()
+        .map(|d| (d.layer, d.layer_device))
+        .collect();
+    assert_eq!(order, [(0, 1), (0, 2), (1, 1), (1, 2)]);
+    fsck(&out, &stack.blobs, None);
+    let m = mount_erofs(&out, &stack.blobs, &stack.dir.path().join("mnt_m0123"));
+    assert_same(
+        "merge of merges vs overlayfs",
+        &oracle,
+        &snapshot(&m.path, o),
+    );
+    assert_eq!(names(&oracle, "/a"), ["base", "mid", "new"]);
+    assert_eq!(names(&oracle, "/o"), ["x"]);
+    assert!(!oracle.contains_key("/b"));
+}
