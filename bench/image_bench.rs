@@ -251,6 +251,25 @@ fn bench_merge(dir: &Path) {
     )
     .unwrap();
     let secs = start.elapsed().as_secs_f64();
+    if std::env::var_os("SPINFS_BENCH_DETAIL").is_some() {
+        let t0 = Instant::now();
+        let (tree, _) = spinfs_erofs::merge::merge_tree(&images, MergeMode::KeepOverlay).unwrap();
+        eprintln!("  merge_tree {:.2}s", t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let opts = WriteOptions {
+            devices: s
+                .devices
+                .iter()
+                .map(|d| DeviceSpec {
+                    tag: d.tag.clone(),
+                    blocks: d.blocks,
+                })
+                .collect(),
+            ..WriteOptions::default()
+        };
+        write_image(&tree, &opts, &mut std::io::sink(), None).unwrap();
+        eprintln!("  write_image {:.2}s", t0.elapsed().as_secs_f64());
+    }
     eprintln!(
         "merged {} inodes into {} MiB of meta",
         s.write.inodes,

@@ -291,7 +291,9 @@ impl<R: ReadAt> Merger<'_, R> {
         layer: usize,
         ino: &Inode,
     ) -> Result<()> {
-        if let Some(&id) = self.links.get(&(layer, ino.nid)) {
+        // Only inodes with several names can be met again.
+        let linked = ino.nlink > 1;
+        if linked && let Some(&id) = self.links.get(&(layer, ino.nid)) {
             tree.link(dir, name, id);
             return Ok(());
         }
@@ -307,7 +309,9 @@ impl<R: ReadAt> Merger<'_, R> {
         };
         let meta = self.meta(layer, ino)?;
         let id = tree.add(dir, name, Node { meta, kind });
-        self.links.insert((layer, ino.nid), id);
+        if linked {
+            self.links.insert((layer, ino.nid), id);
+        }
         Ok(())
     }
 

@@ -140,6 +140,16 @@ pub struct DeviceInfo {
     pub mapped_blkaddr: u32,
 }
 
+/// Memory given to each image's cache of metadata blocks.
+pub const BLOCK_CACHE_BYTES: u64 = 1 << 20;
+
+/// A direct-mapped cache of recently read metadata blocks: inodes, xattrs, dirents and chunk
+/// indexes of neighbouring inodes share blocks, so a tree walk does about one read per block
+/// instead of several per inode. Bounded by [`BLOCK_CACHE_BYTES`].
+struct BlockCache {
+    slots: Vec<Option<(u64, Box<[u8]>)>>,
+}
+
 /// An open meta image.
 pub struct Image<R> {
     meta: R,
@@ -147,6 +157,7 @@ pub struct Image<R> {
     bits: u8,
     bs: u64,
     devices: Vec<DeviceInfo>,
+    cache: std::sync::Mutex<BlockCache>,
 }
 
 impl<R: ReadAt> Image<R> {
@@ -200,12 +211,16 @@ impl<R: ReadAt> Image<R> {
                 mapped_blkaddr: s.mapped_blkaddr,
             });
         }
+        let slots = (BLOCK_CACHE_BYTES >> bits).max(16) as usize;
         let image = Image {
             meta,
             sb,
             bits,
             bs,
             devices,
+            cache: std::sync::Mutex::new(BlockCache {
+                slots: vec![None; slots],
+            }),
         };
         let root = image.root()?;
         if !root.is_dir() {
@@ -248,9 +263,37 @@ impl<R: ReadAt> Image<R> {
         if end.is_none_or(|e| e > self.sb.blocks as u64 * self.bs) {
             return corrupt(format!("{what} at {offset} lies beyond the image"));
         }
-        self.meta
-            .read_at(buf, offset)
-            .map_err(|e| Error::io(format!("read {what} at {offset}"), e))
+        let blk = offset >> self.bits;
+        let within = (offset & (self.bs - 1)) as usize;
+        if buf.is_empty() || within + buf.len() > self.bs as usize {
+            return self
+                .meta
+                .read_at(buf, offset)
+                .map_err(|e| Error::io(format!("read {what} at {offset}"), e));
+        }
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = (blk % cache.slots.len() as u64) as usize;
+            if let Some((b, data)) = &cache.slots[slot]
+                && *b == blk
+            {
+                buf.copy_from_slice(&data[within..within + buf.len()]);
+                return Ok(());
+            }
+        }
+        let mut block = vec![0u8; self.bs as usize].into_boxed_slice();
+        if self.meta.read_at(&mut block, blk << self.bits).is_err() {
+            // A short image (truncated after its superblock was written): read just the range.
+            return self
+                .meta
+                .read_at(buf, offset)
+                .map_err(|e| Error::io(format!("read {what} at {offset}"), e));
+        }
+        buf.copy_from_slice(&block[within..within + buf.len()]);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (blk % cache.slots.len() as u64) as usize;
+        cache.slots[slot] = Some((blk, block));
+        Ok(())
     }
 
     /// Decodes the inode with number `nid`.

@@ -14,7 +14,7 @@ use crate::ondisk::*;
 use crate::tree::{
     Chunk, FileData, Node, NodeId, NodeKind, SPINFS_INO_XATTR, Source, Tree, xattr_index,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
@@ -161,17 +161,20 @@ pub fn write_image(
         data_chunks: 0,
         hole_chunks: 0,
     };
-    let mut chunk_tables: HashMap<u32, Vec<u64>> = HashMap::new();
+    // All chunk tables, flat: the table of position `pos` is
+    // `chunks[chunk_start[pos]..chunk_start[pos + 1]]`.
+    let mut chunks: Vec<u64> = Vec::new();
+    let mut chunk_start: Vec<u64> = Vec::with_capacity(plan.order.len() + 1);
     for (pos, &id) in plan.order.iter().enumerate() {
-        let node = tree.node(id);
-        if let NodeKind::File(f) = &node.kind {
-            if f.size == 0 {
-                continue;
-            }
-            let table = stream.file(f, &devices, pos)?;
-            chunk_tables.insert(pos as u32, table);
+        chunk_start.push(chunks.len() as u64);
+        if let NodeKind::File(f) = &tree.node(id).kind
+            && f.size > 0
+        {
+            stream.file(f, &devices, pos, &mut chunks)?;
         }
     }
+    chunk_start.push(chunks.len() as u64);
+    let table_of = |pos: usize| &chunks[chunk_start[pos] as usize..chunk_start[pos + 1] as usize];
     if let Some(d) = new_dev {
         devices[d - 1].blocks = stream.blob_blocks;
         if stream.blob_blocks > u32::MAX as u64 {
@@ -231,7 +234,7 @@ pub fn write_image(
                 } else {
                     any_chunked = true;
                     s.layout = LAYOUT_CHUNK_BASED;
-                    let n = chunk_tables.get(&(pos as u32)).map_or(0, |t| t.len()) as u64;
+                    let n = table_of(pos).len() as u64;
                     rec = head.next_multiple_of(CHUNK_INDEX_SIZE as u64)
                         + n * CHUNK_INDEX_SIZE as u64;
                 }
@@ -362,8 +365,7 @@ pub fn write_image(
             NodeKind::File(_) if s.layout == LAYOUT_CHUNK_BASED => {
                 let here = out.pos;
                 out.pad_to(here.next_multiple_of(CHUNK_INDEX_SIZE as u64))?;
-                let table = chunk_tables.get(&(pos as u32)).map_or(&[][..], |t| t);
-                for &packed in table {
+                for &packed in table_of(pos) {
                     out.write(&chunk_index(packed))?;
                 }
             }
@@ -697,7 +699,13 @@ enum Opened {
 
 impl Streamer<'_, '_> {
     /// Resolves every chunk of `f` to a packed (device, block) or hole, streaming new ones.
-    fn file(&mut self, f: &FileData, devices: &[DeviceSpec], pos: usize) -> Result<Vec<u64>> {
+    fn file(
+        &mut self,
+        f: &FileData,
+        devices: &[DeviceSpec],
+        pos: usize,
+        table: &mut Vec<u64>,
+    ) -> Result<()> {
         let bits = f.chunk_bits.unwrap_or(self.opts.chunk_bits);
         if !(BLOCK_BITS..=MAX_CHUNK_BITS).contains(&bits) {
             return invalid(format!("file chunk bits {bits} out of range"));
@@ -715,7 +723,6 @@ impl Streamer<'_, '_> {
             ));
         }
         let mut opened: Option<Opened> = None;
-        let mut table = Vec::with_capacity(n as usize);
         for i in 0..n {
             let chunk = f.chunks.as_ref().map_or(Chunk::New, |c| c[i as usize]);
             let start = i * cs;
@@ -765,7 +772,7 @@ impl Streamer<'_, '_> {
             };
             table.push(packed);
         }
-        Ok(table)
+        Ok(())
     }
 
     fn new_chunk(&mut self, src: &Opened, start: u64, len: u64) -> Result<u64> {
