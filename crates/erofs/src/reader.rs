@@ -530,7 +530,29 @@ impl<R: ReadAt> Image<R> {
             dot: false,
             dotdot: None,
             done: false,
+            after: None,
         })
+    }
+
+    /// Continues a directory listing after the entry named `after` (which need not exist),
+    /// finding the starting block by binary search: what a FUSE readdir with an offset needs
+    /// on directories of millions of entries.
+    pub fn read_dir_after<'a>(&'a self, dir: &Inode, after: &[u8]) -> Result<DirIter<'a, R>> {
+        let blocks = self.dir_check(dir)?;
+        let (mut lo, mut hi) = (0u64, blocks);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let entries = self.dir_block(dir, mid)?;
+            match entries.first() {
+                Some(first) if first.0.as_slice() <= after => lo = mid,
+                Some(_) => hi = mid,
+                None => return corrupt("empty directory block"),
+            }
+        }
+        let mut it = self.read_dir(dir)?;
+        it.block = lo;
+        it.after = Some(after.to_vec());
+        Ok(it)
     }
 
     /// All entries of a directory and the nid its ".." names.
@@ -1005,6 +1027,8 @@ pub struct DirIter<'a, R> {
     dot: bool,
     dotdot: Option<u64>,
     done: bool,
+    /// Set when listing resumes mid-directory: skip names up to this one.
+    after: Option<Vec<u8>>,
 }
 
 impl<R> DirIter<'_, R> {
@@ -1054,6 +1078,9 @@ impl<R: ReadAt> Iterator for DirIter<'_, R> {
                     self.dotdot = Some(nid);
                     continue;
                 }
+                if self.after.as_ref().is_some_and(|a| name <= *a) {
+                    continue;
+                }
                 return Some(Ok(DirEntry {
                     name,
                     nid,
@@ -1062,7 +1089,7 @@ impl<R: ReadAt> Iterator for DirIter<'_, R> {
             }
             if self.block == self.blocks {
                 self.done = true;
-                if !self.dot || self.dotdot.is_none() {
+                if self.after.is_none() && (!self.dot || self.dotdot.is_none()) {
                     return Some(corrupt(format!(
                         "directory {} lacks '.' or '..'",
                         self.dir.nid
@@ -1079,5 +1106,63 @@ impl<R: ReadAt> Iterator for DirIter<'_, R> {
             }
             self.block += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Image;
+    use crate::tree::{Metadata, Node, NodeKind, Tree};
+    use crate::writer::{WriteOptions, write_image};
+
+    #[test]
+    fn read_dir_after_resumes_anywhere() {
+        let mut t = Tree::new(Metadata::default());
+        let mut names: Vec<Vec<u8>> = (0..3000)
+            .map(|i| format!("name-{:05}-{}", (i * 7919) % 3000, "x".repeat(i % 50)).into_bytes())
+            .collect();
+        for n in &names {
+            t.add(
+                t.root(),
+                n.clone(),
+                Node {
+                    meta: Metadata::default(),
+                    kind: NodeKind::Fifo,
+                },
+            );
+        }
+        names.sort();
+        let mut meta = Vec::new();
+        write_image(&t, &WriteOptions::default(), &mut meta, None).unwrap();
+        let img = Image::open(&meta[..]).unwrap();
+        let root = img.root().unwrap();
+        assert!(root.size > 20 * 4096, "a multi-block directory");
+        let all: Vec<Vec<u8>> = img
+            .read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().name)
+            .collect();
+        assert_eq!(all, names);
+        for k in (0..names.len()).step_by(97) {
+            let rest: Vec<Vec<u8>> = img
+                .read_dir_after(&root, &names[k])
+                .unwrap()
+                .map(|e| e.unwrap().name)
+                .collect();
+            assert_eq!(rest, names[k + 1..], "after {k}");
+        }
+        let from_start: Vec<_> = img
+            .read_dir_after(&root, b"")
+            .unwrap()
+            .map(|e| e.unwrap().name)
+            .collect();
+        assert_eq!(from_start, names);
+        assert_eq!(img.read_dir_after(&root, b"zzz").unwrap().count(), 0);
+        for n in names.iter().step_by(101) {
+            let e = img.lookup(&root, n).unwrap().unwrap();
+            assert_eq!(&e.name, n);
+        }
+        assert!(img.lookup(&root, b"name-").unwrap().is_none());
+        assert!(img.lookup(&root, b"zzz").unwrap().is_none());
     }
 }
