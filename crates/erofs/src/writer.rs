@@ -444,6 +444,7 @@ impl Plan {
         if tree.is_empty() || !tree.node(tree.root()).is_dir() {
             return invalid("the root of the tree must be a directory");
         }
+        check_node(tree.node(tree.root()), b"/")?;
         let mut pos_of = vec![UNSEEN; tree.len()];
         let mut order = vec![tree.root()];
         let mut parent = vec![0u32];
@@ -482,6 +483,7 @@ impl Plan {
                     nlink[pos as usize] += 1;
                 }
                 if cpos == UNSEEN {
+                    check_node(child_node, name)?;
                     let new_pos = order.len() as u32;
                     pos_of[*child as usize] = new_pos;
                     order.push(*child);
@@ -552,6 +554,23 @@ fn node_file_type(node: &Node) -> u8 {
         NodeKind::Fifo => FT_FIFO,
         NodeKind::Socket => FT_SOCK,
     }
+}
+
+/// Checks what the format cannot represent in a node's own attributes.
+fn check_node(node: &Node, name: &[u8]) -> Result<()> {
+    let shown = || String::from_utf8_lossy(name).into_owned();
+    if node.meta.mtime_nsec >= 1_000_000_000 {
+        return invalid(format!("{:?}: mtime nanoseconds out of range", shown()));
+    }
+    if let NodeKind::Symlink(t) = &node.kind
+        && (t.is_empty() || t.len() >= BS as usize || t.contains(&0))
+    {
+        return invalid(format!(
+            "{:?}: symlink target must be 1..4095 bytes without NUL",
+            shown()
+        ));
+    }
+    Ok(())
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
