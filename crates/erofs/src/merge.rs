@@ -89,22 +89,17 @@ pub fn merge_tree<R: ReadAt>(
         seen_dirs: HashSet::new(),
     };
 
-    // The root merges like any directory, stopping at an opaque root.
+    // overlayfs always merges the layer roots: an opaque marker on a root is ignored.
     let mut chain = Vec::new();
-    let mut stopped = false;
     for (i, img) in layers.iter().enumerate() {
         let root = img.root()?;
-        let opaque = m.is_opaque(i, &root)?;
         chain.push(Member {
             layer: i,
             dir: root.clone(),
             parent: root.nid,
         });
-        if opaque {
-            stopped = true;
-            break;
-        }
     }
+    let stopped = false;
     let root_meta = m.dir_meta(&chain[0], stopped)?;
     let mut tree = Tree::new(root_meta);
     let mut work: Vec<(NodeId, Vec<Member>, bool)> = vec![(tree.root(), chain, stopped)];

@@ -260,7 +260,9 @@ pub fn write_image(
     if root_nid > u16::MAX as u64 {
         return invalid("device table too large: root inode beyond nid 65535");
     }
-    let mut next_block = cursor.div_ceil(BS);
+    // fsck.erofs 1.5 reads an xattr header after every inode, even one without xattrs: keep
+    // that much slack after the last inode so it never reads past the end of the image.
+    let mut next_block = (cursor + XATTR_HEADER_SIZE as u64).div_ceil(BS);
     for s in slots.iter_mut() {
         if s.data_blocks > 0 {
             s.data_blkaddr = u32::try_from(next_block)

@@ -288,3 +288,22 @@ fn merge_of_merged_images() {
     assert_eq!(names(&oracle, "/o"), ["x"]);
     assert!(!oracle.contains_key("/b"));
 }
+
+/// overlayfs ignores an opaque marker on a layer's root directory; so must the merge.
+#[test]
+fn opaque_marker_on_a_layer_root_is_ignored() {
+    let layers = vec![
+        vec![Opaque("."), File("a", data("a"))],
+        vec![
+            Opaque("."),
+            File("b", data("b")),
+            Opaque("d"),
+            File("d/x", data("x")),
+        ],
+        vec![File("c", data("c")), File("d/y", data("y"))],
+    ];
+    let stack = Stack::build(&layers);
+    let oracle = stack.check_all_merges();
+    assert!(oracle.contains_key("/a") && oracle.contains_key("/b") && oracle.contains_key("/c"));
+    assert_eq!(names(&oracle, "/d"), ["x"]);
+}
