@@ -99,7 +99,7 @@ pub fn mount(a: MountArgs) -> Result<ExitCode> {
         }
     }
     init_logging(a.foreground);
-    let result = serve(&store, &mnt, &cfg, &mut status_pipe);
+    let result = serve(&mut store, &mnt, &cfg, &mut status_pipe);
     if let Err(e) = &result
         && let Some(p) = status_pipe.as_mut()
     {
@@ -110,12 +110,21 @@ pub fn mount(a: MountArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(store: &Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<File>) -> Result<()> {
+fn serve(
+    store: &mut Store,
+    mnt: &Path,
+    cfg: &MountConfig,
+    status: &mut Option<File>,
+) -> Result<()> {
     // SAFETY: umask only affects this process; modes from the kernel are already final.
     unsafe { libc::umask(0) };
     raise_fd_limit();
-    let tree = store.layout().generation_tree(store.manifest().upper_gen);
-    let vol = Volume::new(&tree, store.manifest().upper_gen)
+    store.recover()?;
+    let upper = store.manifest().upper_gen;
+    let tree = store.layout().generation_tree(upper);
+    let work = store.layout().generation_work(upper);
+    let lowers = store.open_layers()?;
+    let vol = Volume::new(&tree, &work, upper, lowers)
         .with_context(|| format!("cannot open the writable layer {}", tree.display()))?;
     let fs = SpinFs::new(Arc::new(vol), cfg.passthrough);
     spawn_signal_handler(mnt.to_path_buf());

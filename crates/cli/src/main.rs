@@ -36,6 +36,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Seal the writable layer into an archived layer on the media now.
+    Archive {
+        store: PathBuf,
+        /// Return only when the layer is durable on the media (always the case offline).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Work with EROFS image pairs directly (build, merge, list, cat).
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
@@ -123,13 +130,37 @@ fn mkfs(a: MkfsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn archive(store: &std::path::Path) -> Result<ExitCode> {
+    let mut s = Store::open(store)?;
+    match s.archive()? {
+        Some(layer) => println!(
+            "sealed layer {} ({} files, {}) onto {}",
+            layer.id,
+            layer.files,
+            spinfs_store::format_size(layer.bytes),
+            s.config().media
+        ),
+        None => println!(
+            "nothing to archive: the writable layer of {} is empty",
+            store.display()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn format_medium(cfg: &StoreConfig) -> Result<()> {
     let geometry = media_cmd::geometry(cfg)?;
     if let Some(dir) = cfg.media.strip_prefix("dir:") {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create media directory {dir}"))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create media directory {dir}"))?;
     }
-    spinfs_media::Medium::format(&cfg.media, geometry, spinfs_media::BackendOptions::default(), false)
-        .with_context(|| format!("media {}", cfg.media))?;
+    spinfs_media::Medium::format(
+        &cfg.media,
+        geometry,
+        spinfs_media::BackendOptions::default(),
+        false,
+    )
+    .with_context(|| format!("media {}", cfg.media))?;
     Ok(())
 }
 
@@ -155,6 +186,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => daemon::mount(a),
         Command::Umount { mountpoint } => daemon::umount(&mountpoint),
         Command::Status { store, json } => status::run(&store, json),
+        Command::Archive { store, wait: _ } => archive(&store),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Media(cmd) => media_cmd::run(cmd),
     };

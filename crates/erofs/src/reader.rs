@@ -629,7 +629,7 @@ impl<R: ReadAt> Image<R> {
         Ok(cur)
     }
 
-    /// All xattrs as (full name, value), except the hidden `trusted.spinfs.ino`.
+    /// All xattrs as (full name, value), except the hidden `trusted.overlay.spinfs.ino`.
     pub fn xattrs(&self, ino: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut all = self.raw_xattrs(ino)?;
         all.retain(|(n, _)| n.as_slice() != SPINFS_INO_XATTR);
@@ -651,12 +651,12 @@ impl<R: ReadAt> Image<R> {
             None => Ok(None),
             Some(v) => match <[u8; 8]>::try_from(v.as_slice()) {
                 Ok(a) => Ok(Some(u64::from_le_bytes(a))),
-                Err(_) => corrupt(format!("inode {}: bad trusted.spinfs.ino", ino.nid)),
+                Err(_) => corrupt(format!("inode {}: bad trusted.overlay.spinfs.ino", ino.nid)),
             },
         }
     }
 
-    /// Every xattr including `trusted.spinfs.ino`.
+    /// Every xattr including `trusted.overlay.spinfs.ino`.
     pub fn raw_xattrs(&self, ino: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         if ino.xattr_size == 0 {
             return Ok(Vec::new());

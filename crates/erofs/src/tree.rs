@@ -13,7 +13,7 @@ use std::sync::Arc;
 pub type NodeId = u32;
 
 /// Name of the xattr that carries the persistent 64-bit spinfs inode number.
-pub const SPINFS_INO_XATTR: &[u8] = b"trusted.spinfs.ino";
+pub const SPINFS_INO_XATTR: &[u8] = b"trusted.overlay.spinfs.ino";
 /// Name of the overlayfs opaque-directory marker.
 pub const OVERLAY_OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
@@ -21,7 +21,7 @@ pub const OVERLAY_OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {
     /// Persistent spinfs inode number (0 = none). Stored as the 8-byte little-endian xattr
-    /// `trusted.spinfs.ino`, which the reader returns here and hides from the xattr list.
+    /// `trusted.overlay.spinfs.ino`, which the reader returns here and hides from the xattr list.
     pub ino: u64,
     /// Permission bits including setuid/setgid/sticky (`0o7777`); the type comes from the kind.
     pub perm: u16,

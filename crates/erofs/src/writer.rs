@@ -640,7 +640,7 @@ fn xattr_list(node: &Node) -> Result<Vec<RawXattr<'_>>> {
     let mut list = Vec::with_capacity(node.meta.xattrs.len());
     for (name, value) in &node.meta.xattrs {
         if name.as_slice() == SPINFS_INO_XATTR {
-            return invalid("xattr trusted.spinfs.ino is reserved (use Metadata::ino)");
+            return invalid("xattr trusted.overlay.spinfs.ino is reserved (use Metadata::ino)");
         }
         let Some((index, suffix)) = xattr_index(name) else {
             return invalid(format!(
@@ -665,6 +665,9 @@ fn xattr_list(node: &Node) -> Result<Vec<RawXattr<'_>>> {
     Ok(list)
 }
 
+/// `SPINFS_INO_XATTR` without its `trusted.` prefix (EROFS name index 4).
+const SPINFS_INO_SUFFIX: &[u8] = SPINFS_INO_XATTR.split_at(b"trusted.".len()).1;
+
 fn xattr_area_size(node: &Node) -> Result<u32> {
     let list = xattr_list(node)?;
     let mut size: usize = list
@@ -672,7 +675,7 @@ fn xattr_area_size(node: &Node) -> Result<u32> {
         .map(|(_, s, v)| (XATTR_ENTRY_SIZE + s.len() + v.len()).next_multiple_of(4))
         .sum();
     if node.meta.ino != 0 {
-        size += (XATTR_ENTRY_SIZE + b"spinfs.ino".len() + 8).next_multiple_of(4);
+        size += (XATTR_ENTRY_SIZE + SPINFS_INO_SUFFIX.len() + 8).next_multiple_of(4);
     }
     if size == 0 {
         return Ok(0);
@@ -688,7 +691,7 @@ fn encode_xattrs(node: &Node, out: &mut Vec<u8>) -> Result<()> {
     let ino = node.meta.ino.to_le_bytes();
     let mut list = xattr_list(node)?;
     if node.meta.ino != 0 {
-        list.push((4, b"spinfs.ino", &ino));
+        list.push((4, SPINFS_INO_SUFFIX, &ino));
     }
     out.extend_from_slice(&[0u8; XATTR_HEADER_SIZE]);
     for (index, suffix, value) in list {

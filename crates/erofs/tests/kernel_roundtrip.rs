@@ -269,7 +269,7 @@ fn in_memory_tree_with_existing_chunks_and_inos() {
     assert_eq!(
         snap["/d/stacked"]
             .xattrs
-            .get(&b"trusted.spinfs.ino"[..])
+            .get(&b"trusted.overlay.spinfs.ino"[..])
             .map(|v| v.as_slice()),
         Some(&(u64::MAX - 1).to_le_bytes()[..])
     );

@@ -133,7 +133,7 @@ fn bad_attributes() {
                 t.root(),
                 "x",
                 node(Metadata {
-                    xattrs: vec![(b"trusted.spinfs.ino".to_vec(), vec![0; 8])],
+                    xattrs: vec![(b"trusted.overlay.spinfs.ino".to_vec(), vec![0; 8])],
                     ..Metadata::default()
                 }),
             );

@@ -127,6 +127,10 @@ pub struct SpinFs {
     backing: Mutex<HashMap<u64, Backing>>,
     /// Handles opened in passthrough mode, by handle number → inode.
     passthrough_handles: Mutex<HashMap<u64, u64>>,
+    /// Regular files open without passthrough (archived data served by the daemon): inode →
+    /// count, and handle → inode.
+    cached_opens: Mutex<HashMap<u64, usize>>,
+    cached_handles: Mutex<HashMap<u64, u64>>,
 }
 
 impl SpinFs {
@@ -136,6 +140,8 @@ impl SpinFs {
             passthrough: AtomicBool::new(passthrough),
             backing: Mutex::new(HashMap::new()),
             passthrough_handles: Mutex::new(HashMap::new()),
+            cached_opens: Mutex::new(HashMap::new()),
+            cached_handles: Mutex::new(HashMap::new()),
         }
     }
 
@@ -176,6 +182,19 @@ impl SpinFs {
         map.get_mut(&ino).expect("inserted above").opens += 1;
         self.passthrough_handles.lock().unwrap().insert(fh, ino);
         Some(map)
+    }
+
+    fn drop_cached(&self, fh: u64) {
+        let Some(ino) = self.cached_handles.lock().unwrap().remove(&fh) else {
+            return;
+        };
+        let mut map = self.cached_opens.lock().unwrap();
+        if let Some(n) = map.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ino);
+            }
+        }
     }
 
     fn drop_passthrough(&self, fh: u64) {
@@ -494,10 +513,16 @@ impl Filesystem for SpinFs {
             .unwrap_or(false);
         if regular
             && self.passthrough.load(Ordering::Relaxed)
-            && let Some(map) =
-                self.backing_for(ino.0, fh, || reply.open_backing(handle.backing_fd()))
+            && let Some(fd) = handle.backing_fd()
+            && self.cached_opens.lock().unwrap().get(&ino.0).is_none()
+            && let Some(map) = self.backing_for(ino.0, fh, || reply.open_backing(fd))
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &map[&ino.0].id);
+        }
+        if regular {
+            // The kernel refuses passthrough opens of an inode while cached opens exist.
+            *self.cached_opens.lock().unwrap().entry(ino.0).or_insert(0) += 1;
+            self.cached_handles.lock().unwrap().insert(fh, ino.0);
         }
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
@@ -561,6 +586,7 @@ impl Filesystem for SpinFs {
         reply: ReplyEmpty,
     ) {
         self.drop_passthrough(fh.0);
+        self.drop_cached(fh.0);
         self.vol.release(fh.0);
         reply.ok();
     }
@@ -712,8 +738,9 @@ impl Filesystem for SpinFs {
             };
         let fattr = file_attr(&attr);
         if self.passthrough.load(Ordering::Relaxed)
-            && let Some(map) =
-                self.backing_for(attr.ino, fh, || reply.open_backing(handle.backing_fd()))
+            && let Some(fd) = handle.backing_fd()
+            && self.cached_opens.lock().unwrap().get(&attr.ino).is_none()
+            && let Some(map) = self.backing_for(attr.ino, fh, || reply.open_backing(fd))
         {
             let id = &map[&attr.ino].id;
             return reply.created_passthrough(

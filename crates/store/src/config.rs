@@ -303,6 +303,16 @@ impl StoreConfig {
         Ok(())
     }
 
+    /// The media geometry this configuration describes.
+    pub fn geometry(&self) -> Result<spinfs_media::Geometry, spinfs_media::MediaError> {
+        spinfs_media::Geometry::new(
+            self.container_size,
+            self.container_reserved(),
+            self.object_size,
+            self.chunk_size,
+        )
+    }
+
     /// Reads and validates `STORE/spinfs.toml`.
     pub fn load(store: &Path) -> Result<StoreConfig, ConfigError> {
         let path = store.join(CONFIG_FILE);

@@ -5,6 +5,7 @@
 //! STORE/manifest         the durable source of truth (see manifest.rs)
 //! STORE/lock             flock'ed by the daemon (or an offline command); holds its pid
 //! STORE/gens/G/tree/     the tree of writable generation G, real files on the SSD
+//! STORE/layers/ID.meta   meta image of archived layer ID (also on the media)
 //! STORE/media/           the embedded `dir:` medium when mkfs got no --media
 //! STORE/spinfs.log       the daemon's log when it runs in the background
 //! ```
@@ -41,6 +42,17 @@ impl StoreLayout {
     }
     pub fn generation_tree(&self, gen_id: u64) -> PathBuf {
         self.generation(gen_id).join("tree")
+    }
+    /// Scratch space of generation G's tree (copy-ups and whiteouts are prepared here).
+    pub fn generation_work(&self, gen_id: u64) -> PathBuf {
+        self.generation(gen_id).join("work")
+    }
+    /// Meta images of archived layers, kept on the SSD.
+    pub fn layers(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+    pub fn layer_meta(&self, id: u64) -> PathBuf {
+        self.layers().join(format!("{id:016x}.meta"))
     }
     pub fn default_media(&self) -> PathBuf {
         self.root.join("media")

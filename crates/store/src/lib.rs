@@ -1,9 +1,12 @@
 //! The layered store: configuration, on-SSD layout, manifest, and the volume that the mount
 //! serves. Archived layers, sealing, merging and caches build on these.
 
+pub mod archive;
 pub mod config;
 pub mod layout;
 pub mod manifest;
+pub mod markers;
+pub mod seal;
 pub mod size;
 pub mod store;
 pub mod sys;

@@ -26,6 +26,58 @@ pub struct Manifest {
     pub upper_gen: u64,
     /// Next generation id to hand out; ids are never reused.
     pub next_gen: u64,
+    /// A generation frozen for sealing whose image is not committed yet: after a crash it is
+    /// sealed again (its tree is `gens/<id>/tree`, read-only, below the writable one).
+    #[serde(default)]
+    pub frozen: Option<FrozenGen>,
+    /// Archived layers, oldest first.
+    #[serde(default)]
+    pub layers: Vec<LayerRecord>,
+    /// Blob images on the media, referenced by layers (a merged layer references several).
+    #[serde(default)]
+    pub blobs: Vec<ImageRecord>,
+    /// Next layer/blob id to hand out; ids are never reused (they name images on the media).
+    #[serde(default = "one")]
+    pub next_layer: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// A generation being sealed into layer `layer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrozenGen {
+    pub generation: u64,
+    pub layer: u64,
+}
+
+/// One archived layer: a meta image (also kept on the SSD as `layers/<id>.meta`) whose
+/// devices 1..=n are the blobs `devices[0..n]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRecord {
+    pub id: u64,
+    pub meta: ImageRecord,
+    /// Blob ids in device order.
+    pub devices: Vec<u64>,
+    /// Generations sealed into this layer (several after a merge).
+    pub generations: Vec<u64>,
+    /// Non-directory inodes and regular-file bytes (for status).
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Where an image lives on the media.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRecord {
+    pub id: u64,
+    pub length: u64,
+    pub crc: u32,
+    /// (container, offset in the data area, length, offset in the image)
+    pub extents: Vec<(u64, u64, u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +95,41 @@ pub enum ManifestError {
     Version { path: PathBuf, found: u32 },
 }
 
+impl ImageRecord {
+    pub fn from_extents(e: &spinfs_media::ImageExtents) -> ImageRecord {
+        ImageRecord {
+            id: e.image.id,
+            length: e.length,
+            crc: e.crc,
+            extents: e
+                .extents
+                .iter()
+                .map(|x| (x.container, x.offset, x.length, x.image_offset))
+                .collect(),
+        }
+    }
+
+    pub fn to_extents(&self, kind: spinfs_media::ImageKind) -> spinfs_media::ImageExtents {
+        spinfs_media::ImageExtents {
+            image: spinfs_media::ImageRef { id: self.id, kind },
+            length: self.length,
+            crc: self.crc,
+            extents: self
+                .extents
+                .iter()
+                .map(
+                    |&(container, offset, length, image_offset)| spinfs_media::Extent {
+                        container,
+                        offset,
+                        length,
+                        image_offset,
+                    },
+                )
+                .collect(),
+        }
+    }
+}
+
 impl Manifest {
     /// The state of a freshly made store.
     pub fn new(store_id: String) -> Manifest {
@@ -51,6 +138,10 @@ impl Manifest {
             sequence: 0,
             upper_gen: 1,
             next_gen: 2,
+            frozen: None,
+            layers: Vec::new(),
+            blobs: Vec::new(),
+            next_layer: 1,
         }
     }
 

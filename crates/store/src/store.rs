@@ -1,12 +1,17 @@
 //! Creating and opening a store: mkfs, the exclusive lock, config and manifest.
 
+use crate::archive::ArchivedLayer;
 use crate::config::{ConfigError, StoreConfig};
 use crate::layout::StoreLayout;
+use crate::manifest::{FrozenGen, LayerRecord};
 use crate::manifest::{Manifest, ManifestError};
+use crate::seal;
+use spinfs_media::{BackendOptions, Medium, MediumReader};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,6 +33,15 @@ pub enum StoreError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("media {uri}: {error}")]
+    Media {
+        uri: String,
+        error: spinfs_media::MediaError,
+    },
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
+    #[error("archived layer: {0}")]
+    Layer(String),
 }
 
 fn io_err(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -40,12 +54,22 @@ fn io_err(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// An open store, exclusively locked by this process for as long as it lives.
-#[derive(Debug)]
 pub struct Store {
     layout: StoreLayout,
     config: StoreConfig,
     manifest: Manifest,
     lock: File,
+    medium: Option<Arc<Medium>>,
+    reader: Option<Arc<MediumReader>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.layout.root())
+            .field("manifest", &self.manifest)
+            .finish()
+    }
 }
 
 impl Store {
@@ -103,7 +127,161 @@ impl Store {
             config,
             manifest,
             lock,
+            medium: None,
+            reader: None,
         })
+    }
+
+    /// The archive medium, opened on first use.
+    pub fn medium(&mut self) -> Result<Arc<Medium>, StoreError> {
+        if let Some(m) = &self.medium {
+            return Ok(m.clone());
+        }
+        let uri = self.config.media.clone();
+        let media_err = |error| StoreError::Media {
+            uri: uri.clone(),
+            error,
+        };
+        let geometry = self.config.geometry().map_err(media_err)?;
+        let m = Medium::open(&uri, geometry, BackendOptions::default()).map_err(media_err)?;
+        self.medium = Some(m.clone());
+        Ok(m)
+    }
+
+    /// The shared reader of archived data.
+    pub fn reader(&mut self) -> Result<Arc<MediumReader>, StoreError> {
+        if let Some(r) = &self.reader {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(MediumReader::new(self.medium()?, None));
+        self.reader = Some(r.clone());
+        Ok(r)
+    }
+
+    /// Opens every archived layer, newest first.
+    pub fn open_layers(&mut self) -> Result<Vec<Arc<ArchivedLayer>>, StoreError> {
+        let reader = self.reader()?;
+        let timeout = Some(self.config.media_io.request_timeout());
+        let mut out = Vec::new();
+        for rec in self.manifest.layers.iter().rev() {
+            let layer =
+                ArchivedLayer::open(&self.layout, &self.manifest, rec, reader.clone(), timeout)
+                    .map_err(StoreError::Layer)?;
+            out.push(Arc::new(layer));
+        }
+        Ok(out)
+    }
+
+    /// Finishes or rolls back whatever a crash interrupted, and removes leftovers: a frozen
+    /// generation is sealed again, generation trees and meta images that the manifest does
+    /// not reference are deleted, and work directories are emptied.
+    pub fn recover(&mut self) -> Result<(), StoreError> {
+        if let Some(frozen) = self.manifest.frozen.clone() {
+            tracing::info!(
+                generation = frozen.generation,
+                layer = frozen.layer,
+                "sealing a generation a crash interrupted"
+            );
+            self.seal_frozen(frozen)?;
+        }
+        let live_gens: Vec<u64> = vec![self.manifest.upper_gen];
+        if let Ok(entries) = fs::read_dir(self.layout.gens()) {
+            for e in entries.flatten() {
+                let keep = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+                    .is_some_and(|g| live_gens.contains(&g));
+                if !keep {
+                    tracing::info!(path = %e.path().display(), "removing a leftover generation");
+                    fs::remove_dir_all(e.path()).map_err(io_err("cannot remove", &e.path()))?;
+                }
+            }
+        }
+        let work = self.layout.generation_work(self.manifest.upper_gen);
+        if work.exists() {
+            fs::remove_dir_all(&work).map_err(io_err("cannot clean", &work))?;
+        }
+        let live_layers: Vec<PathBuf> = self
+            .manifest
+            .layers
+            .iter()
+            .map(|l| self.layout.layer_meta(l.id))
+            .collect();
+        if let Ok(entries) = fs::read_dir(self.layout.layers()) {
+            for e in entries.flatten() {
+                if !live_layers.contains(&e.path()) {
+                    tracing::info!(path = %e.path().display(), "removing a leftover meta image");
+                    fs::remove_file(e.path()).map_err(io_err("cannot remove", &e.path()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the writable generation now (the store must not be mounted: the caller holds
+    /// the lock). Returns the new layer, or `None` when the writable layer is empty.
+    pub fn archive(&mut self) -> Result<Option<LayerRecord>, StoreError> {
+        self.recover()?;
+        let tree = self.layout.generation_tree(self.manifest.upper_gen);
+        let empty = fs::read_dir(&tree)
+            .map_err(io_err("cannot read", &tree))?
+            .next()
+            .is_none();
+        if empty {
+            return Ok(None);
+        }
+        let frozen = self.freeze()?;
+        let layer = self.seal_frozen(frozen)?;
+        Ok(Some(layer))
+    }
+
+    /// Freezes the writable generation: a new, empty one (with the same root attributes)
+    /// takes over, and the manifest records the frozen one before anything else happens.
+    pub fn freeze(&mut self) -> Result<FrozenGen, StoreError> {
+        let old = self.manifest.upper_gen;
+        let new = self.manifest.next_gen;
+        let new_tree = self.layout.generation_tree(new);
+        fs::create_dir_all(&new_tree).map_err(io_err("cannot create", &new_tree))?;
+        copy_root_attributes(&self.layout.generation_tree(old), &new_tree)?;
+        File::open(self.layout.gens())
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("cannot sync", &self.layout.gens()))?;
+        let frozen = FrozenGen {
+            generation: old,
+            layer: self.manifest.next_layer,
+        };
+        self.manifest.frozen = Some(frozen.clone());
+        self.manifest.upper_gen = new;
+        self.manifest.next_gen += 1;
+        self.manifest.next_layer += 1;
+        self.manifest.commit(&self.layout.manifest())?;
+        Ok(frozen)
+    }
+
+    /// Seals a frozen generation into its layer, commits it, and drops the SSD copy.
+    pub fn seal_frozen(&mut self, frozen: FrozenGen) -> Result<LayerRecord, StoreError> {
+        let medium = self.medium()?;
+        let tree = self.layout.generation_tree(frozen.generation);
+        let sealed = seal::seal_generation(
+            &self.layout,
+            &medium,
+            self.config.chunk_size,
+            &tree,
+            frozen.generation,
+            frozen.layer,
+        )?;
+        if let Some(blob) = &sealed.blob {
+            self.manifest.blobs.retain(|b| b.id != blob.id);
+            self.manifest.blobs.push(blob.clone());
+        }
+        self.manifest.layers.retain(|l| l.id != sealed.layer.id);
+        self.manifest.layers.push(sealed.layer.clone());
+        self.manifest.frozen = None;
+        self.manifest.commit(&self.layout.manifest())?;
+        let gen_dir = self.layout.generation(frozen.generation);
+        fs::remove_dir_all(&gen_dir).map_err(io_err("cannot remove", &gen_dir))?;
+        Ok(sealed.layer)
     }
 
     pub fn layout(&self) -> &StoreLayout {
@@ -159,6 +337,57 @@ fn take_lock(layout: &StoreLayout) -> Result<File, StoreError> {
     }
     write_pid(&mut f).map_err(io_err("cannot write", &path))?;
     Ok(f)
+}
+
+/// Gives `to` the mode, owner, times and xattrs of `from` (a new generation's root must look
+/// like the one it replaces: the root of the writable tree is the root users see).
+fn copy_root_attributes(from: &Path, to: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = fs::metadata(from).map_err(io_err("cannot stat", from))?;
+    std::os::unix::fs::chown(to, Some(md.uid()), Some(md.gid()))
+        .map_err(io_err("cannot chown", to))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))
+        .map_err(io_err("cannot chmod", to))?;
+    for (name, value) in spinfs_erofs::fromdir::read_xattrs(from)
+        .map_err(|e| StoreError::Layer(format!("xattrs of {}: {e}", from.display())))?
+    {
+        let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str()))
+            .map_err(|_| StoreError::Layer("path with NUL".into()))?;
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| StoreError::Layer("xattr name with NUL".into()))?;
+        // SAFETY: valid C strings and a readable value buffer.
+        let r = unsafe {
+            libc::lsetxattr(
+                path.as_ptr(),
+                cname.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(io_err("cannot set xattr on", to)(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    let t = |s: i64, ns: i64| libc::timespec {
+        tv_sec: s,
+        tv_nsec: ns,
+    };
+    let times = [
+        t(md.atime(), md.atime_nsec()),
+        t(md.mtime(), md.mtime_nsec()),
+    ];
+    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str()))
+        .map_err(|_| StoreError::Layer("path with NUL".into()))?;
+    // SAFETY: valid C string and two timespecs.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) } != 0 {
+        return Err(io_err("cannot set times on", to)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 fn write_pid(f: &mut File) -> std::io::Result<()> {

@@ -10,7 +10,10 @@
 //! while we hold a descriptor of the inode, so numbers stay stable for the life of a file and
 //! across remounts, and readdir's d_ino is derived the same way as st_ino.
 
+use crate::archive::ArchivedLayer;
+use crate::markers;
 use crate::sys::{self, Errno, FsCreds, SysResult};
+use spinfs_erofs::{FileType, Inode};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -21,12 +24,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// The root directory's inode number.
 pub const ROOT_INO: u64 = 1;
-
-/// xattr names under this prefix are the store's own (overlay markers); a user's xattr with
-/// this prefix is stored escaped as `trusted.overlay.overlay.*`, the overlayfs convention, so
-/// kernel overlayfs over our layers shows the same names.
-const INTERNAL_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
-const ESCAPED_XATTR_PREFIX: &[u8] = b"trusted.overlay.overlay.";
 
 /// File types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,12 +140,50 @@ pub struct FsStats {
     pub frsize: u32,
 }
 
+/// One instance of a directory or file in an archived layer.
+#[derive(Clone)]
+struct LowerPart {
+    layer: Arc<ArchivedLayer>,
+    inode: Inode,
+}
+
+/// Where an object lives in the stack.
+#[derive(Clone, Default)]
+struct Placement {
+    /// `O_PATH` descriptor in the writable tree.
+    upper: Option<Arc<OwnedFd>>,
+    /// Non-directories: the topmost lower instance when there is no upper one.
+    /// Directories: every lower part that merges below the upper one (down to an opaque one).
+    lower: Vec<LowerPart>,
+}
+
+impl Placement {
+    fn is_upper_only(&self) -> bool {
+        self.upper.is_some() && self.lower.is_empty()
+    }
+}
+
+/// A name resolved through the stack.
+struct Resolved {
+    ino: u64,
+    kind: FileKind,
+    place: Placement,
+}
+
+struct NodeState {
+    place: Placement,
+    /// The name this inode was last reached by (copy-ups recreate it there).
+    parent: u64,
+    name: Vec<u8>,
+}
+
 struct Node {
-    fd: OwnedFd,
+    kind: FileKind,
     lookups: AtomicU64,
-    /// Whether this directory has a default POSIX ACL: unknown, no or yes. Cached because
-    /// every create asks, and only our own setxattr/removexattr can change it.
+    /// Whether this directory's upper part has a default POSIX ACL: unknown, no or yes.
+    /// Cached because every create asks, and only our own setxattr/removexattr change it.
     default_acl: AtomicU8,
+    st: RwLock<NodeState>,
 }
 
 const ACL_UNKNOWN: u8 = 0;
@@ -157,27 +192,46 @@ const ACL_PRESENT: u8 = 2;
 const DEFAULT_ACL_XATTR: &[u8] = b"system.posix_acl_default";
 
 impl Node {
-    fn new(fd: OwnedFd) -> Node {
-        Node {
-            fd,
-            lookups: AtomicU64::new(1),
-            default_acl: AtomicU8::new(ACL_UNKNOWN),
-        }
+    fn place(&self) -> Placement {
+        self.st.read().unwrap().place.clone()
     }
+    fn upper(&self) -> Option<Arc<OwnedFd>> {
+        self.st.read().unwrap().place.upper.clone()
+    }
+}
+
+enum HandleKind {
+    /// A file or directory of the writable tree.
+    Upper(OwnedFd),
+    /// A file that lives only in an archived layer.
+    Lower(LowerPart),
+    /// A directory with lower parts: its merged listing, taken at opendir.
+    Merged(Vec<DirEntry>),
 }
 
 /// An open file or directory.
 pub struct Handle {
     pub ino: u64,
-    fd: OwnedFd,
+    kind: HandleKind,
     /// Serialises getdents on directory handles (the position is the descriptor's).
     dir_lock: Mutex<()>,
 }
 
 impl Handle {
-    /// The backing descriptor (for passthrough registration by the FUSE adapter).
-    pub fn backing_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The backing descriptor, for passthrough registration by the FUSE adapter; `None` when
+    /// the daemon must serve the I/O (archived data).
+    pub fn backing_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.kind {
+            HandleKind::Upper(fd) => Some(fd.as_fd()),
+            _ => None,
+        }
+    }
+
+    fn fd(&self) -> SysResult<BorrowedFd<'_>> {
+        match &self.kind {
+            HandleKind::Upper(fd) => Ok(fd.as_fd()),
+            _ => Err(Errno::EBADF),
+        }
     }
 }
 
@@ -185,40 +239,89 @@ impl Handle {
 pub struct Volume {
     generation: u64,
     root_backing_ino: u64,
+    /// `gens/G/work`: copy-ups and whiteouts are prepared here and renamed into place.
+    work: OwnedFd,
+    lowers: Vec<Arc<ArchivedLayer>>,
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+    next_tmp: AtomicU64,
+}
+
+fn eio_kind(kind: FileType) -> FileKind {
+    match kind {
+        FileType::Dir => FileKind::Directory,
+        FileType::Symlink => FileKind::Symlink,
+        FileType::Fifo => FileKind::Fifo,
+        FileType::Socket => FileKind::Socket,
+        FileType::CharDev => FileKind::CharDevice,
+        FileType::BlockDev => FileKind::BlockDevice,
+        _ => FileKind::Regular,
+    }
+}
+
+fn at_cwd() -> BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a valid directory descriptor for *at calls.
+    unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
 }
 
 impl Volume {
-    /// Opens the tree of writable generation `generation` at `tree`.
-    pub fn new(tree: &Path, generation: u64) -> SysResult<Volume> {
+    /// Opens the writable tree of generation `generation` (`tree`, with its work directory
+    /// `work` beside it) over the archived layers `lowers`, newest first.
+    pub fn new(
+        tree: &Path,
+        work: &Path,
+        generation: u64,
+        lowers: Vec<Arc<ArchivedLayer>>,
+    ) -> SysResult<Volume> {
         let path = CString::new(tree.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-        let root_fd = sys::openat(
-            // SAFETY: AT_FDCWD is a valid directory descriptor for *at calls.
-            unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
-            &path,
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )?;
+        let root_fd = sys::openat(at_cwd(), &path, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let wpath = CString::new(work.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+        if let Err(e) = sys::mkdirat(at_cwd(), &wpath, 0o700)
+            && e != Errno::EEXIST
+        {
+            return Err(e);
+        }
+        let work_fd = sys::openat(at_cwd(), &wpath, libc::O_PATH | libc::O_DIRECTORY, 0)?;
         let st = sys::fstat(root_fd.as_fd())?;
+        let mut lower = Vec::new();
+        for layer in &lowers {
+            // Overlayfs ignores opaque markers on layer roots: every root merges.
+            lower.push(LowerPart {
+                layer: layer.clone(),
+                inode: layer.root()?,
+            });
+        }
+        let root = Node {
+            kind: FileKind::Directory,
+            lookups: AtomicU64::new(1),
+            default_acl: AtomicU8::new(ACL_UNKNOWN),
+            st: RwLock::new(NodeState {
+                place: Placement {
+                    upper: Some(Arc::new(root_fd)),
+                    lower,
+                },
+                parent: ROOT_INO,
+                name: Vec::new(),
+            }),
+        };
         let mut nodes = HashMap::new();
-        nodes.insert(ROOT_INO, Arc::new(Node::new(root_fd)));
+        nodes.insert(ROOT_INO, Arc::new(root));
         Ok(Volume {
             generation,
             root_backing_ino: st.st_ino,
+            work: work_fd,
+            lowers,
             nodes: RwLock::new(nodes),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            next_tmp: AtomicU64::new(0),
         })
     }
 
-    fn map_ino(&self, backing_ino: u64) -> u64 {
-        if backing_ino == self.root_backing_ino {
-            ROOT_INO
-        } else {
-            (self.generation << 32) | (backing_ino & 0xffff_ffff)
-        }
+    /// Number of archived layers below the writable tree.
+    pub fn lower_count(&self) -> usize {
+        self.lowers.len()
     }
 
     fn node(&self, ino: u64) -> SysResult<Arc<Node>> {
@@ -239,13 +342,30 @@ impl Volume {
             .ok_or(Errno::EBADF)
     }
 
-    fn attr_of(&self, st: &libc::stat) -> Attr {
+    // ----- identity and attributes -------------------------------------------------------
+
+    /// The inode number of an entry of the writable tree.
+    fn upper_ino(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> u64 {
+        if st.st_ino == self.root_backing_ino {
+            return ROOT_INO;
+        }
+        // Copy-ups record the number of what they copied; only possible with lower layers.
+        if !self.lowers.is_empty() {
+            let mut buf = [0u8; 8];
+            if let Ok(8) = sys::getxattr_fd(fd, &cstr(markers::INO_XATTR), &mut buf) {
+                return u64::from_le_bytes(buf);
+            }
+        }
+        crate::seal::generation_ino(self.generation, st.st_ino, None)
+    }
+
+    fn upper_attr(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> Attr {
         let ts = |sec: i64, nsec: i64| Timestamp {
             sec,
             nsec: nsec as u32,
         };
         Attr {
-            ino: self.map_ino(st.st_ino),
+            ino: self.upper_ino(fd, st),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: ts(st.st_atime, st.st_atime_nsec),
@@ -261,31 +381,191 @@ impl Volume {
         }
     }
 
-    /// Registers a looked-up inode (one more kernel reference) and returns its attributes.
-    fn remember(&self, fd: OwnedFd) -> SysResult<Attr> {
-        let st = sys::fstat(fd.as_fd())?;
-        let attr = self.attr_of(&st);
-        let mut nodes = self.nodes.write().unwrap();
-        match nodes.get(&attr.ino) {
-            Some(node) => {
-                node.lookups.fetch_add(1, Ordering::Relaxed);
+    fn lower_attr(&self, part: &LowerPart, ino: u64) -> Attr {
+        let i = &part.inode;
+        let t = Timestamp {
+            sec: i.mtime,
+            nsec: i.mtime_nsec,
+        };
+        Attr {
+            ino,
+            size: i.size,
+            blocks: i.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            kind: eio_kind(i.file_type),
+            perm: i.mode & 0o7777,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+            blksize: 4096,
+        }
+    }
+
+    fn attr_of(&self, ino: u64, place: &Placement) -> SysResult<Attr> {
+        if let Some(fd) = &place.upper {
+            let st = sys::fstat(fd.as_fd())?;
+            let mut a = self.upper_attr(fd.as_fd(), &st);
+            a.ino = ino;
+            return Ok(a);
+        }
+        let part = place.lower.first().ok_or(Errno::EIO)?;
+        Ok(self.lower_attr(part, ino))
+    }
+
+    /// Is this upper entry a whiteout (char 0/0 not marked as a user's device)?
+    fn upper_is_whiteout(fd: BorrowedFd<'_>, st: &libc::stat) -> bool {
+        st.st_mode & libc::S_IFMT == libc::S_IFCHR
+            && st.st_rdev == 0
+            && sys::getxattr_fd(fd, &cstr(markers::REALDEV_XATTR), &mut []).is_err()
+    }
+
+    fn upper_is_opaque(fd: BorrowedFd<'_>) -> bool {
+        let mut v = [0u8; 1];
+        matches!(sys::getxattr_fd(fd, &cstr(markers::OPAQUE_XATTR), &mut v), Ok(1) if v[0] == b'y')
+    }
+
+    // ----- resolution --------------------------------------------------------------------
+
+    /// Lower parts of `name` below a directory whose lower parts are `parts`: the topmost
+    /// instance, and for a directory every further one down to an opaque one. `Ok(None)` when
+    /// the name does not exist below or a whiteout hides it.
+    fn lower_lookup(parts: &[LowerPart], name: &[u8]) -> SysResult<Option<Vec<LowerPart>>> {
+        let mut found: Vec<LowerPart> = Vec::new();
+        for p in parts {
+            let Some(child) = p.layer.lookup(&p.inode, name)? else {
+                continue;
+            };
+            let is_dir = child.is_dir();
+            if found.is_empty() {
+                if p.layer.is_whiteout(&child)? {
+                    return Ok(None);
+                }
+                let opaque = is_dir && p.layer.is_opaque(&child)?;
+                found.push(LowerPart {
+                    layer: p.layer.clone(),
+                    inode: child,
+                });
+                if !is_dir || opaque {
+                    break;
+                }
+            } else {
+                // Below a directory: only directories merge; anything else ends the merge.
+                if !is_dir {
+                    break;
+                }
+                let opaque = p.layer.is_opaque(&child)?;
+                found.push(LowerPart {
+                    layer: p.layer.clone(),
+                    inode: child,
+                });
+                if opaque {
+                    break;
+                }
             }
-            None => {
-                nodes.insert(attr.ino, Arc::new(Node::new(fd)));
+        }
+        Ok(if found.is_empty() { None } else { Some(found) })
+    }
+
+    /// Resolves `name` in a directory placed at `dir`. `Ok(None)` = does not exist.
+    fn resolve(&self, dir: &Placement, name: &[u8]) -> SysResult<Option<Resolved>> {
+        let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
+        if let Some(pfd) = &dir.upper {
+            match sys::open_path(pfd.as_fd(), &cname) {
+                Ok(fd) => {
+                    let st = sys::fstat(fd.as_fd())?;
+                    if Self::upper_is_whiteout(fd.as_fd(), &st) {
+                        return Ok(None);
+                    }
+                    let kind = FileKind::from_mode(st.st_mode);
+                    let ino = self.upper_ino(fd.as_fd(), &st);
+                    let lower = if kind == FileKind::Directory
+                        && !dir.lower.is_empty()
+                        && !Self::upper_is_opaque(fd.as_fd())
+                    {
+                        match Self::lower_lookup(&dir.lower, name)? {
+                            Some(parts) if parts[0].inode.is_dir() => parts,
+                            _ => Vec::new(),
+                        }
+                    } else {
+                        Vec::new()
+                    };
+                    return Ok(Some(Resolved {
+                        ino,
+                        kind,
+                        place: Placement {
+                            upper: Some(Arc::new(fd)),
+                            lower,
+                        },
+                    }));
+                }
+                Err(Errno(libc::ENOENT)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(parts) = Self::lower_lookup(&dir.lower, name)? else {
+            return Ok(None);
+        };
+        let top = &parts[0];
+        Ok(Some(Resolved {
+            ino: top.layer.ino(&top.inode)?,
+            kind: eio_kind(top.inode.file_type),
+            place: Placement {
+                upper: None,
+                lower: parts,
+            },
+        }))
+    }
+
+    /// Registers a resolved entry as known to the kernel (one more reference).
+    fn remember(&self, parent: u64, name: &[u8], r: Resolved) -> SysResult<Attr> {
+        let attr = self.attr_of(r.ino, &r.place)?;
+        let mut nodes = self.nodes.write().unwrap();
+        match nodes.get(&r.ino) {
+            Some(node) if node.kind == r.kind => {
+                node.lookups.fetch_add(1, Ordering::Relaxed);
+                let mut st = node.st.write().unwrap();
+                st.place = r.place;
+                st.parent = parent;
+                st.name = name.to_vec();
+            }
+            _ => {
+                nodes.insert(
+                    r.ino,
+                    Arc::new(Node {
+                        kind: r.kind,
+                        lookups: AtomicU64::new(1),
+                        default_acl: AtomicU8::new(ACL_UNKNOWN),
+                        st: RwLock::new(NodeState {
+                            place: r.place,
+                            parent,
+                            name: name.to_vec(),
+                        }),
+                    }),
+                );
             }
         }
         Ok(attr)
     }
 
-    fn remember_child(&self, parent: &Node, name: &CStr) -> SysResult<Attr> {
-        let fd = sys::open_path(parent.fd.as_fd(), name)?;
-        self.remember(fd)
+    fn remember_upper(&self, parent: u64, dir: &Placement, name: &CStr) -> SysResult<Attr> {
+        let r = self.resolve(dir, name.to_bytes())?.ok_or(Errno::ENOENT)?;
+        self.remember(parent, name.to_bytes(), r)
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> SysResult<Attr> {
         let p = self.node(parent)?;
+        if p.kind != FileKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
         let name = sys::cname(name)?;
-        self.remember_child(&p, &name)
+        let place = p.place();
+        let r = self
+            .resolve(&place, name.to_bytes())?
+            .ok_or(Errno::ENOENT)?;
+        self.remember(parent, name.to_bytes(), r)
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -295,11 +575,10 @@ impl Volume {
         }
         let mut nodes = self.nodes.write().unwrap();
         if let Some(node) = nodes.get(&ino) {
-            let prev = node.lookups.fetch_sub(
-                n.min(node.lookups.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
-            if prev <= n {
+            let have = node.lookups.load(Ordering::Relaxed);
+            node.lookups
+                .store(have.saturating_sub(n), Ordering::Relaxed);
+            if have <= n {
                 nodes.remove(&ino);
             }
         }
@@ -309,18 +588,197 @@ impl Volume {
         if let Some(fh) = fh
             && let Ok(h) = self.handle(fh)
         {
-            return Ok(self.attr_of(&sys::fstat(h.fd.as_fd())?));
+            match &h.kind {
+                HandleKind::Upper(fd) => {
+                    let st = sys::fstat(fd.as_fd())?;
+                    let mut a = self.upper_attr(fd.as_fd(), &st);
+                    a.ino = ino;
+                    return Ok(a);
+                }
+                HandleKind::Lower(part) => return Ok(self.lower_attr(part, ino)),
+                HandleKind::Merged(_) => {}
+            }
         }
         let n = self.node(ino)?;
-        Ok(self.attr_of(&sys::fstat(n.fd.as_fd())?))
+        self.attr_of(ino, &n.place())
     }
 
-    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> SysResult<Attr> {
+    // ----- copy-up -----------------------------------------------------------------------
+
+    fn tmp_name(&self) -> CString {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("t{}.{n}", std::process::id())).expect("no NUL")
+    }
+
+    /// Makes sure `ino` has an upper instance (copying it up, and its parents, if needed)
+    /// and returns its descriptor.
+    fn copy_up(&self, ino: u64) -> SysResult<Arc<OwnedFd>> {
         let node = self.node(ino)?;
+        if let Some(fd) = node.upper() {
+            return Ok(fd);
+        }
+        let (parent, name) = {
+            let st = node.st.read().unwrap();
+            (st.parent, st.name.clone())
+        };
+        if ino == ROOT_INO || name.is_empty() {
+            return Err(Errno::EIO);
+        }
+        // The parent first, without holding this node's lock (locks are never nested).
+        let pfd = self.copy_up(parent)?;
+        let mut st = node.st.write().unwrap();
+        if let Some(fd) = &st.place.upper {
+            return Ok(fd.clone());
+        }
+        let part = st.place.lower.first().cloned().ok_or(Errno::EIO)?;
+        let cname = CString::new(name.clone()).map_err(|_| Errno::EIO)?;
+        let fd = self.copy_up_part(&part, ino, pfd.as_fd(), &cname)?;
+        let fd = Arc::new(fd);
+        st.place.upper = Some(fd.clone());
+        if node.kind != FileKind::Directory {
+            st.place.lower.clear();
+        }
+        Ok(fd)
+    }
+
+    /// Copies one lower object into `dir/name` of the writable tree: prepared in the work
+    /// directory and renamed into place, so a crash never leaves a partial copy visible.
+    fn copy_up_part(
+        &self,
+        part: &LowerPart,
+        ino: u64,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> SysResult<OwnedFd> {
+        let i = &part.inode;
+        let tmp = self.tmp_name();
+        let work = self.work.as_fd();
+        let perm = (i.mode & 0o7777) as u32;
+        match i.file_type {
+            FileType::Dir => sys::mkdirat(work, &tmp, 0o700)?,
+            FileType::File => {
+                let f = sys::openat(
+                    work,
+                    &tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    0o600,
+                )?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut off = 0u64;
+                while off < i.size {
+                    // Copy data, leave holes as holes.
+                    match part.layer.seek(i, off, true)? {
+                        None => break,
+                        Some(d) => off = d,
+                    }
+                    let hole = part.layer.seek(i, off, false)?.unwrap_or(i.size);
+                    while off < hole {
+                        let want = ((hole - off) as usize).min(buf.len());
+                        let n = part.layer.read(i, off, &mut buf[..want])?;
+                        if n == 0 {
+                            break;
+                        }
+                        let mut done = 0;
+                        while done < n {
+                            done += sys::pwrite(f.as_fd(), &buf[done..n], off + done as u64)?;
+                        }
+                        off += n as u64;
+                    }
+                }
+                sys::ftruncate(f.as_fd(), i.size)?;
+                sys::fsync(f.as_fd(), false)?;
+            }
+            FileType::Symlink => {
+                let target = part.layer.readlink(i)?;
+                let t = CString::new(target).map_err(|_| Errno::EIO)?;
+                sys::symlinkat(&t, work, &tmp)?;
+            }
+            _ => {
+                let fmt = match i.file_type {
+                    FileType::CharDev => libc::S_IFCHR,
+                    FileType::BlockDev => libc::S_IFBLK,
+                    FileType::Fifo => libc::S_IFIFO,
+                    _ => libc::S_IFSOCK,
+                };
+                sys::mknodat(work, &tmp, fmt | 0o600, i.rdev)?;
+            }
+        }
+        let fd = sys::open_path(work, &tmp)?;
+        let result = (|| {
+            for (n, v) in part.layer.raw_xattrs(i)? {
+                let n = CString::new(n).map_err(|_| Errno::EIO)?;
+                sys::setxattr_fd(fd.as_fd(), &n, &v, 0)?;
+            }
+            sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
+            sys::chown_fd(fd.as_fd(), i.uid, i.gid)?;
+            if i.file_type != FileType::Symlink {
+                sys::chmod_fd(fd.as_fd(), perm)?;
+            }
+            let t = libc::timespec {
+                tv_sec: i.mtime,
+                tv_nsec: i.mtime_nsec as i64,
+            };
+            sys::utimens_fd(fd.as_fd(), &[t, t])?;
+            sys::renameat2(work, &tmp, dir, name, libc::RENAME_NOREPLACE)
+        })();
+        if let Err(e) = result {
+            let flags = if i.file_type == FileType::Dir {
+                libc::AT_REMOVEDIR
+            } else {
+                0
+            };
+            let _ = sys::unlinkat(work, &tmp, flags);
+            return Err(e);
+        }
+        Ok(fd)
+    }
+
+    /// Copies a whole directory subtree up (used before a directory with lower parts moves
+    /// to another name, where its lower parts would no longer be found), and marks it opaque.
+    fn copy_up_tree(&self, ino: u64) -> SysResult<Arc<OwnedFd>> {
+        let dfd = self.copy_up(ino)?;
+        let node = self.node(ino)?;
+        let place = node.place();
+        for (name, _, _) in self.merged_names(&place)? {
+            let cname = CString::new(name.clone()).map_err(|_| Errno::EIO)?;
+            let Some(r) = self.resolve(&place, &name)? else {
+                continue;
+            };
+            if r.place.upper.is_none() {
+                let part = r.place.lower.first().cloned().ok_or(Errno::EIO)?;
+                self.copy_up_part(&part, r.ino, dfd.as_fd(), &cname)?;
+            }
+            if r.kind == FileKind::Directory && !r.place.lower.is_empty() {
+                // Recurse through a temporary node so the child's lower parts come along.
+                self.remember(ino, &name, r)?;
+                let child_ino = self
+                    .resolve(&place, &name)?
+                    .map(|c| c.ino)
+                    .ok_or(Errno::EIO)?;
+                let res = self.copy_up_tree(child_ino);
+                self.forget(child_ino, 1);
+                res?;
+            }
+        }
+        sys::setxattr_fd(dfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+        let mut st = node.st.write().unwrap();
+        st.place.lower.clear();
+        Ok(dfd)
+    }
+
+    // ----- attributes --------------------------------------------------------------------
+
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> SysResult<Attr> {
         let handle = fh.and_then(|fh| self.handle(fh).ok());
-        let target: BorrowedFd<'_> = match &handle {
-            Some(h) => h.fd.as_fd(),
-            None => node.fd.as_fd(),
+        let handle_fd = handle.as_ref().and_then(|h| h.fd().ok());
+        let upper = match handle_fd {
+            Some(_) => None,
+            None => Some(self.copy_up(ino)?),
+        };
+        let target: BorrowedFd<'_> = match (&handle_fd, &upper) {
+            (Some(fd), _) => *fd,
+            (None, Some(u)) => u.as_fd(),
+            (None, None) => return Err(Errno::EIO),
         };
         if set.uid.is_some() || set.gid.is_some() {
             sys::chown_fd(
@@ -333,10 +791,10 @@ impl Volume {
             sys::chmod_fd(target, mode & 0o7777)?;
         }
         if let Some(size) = set.size {
-            match &handle {
-                Some(h) => sys::ftruncate(h.fd.as_fd(), size)?,
+            match handle_fd {
+                Some(fd) => sys::ftruncate(fd, size)?,
                 None => {
-                    let f = sys::reopen(node.fd.as_fd(), libc::O_WRONLY)?;
+                    let f = sys::reopen(target, libc::O_WRONLY)?;
                     sys::ftruncate(f.as_fd(), size)?;
                 }
             }
@@ -358,20 +816,32 @@ impl Volume {
             };
             sys::utimens_fd(target, &[conv(set.atime), conv(set.mtime)])?;
         }
-        Ok(self.attr_of(&sys::fstat(target)?))
+        let st = sys::fstat(target)?;
+        let mut a = self.upper_attr(target, &st);
+        a.ino = ino;
+        Ok(a)
     }
 
     pub fn readlink(&self, ino: u64) -> SysResult<Vec<u8>> {
         let n = self.node(ino)?;
-        sys::readlink_fd(n.fd.as_fd())
+        let place = n.place();
+        match &place.upper {
+            Some(fd) => sys::readlink_fd(fd.as_fd()),
+            None => {
+                let p = place.lower.first().ok_or(Errno::EIO)?;
+                p.layer.readlink(&p.inode)
+            }
+        }
     }
+
+    // ----- creating names ----------------------------------------------------------------
 
     /// Creates an inode through `make` with the caller's ownership. If the backing
     /// filesystem refuses the caller's own credentials (access granted through a supplementary
     /// group, which the kernel already checked), it is made as root and handed over.
     fn make_owned(
         &self,
-        parent: &Node,
+        parent: BorrowedFd<'_>,
         name: &CStr,
         caller: &Caller,
         make: impl Fn() -> SysResult<()>,
@@ -383,13 +853,13 @@ impl Volume {
         match first {
             Err(Errno(libc::EACCES)) | Err(Errno(libc::EPERM)) if caller.uid != 0 => {
                 make()?;
-                let pst = sys::fstat(parent.fd.as_fd())?;
+                let pst = sys::fstat(parent)?;
                 let gid = if pst.st_mode & libc::S_ISGID != 0 {
                     pst.st_gid
                 } else {
                     caller.gid
                 };
-                let fd = sys::open_path(parent.fd.as_fd(), name)?;
+                let fd = sys::open_path(parent, name)?;
                 let before = sys::fstat(fd.as_fd())?;
                 sys::chown_fd(fd.as_fd(), caller.uid, gid)?;
                 if before.st_mode & libc::S_IFMT != libc::S_IFLNK
@@ -405,11 +875,10 @@ impl Volume {
 
     /// The mode to create with: the kernel sends it unmasked (POSIX ACLs are on); the umask
     /// applies unless the parent has a default ACL, which the backing filesystem then applies.
-    fn create_mode(parent: &Node, mode: u32, umask: u32) -> u32 {
+    fn create_mode(parent: &Node, pfd: BorrowedFd<'_>, mode: u32, umask: u32) -> u32 {
         let mut state = parent.default_acl.load(Ordering::Relaxed);
         if state == ACL_UNKNOWN {
-            let present =
-                sys::getxattr_fd(parent.fd.as_fd(), c"system.posix_acl_default", &mut []).is_ok();
+            let present = sys::getxattr_fd(pfd, c"system.posix_acl_default", &mut []).is_ok();
             state = if present { ACL_PRESENT } else { ACL_NONE };
             parent.default_acl.store(state, Ordering::Relaxed);
         }
@@ -418,6 +887,36 @@ impl Volume {
         } else {
             mode & !umask
         }
+    }
+
+    /// Prepares `name` in directory `parent` for a new entry: the directory is copied up,
+    /// and a whiteout in the way is removed. Returns the parent node, its upper descriptor,
+    /// its placement, and whether lower layers have (hidden) entries of that name.
+    fn prepare_create(
+        &self,
+        parent: u64,
+        name: &CStr,
+    ) -> SysResult<(Arc<Node>, Arc<OwnedFd>, Placement, bool)> {
+        let p = self.node(parent)?;
+        let pfd = self.copy_up(parent)?;
+        let place = p.place();
+        let mut below = false;
+        if !place.lower.is_empty() {
+            if let Ok(fd) = sys::open_path(pfd.as_fd(), name) {
+                let st = sys::fstat(fd.as_fd())?;
+                if Self::upper_is_whiteout(fd.as_fd(), &st) {
+                    sys::unlinkat(pfd.as_fd(), name, 0)?;
+                }
+            }
+            below = place
+                .lower
+                .iter()
+                .map(|part| part.layer.lookup(&part.inode, name.to_bytes()))
+                .collect::<SysResult<Vec<_>>>()?
+                .iter()
+                .any(Option::is_some);
+        }
+        Ok((p, pfd, place, below))
     }
 
     pub fn mknod(
@@ -429,13 +928,19 @@ impl Volume {
         rdev: u64,
         caller: &Caller,
     ) -> SysResult<Attr> {
-        let p = self.node(parent)?;
         let name = sys::cname(name)?;
-        let mode = Self::create_mode(&p, mode, umask);
-        self.make_owned(&p, &name, caller, || {
-            sys::mknodat(p.fd.as_fd(), &name, mode, rdev)
+        let (p, pfd, place, _) = self.prepare_create(parent, &name)?;
+        let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
+        let realdev = mode & libc::S_IFMT == libc::S_IFCHR && rdev == 0;
+        self.make_owned(pfd.as_fd(), &name, caller, || {
+            sys::mknodat(pfd.as_fd(), &name, mode, rdev)
         })?;
-        self.remember_child(&p, &name)
+        if realdev {
+            // A user's 0/0 device: marked so that it is never taken for a whiteout.
+            let fd = sys::open_path(pfd.as_fd(), &name)?;
+            sys::setxattr_fd(fd.as_fd(), &cstr(markers::REALDEV_XATTR), b"1", 0)?;
+        }
+        self.remember_upper(parent, &place, &name)
     }
 
     pub fn mkdir(
@@ -446,13 +951,18 @@ impl Volume {
         umask: u32,
         caller: &Caller,
     ) -> SysResult<Attr> {
-        let p = self.node(parent)?;
         let name = sys::cname(name)?;
-        let mode = Self::create_mode(&p, mode, umask);
-        self.make_owned(&p, &name, caller, || {
-            sys::mkdirat(p.fd.as_fd(), &name, mode)
+        let (p, pfd, place, below) = self.prepare_create(parent, &name)?;
+        let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
+        self.make_owned(pfd.as_fd(), &name, caller, || {
+            sys::mkdirat(pfd.as_fd(), &name, mode)
         })?;
-        self.remember_child(&p, &name)
+        if below {
+            // A new directory over a removed one must not show the old one's entries.
+            let fd = sys::open_path(pfd.as_fd(), &name)?;
+            sys::setxattr_fd(fd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+        }
+        self.remember_upper(parent, &place, &name)
     }
 
     pub fn symlink(
@@ -462,34 +972,176 @@ impl Volume {
         target: &OsStr,
         caller: &Caller,
     ) -> SysResult<Attr> {
-        let p = self.node(parent)?;
         let name = sys::cname(name)?;
         let target = CString::new(target.as_bytes()).map_err(|_| Errno::EINVAL)?;
-        self.make_owned(&p, &name, caller, || {
-            sys::symlinkat(&target, p.fd.as_fd(), &name)
+        let (_, pfd, place, _) = self.prepare_create(parent, &name)?;
+        self.make_owned(pfd.as_fd(), &name, caller, || {
+            sys::symlinkat(&target, pfd.as_fd(), &name)
         })?;
-        self.remember_child(&p, &name)
+        self.remember_upper(parent, &place, &name)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> SysResult<Attr> {
-        let n = self.node(ino)?;
-        let p = self.node(newparent)?;
+        let fd = self.copy_up(ino)?;
         let name = sys::cname(newname)?;
-        sys::link_fd(n.fd.as_fd(), p.fd.as_fd(), &name)?;
-        self.remember_child(&p, &name)
+        let (_, pfd, place, _) = self.prepare_create(newparent, &name)?;
+        sys::link_fd(fd.as_fd(), pfd.as_fd(), &name)?;
+        self.remember_upper(newparent, &place, &name)
+    }
+
+    // ----- removing names ----------------------------------------------------------------
+
+    /// Whether a name exists (visible or hidden) in the lower parts of a directory, so that
+    /// removing it needs a whiteout.
+    fn exists_below(place: &Placement, name: &[u8]) -> SysResult<bool> {
+        for part in &place.lower {
+            if part.layer.lookup(&part.inode, name)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Leaves a whiteout at `dir/name`, replacing whatever non-directory is there.
+    fn whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
+        let tmp = self.tmp_name();
+        sys::mknodat(self.work.as_fd(), &tmp, libc::S_IFCHR, 0)?;
+        if let Err(e) = sys::renameat2(self.work.as_fd(), &tmp, dir, name, 0) {
+            let _ = sys::unlinkat(self.work.as_fd(), &tmp, 0);
+            return Err(e);
+        }
+        Ok(())
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
         let p = self.node(parent)?;
-        sys::unlinkat(p.fd.as_fd(), &sys::cname(name)?, 0)
+        let name = sys::cname(name)?;
+        let place = p.place();
+        let r = self
+            .resolve(&place, name.to_bytes())?
+            .ok_or(Errno::ENOENT)?;
+        if r.kind == FileKind::Directory {
+            return Err(Errno::EISDIR);
+        }
+        if place.lower.is_empty() || !Self::exists_below(&place, name.to_bytes())? {
+            let pfd = place.upper.ok_or(Errno::EIO)?;
+            return sys::unlinkat(pfd.as_fd(), &name, 0);
+        }
+        let pfd = self.copy_up(parent)?;
+        self.whiteout(pfd.as_fd(), &name)
+    }
+
+    /// Every visible name of a merged directory: (name, ino, kind).
+    fn merged_names(&self, place: &Placement) -> SysResult<Vec<(Vec<u8>, u64, FileKind)>> {
+        let mut seen: HashMap<Vec<u8>, bool> = HashMap::new(); // name -> visible
+        let mut out = Vec::new();
+        if let Some(fd) = &place.upper {
+            let dfd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+            let mut pos = 0;
+            loop {
+                let batch = sys::read_dir_at(dfd.as_fd(), pos, 64 * 1024)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for e in batch {
+                    pos = e.off;
+                    if e.name == b"." || e.name == b".." {
+                        continue;
+                    }
+                    let cname = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
+                    let cfd = match sys::open_path(fd.as_fd(), &cname) {
+                        Ok(f) => f,
+                        Err(Errno(libc::ENOENT)) => continue,
+                        Err(err) => return Err(err),
+                    };
+                    let st = sys::fstat(cfd.as_fd())?;
+                    if Self::upper_is_whiteout(cfd.as_fd(), &st) {
+                        seen.insert(e.name, false);
+                        continue;
+                    }
+                    out.push((
+                        e.name.clone(),
+                        self.upper_ino(cfd.as_fd(), &st),
+                        FileKind::from_mode(st.st_mode),
+                    ));
+                    seen.insert(e.name, true);
+                }
+            }
+        }
+        for part in &place.lower {
+            for (name, nid, ft) in part.layer.entries(&part.inode)? {
+                if seen.contains_key(&name) {
+                    continue;
+                }
+                let inode = part.layer.inode(nid)?;
+                if part.layer.is_whiteout(&inode)? {
+                    seen.insert(name, false);
+                    continue;
+                }
+                out.push((name.clone(), part.layer.ino(&inode)?, eio_kind(ft)));
+                seen.insert(name, true);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every whiteout inside an upper directory (before it is removed or replaced).
+    fn clear_whiteouts(&self, dir: BorrowedFd<'_>) -> SysResult<()> {
+        let dfd = sys::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let mut pos = 0;
+        let mut names = Vec::new();
+        loop {
+            let batch = sys::read_dir_at(dfd.as_fd(), pos, 64 * 1024)?;
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                pos = e.off;
+                if e.kind == libc::DT_CHR {
+                    names.push(e.name);
+                }
+            }
+        }
+        for n in names {
+            let c = CString::new(n).map_err(|_| Errno::EIO)?;
+            let fd = sys::open_path(dir, &c)?;
+            let st = sys::fstat(fd.as_fd())?;
+            if Self::upper_is_whiteout(fd.as_fd(), &st) {
+                sys::unlinkat(dir, &c, 0)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> SysResult<()> {
         let p = self.node(parent)?;
-        sys::unlinkat(p.fd.as_fd(), &sys::cname(name)?, libc::AT_REMOVEDIR)
+        let name = sys::cname(name)?;
+        let place = p.place();
+        let r = self
+            .resolve(&place, name.to_bytes())?
+            .ok_or(Errno::ENOENT)?;
+        if r.kind != FileKind::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        if place.lower.is_empty() {
+            let pfd = place.upper.ok_or(Errno::EIO)?;
+            return sys::unlinkat(pfd.as_fd(), &name, libc::AT_REMOVEDIR);
+        }
+        if !self.merged_names(&r.place)?.is_empty() {
+            return Err(Errno::ENOTEMPTY);
+        }
+        let pfd = self.copy_up(parent)?;
+        if let Some(ufd) = &r.place.upper {
+            self.clear_whiteouts(ufd.as_fd())?;
+            sys::unlinkat(pfd.as_fd(), &name, libc::AT_REMOVEDIR)?;
+        }
+        if Self::exists_below(&place, name.to_bytes())? {
+            self.whiteout(pfd.as_fd(), &name)?;
+        }
+        Ok(())
     }
 
-    /// rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE flags.
+    /// rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE flags, across layers.
     pub fn rename(
         &self,
         parent: u64,
@@ -502,24 +1154,123 @@ impl Volume {
         if flags & !SUPPORTED != 0 {
             return Err(Errno::EINVAL);
         }
+        let name = sys::cname(name)?;
+        let newname = sys::cname(newname)?;
         let p = self.node(parent)?;
         let np = self.node(newparent)?;
-        sys::renameat2(
-            p.fd.as_fd(),
-            &sys::cname(name)?,
-            np.fd.as_fd(),
-            &sys::cname(newname)?,
-            flags,
-        )
+        let (pplace, npplace) = (p.place(), np.place());
+        if pplace.is_upper_only() && npplace.is_upper_only() {
+            // Fast path: nothing below either directory.
+            let (a, b) = (pplace.upper.unwrap(), npplace.upper.unwrap());
+            return sys::renameat2(a.as_fd(), &name, b.as_fd(), &newname, flags);
+        }
+        let src = self
+            .resolve(&pplace, name.to_bytes())?
+            .ok_or(Errno::ENOENT)?;
+        let dst = self.resolve(&npplace, newname.to_bytes())?;
+        if flags & libc::RENAME_NOREPLACE != 0 && dst.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if flags & libc::RENAME_EXCHANGE != 0 && dst.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        if let Some(d) = &dst {
+            if d.ino == src.ino {
+                return Ok(());
+            }
+            if flags & libc::RENAME_EXCHANGE == 0 {
+                match (
+                    src.kind == FileKind::Directory,
+                    d.kind == FileKind::Directory,
+                ) {
+                    (true, false) => return Err(Errno::ENOTDIR),
+                    (false, true) => return Err(Errno::EISDIR),
+                    (true, true) if !self.merged_names(&d.place)?.is_empty() => {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Bring both ends into the writable tree. A directory with lower parts is copied up
+        // whole: at another name its lower parts would no longer be found.
+        let pfd = self.copy_up(parent)?;
+        let npfd = self.copy_up(newparent)?;
+        let bring_up = |r: &Resolved, dir: u64, n: &CStr| -> SysResult<()> {
+            self.remember(
+                dir,
+                n.to_bytes(),
+                Resolved {
+                    ino: r.ino,
+                    kind: r.kind,
+                    place: r.place.clone(),
+                },
+            )?;
+            let res = if r.kind == FileKind::Directory && !r.place.lower.is_empty() {
+                self.copy_up_tree(r.ino).map(drop)
+            } else {
+                self.copy_up(r.ino).map(drop)
+            };
+            self.forget(r.ino, 1);
+            res
+        };
+        bring_up(&src, parent, &name)?;
+        let src_below = Self::exists_below(&pplace, name.to_bytes())?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let d = dst.as_ref().expect("checked above");
+            bring_up(d, newparent, &newname)?;
+            return sys::renameat2(
+                pfd.as_fd(),
+                &name,
+                npfd.as_fd(),
+                &newname,
+                libc::RENAME_EXCHANGE,
+            );
+        }
+        if let Some(d) = &dst {
+            if let Some(ufd) = &d.place.upper
+                && d.kind == FileKind::Directory
+            {
+                self.clear_whiteouts(ufd.as_fd())?;
+            }
+            if d.kind == FileKind::Directory && !d.place.lower.is_empty() {
+                // The moved directory must hide the replaced one's lower entries.
+                let sfd = self.copy_up(src.ino)?;
+                sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            }
+        } else if let Ok(fd) = sys::open_path(npfd.as_fd(), &newname) {
+            // A whiteout holds the destination name: rename replaces it, except for dirs.
+            let st = sys::fstat(fd.as_fd())?;
+            if Self::upper_is_whiteout(fd.as_fd(), &st) && src.kind == FileKind::Directory {
+                sys::unlinkat(npfd.as_fd(), &newname, 0)?;
+            }
+        }
+        if !src_below {
+            return sys::renameat2(pfd.as_fd(), &name, npfd.as_fd(), &newname, 0);
+        }
+        if src.kind != FileKind::Directory {
+            // Move and leave a whiteout in one step.
+            return sys::renameat2(
+                pfd.as_fd(),
+                &name,
+                npfd.as_fd(),
+                &newname,
+                libc::RENAME_WHITEOUT,
+            );
+        }
+        sys::renameat2(pfd.as_fd(), &name, npfd.as_fd(), &newname, 0)?;
+        self.whiteout(pfd.as_fd(), &name)
     }
 
-    fn add_handle(&self, ino: u64, fd: OwnedFd) -> u64 {
+    // ----- open files --------------------------------------------------------------------
+
+    fn add_handle(&self, ino: u64, kind: HandleKind) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().unwrap().insert(
             fh,
             Arc::new(Handle {
                 ino,
-                fd,
+                kind,
                 dir_lock: Mutex::new(()),
             }),
         );
@@ -535,12 +1286,21 @@ impl Volume {
     /// Opens a file; returns the handle number.
     pub fn open(&self, ino: u64, flags: i32) -> SysResult<(u64, Arc<Handle>)> {
         let n = self.node(ino)?;
-        let fd = sys::reopen(n.fd.as_fd(), Self::backing_flags(flags))?;
-        let fh = self.add_handle(ino, fd);
+        let place = n.place();
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let upper = match place.upper {
+            Some(fd) => Some(fd),
+            None if writes || n.kind != FileKind::Regular => Some(self.copy_up(ino)?),
+            None => None,
+        };
+        let kind = match upper {
+            Some(fd) => HandleKind::Upper(sys::reopen(fd.as_fd(), Self::backing_flags(flags))?),
+            None => HandleKind::Lower(place.lower.first().cloned().ok_or(Errno::EIO)?),
+        };
+        let fh = self.add_handle(ino, kind);
         Ok((fh, self.handle(fh)?))
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         parent: u64,
@@ -550,22 +1310,21 @@ impl Volume {
         flags: i32,
         caller: &Caller,
     ) -> SysResult<(Attr, u64, Arc<Handle>)> {
-        let p = self.node(parent)?;
         let cname = sys::cname(name)?;
-        let mode = Self::create_mode(&p, mode, umask);
+        let (p, pfd, place, _) = self.prepare_create(parent, &cname)?;
+        let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
         // Create and open in one call; O_EXCL only if the caller asked for it, so that an
         // existing file is opened as open(2) would.
         let open_flags = Self::backing_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
         let file = std::cell::Cell::new(None);
-        self.make_owned(&p, &cname, caller, || {
-            let fd = sys::openat(p.fd.as_fd(), &cname, open_flags, mode & 0o7777)?;
+        self.make_owned(pfd.as_fd(), &cname, caller, || {
+            let fd = sys::openat(pfd.as_fd(), &cname, open_flags, mode & 0o7777)?;
             file.set(Some(fd));
             Ok(())
         })?;
         let fd = file.take().ok_or(Errno::EIO)?;
-        let path_fd = sys::open_path(p.fd.as_fd(), &cname)?;
-        let attr = self.remember(path_fd)?;
-        let fh = self.add_handle(attr.ino, fd);
+        let attr = self.remember_upper(parent, &place, &cname)?;
+        let fh = self.add_handle(attr.ino, HandleKind::Upper(fd));
         Ok((attr, fh, self.handle(fh)?))
     }
 
@@ -573,12 +1332,20 @@ impl Volume {
         let h = self.handle(fh)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread(h.fd.as_fd(), &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
+        match &h.kind {
+            HandleKind::Upper(fd) => {
+                while done < buf.len() {
+                    let n = sys::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
             }
-            done += n;
+            HandleKind::Lower(part) => {
+                done = part.layer.read(&part.inode, offset, &mut buf)?;
+            }
+            HandleKind::Merged(_) => return Err(Errno::EISDIR),
         }
         buf.truncate(done);
         Ok(buf)
@@ -586,9 +1353,10 @@ impl Volume {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
         let h = self.handle(fh)?;
+        let fd = h.fd()?;
         let mut done = 0;
         while done < data.len() {
-            done += sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64)?;
+            done += sys::pwrite(fd, &data[done..], offset + done as u64)?;
         }
         Ok(done)
     }
@@ -599,17 +1367,38 @@ impl Volume {
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> SysResult<()> {
         let h = self.handle(fh)?;
-        sys::fsync(h.fd.as_fd(), datasync)
+        match &h.kind {
+            HandleKind::Upper(fd) => sys::fsync(fd.as_fd(), datasync),
+            // Archived data is durable on the media already.
+            _ => Ok(()),
+        }
     }
 
     pub fn fallocate(&self, fh: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
         let h = self.handle(fh)?;
-        sys::fallocate(h.fd.as_fd(), mode, offset, len)
+        sys::fallocate(h.fd()?, mode, offset, len)
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> SysResult<i64> {
         let h = self.handle(fh)?;
-        sys::lseek(h.fd.as_fd(), offset, whence)
+        match &h.kind {
+            HandleKind::Upper(fd) => sys::lseek(fd.as_fd(), offset, whence),
+            HandleKind::Lower(part) => {
+                let data = match whence {
+                    libc::SEEK_DATA => true,
+                    libc::SEEK_HOLE => false,
+                    _ => return Err(Errno::EINVAL),
+                };
+                if offset < 0 {
+                    return Err(Errno(libc::ENXIO));
+                }
+                match part.layer.seek(&part.inode, offset as u64, data)? {
+                    Some(o) => Ok(o as i64),
+                    None => Err(Errno(libc::ENXIO)),
+                }
+            }
+            HandleKind::Merged(_) => Err(Errno::EISDIR),
+        }
     }
 
     pub fn copy_file_range(
@@ -622,34 +1411,101 @@ impl Volume {
     ) -> SysResult<usize> {
         let hi = self.handle(fh_in)?;
         let ho = self.handle(fh_out)?;
-        let len = len.min(1 << 30) as usize;
-        sys::copy_file_range(hi.fd.as_fd(), off_in, ho.fd.as_fd(), off_out, len)
+        let out = ho.fd()?;
+        match &hi.kind {
+            HandleKind::Upper(fd) => {
+                let len = len.min(1 << 30) as usize;
+                sys::copy_file_range(fd.as_fd(), off_in, out, off_out, len)
+            }
+            _ => {
+                let data = self.read(fh_in, off_in, len.min(8 << 20) as u32)?;
+                let mut done = 0;
+                while done < data.len() {
+                    done += sys::pwrite(out, &data[done..], off_out + done as u64)?;
+                }
+                Ok(done)
+            }
+        }
     }
+
+    // ----- directories -------------------------------------------------------------------
 
     pub fn opendir(&self, ino: u64) -> SysResult<u64> {
         let n = self.node(ino)?;
-        let fd = sys::reopen(n.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        Ok(self.add_handle(ino, fd))
+        let place = n.place();
+        if place.is_upper_only() {
+            let fd = place.upper.unwrap();
+            let dfd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+            return Ok(self.add_handle(ino, HandleKind::Upper(dfd)));
+        }
+        // A merged directory: list it once, so offsets stay stable for seekdir/telldir.
+        let parent = n.st.read().unwrap().parent;
+        let mut list = vec![
+            DirEntry {
+                ino,
+                next: 1,
+                kind: FileKind::Directory,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: if ino == ROOT_INO { ROOT_INO } else { parent },
+                next: 2,
+                kind: FileKind::Directory,
+                name: b"..".to_vec(),
+            },
+        ];
+        for (name, cino, kind) in self.merged_names(&place)? {
+            let next = list.len() as i64 + 1;
+            list.push(DirEntry {
+                ino: cino,
+                next,
+                kind,
+                name,
+            });
+        }
+        Ok(self.add_handle(ino, HandleKind::Merged(list)))
     }
 
     /// Entries of an open directory from position cookie `pos` (0 = start), "." and ".."
-    /// included, as many as one backing read returns.
+    /// included.
     pub fn readdir(&self, fh: u64, pos: i64) -> SysResult<Vec<DirEntry>> {
         let h = self.handle(fh)?;
+        let fd = match &h.kind {
+            HandleKind::Merged(list) => {
+                let start = usize::try_from(pos).unwrap_or(usize::MAX).min(list.len());
+                return Ok(list[start..].iter().take(1024).cloned().collect());
+            }
+            HandleKind::Upper(fd) => fd,
+            HandleKind::Lower(_) => return Err(Errno::ENOTDIR),
+        };
         let _guard = h.dir_lock.lock().unwrap();
-        let raw = sys::read_dir_at(h.fd.as_fd(), pos, 32 * 1024)?;
+        let raw = sys::read_dir_at(fd.as_fd(), pos, 32 * 1024)?;
         let mut out = Vec::with_capacity(raw.len());
         for e in raw {
             let ino = if e.name == b".." && h.ino == ROOT_INO {
                 ROOT_INO
+            } else if e.name == b"." {
+                h.ino
+            } else if e.ino == self.root_backing_ino {
+                ROOT_INO
+            } else if self.lowers.is_empty() || e.name == b".." {
+                crate::seal::generation_ino(self.generation, e.ino, None)
             } else {
-                self.map_ino(e.ino)
+                // Copy-ups carry their number; read it.
+                let name = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
+                match sys::open_path(fd.as_fd(), &name) {
+                    Ok(cfd) => {
+                        let st = sys::fstat(cfd.as_fd())?;
+                        self.upper_ino(cfd.as_fd(), &st)
+                    }
+                    Err(_) => continue,
+                }
             };
             let kind = match FileKind::from_dtype(e.kind) {
                 Some(k) => k,
                 None => {
                     let name = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
-                    FileKind::from_mode(sys::fstatat(h.fd.as_fd(), &name)?.st_mode)
+                    FileKind::from_mode(sys::fstatat(fd.as_fd(), &name)?.st_mode)
                 }
             };
             out.push(DirEntry {
@@ -668,7 +1524,8 @@ impl Volume {
 
     pub fn statfs(&self) -> SysResult<FsStats> {
         let root = self.node(ROOT_INO)?;
-        let st = sys::fstatvfs(root.fd.as_fd())?;
+        let fd = root.upper().ok_or(Errno::EIO)?;
+        let st = sys::fstatvfs(fd.as_fd())?;
         Ok(FsStats {
             blocks: st.f_blocks,
             bfree: st.f_bfree,
@@ -681,56 +1538,77 @@ impl Volume {
         })
     }
 
-    fn backing_xattr_name(name: &OsStr) -> SysResult<CString> {
-        let b = name.as_bytes();
-        let stored = if b.starts_with(INTERNAL_XATTR_PREFIX) {
-            let mut v = ESCAPED_XATTR_PREFIX.to_vec();
-            v.extend_from_slice(&b[INTERNAL_XATTR_PREFIX.len()..]);
-            v
-        } else {
-            b.to_vec()
-        };
-        CString::new(stored).map_err(|_| Errno::EINVAL)
-    }
+    // ----- xattrs ------------------------------------------------------------------------
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
         let n = self.node(ino)?;
+        let fd = self.copy_up(ino)?;
         if name.as_bytes() == DEFAULT_ACL_XATTR {
             n.default_acl.store(ACL_UNKNOWN, Ordering::Relaxed);
         }
-        sys::setxattr_fd(n.fd.as_fd(), &Self::backing_xattr_name(name)?, value, flags)
+        let stored =
+            CString::new(markers::escape_xattr(name.as_bytes())).map_err(|_| Errno::EINVAL)?;
+        sys::setxattr_fd(fd.as_fd(), &stored, value, flags)
     }
 
-    /// Reads an xattr: with `size` 0 returns the length only (as an empty vec of that len
-    /// is not needed, the length is returned in the Err-free `Ok(Err(len))` form).
+    /// Reads an xattr; with `size` 0 only its length.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> SysResult<XattrReply> {
         let n = self.node(ino)?;
-        let cname = Self::backing_xattr_name(name)?;
+        let place = n.place();
+        let value = match &place.upper {
+            Some(fd) => {
+                let stored = CString::new(markers::escape_xattr(name.as_bytes()))
+                    .map_err(|_| Errno::EINVAL)?;
+                if size == 0 {
+                    let len = sys::getxattr_fd(fd.as_fd(), &stored, &mut [])?;
+                    return Ok(XattrReply::Size(len as u32));
+                }
+                let mut buf = vec![0u8; size as usize];
+                let len = sys::getxattr_fd(fd.as_fd(), &stored, &mut buf)?;
+                buf.truncate(len);
+                return Ok(XattrReply::Data(buf));
+            }
+            None => {
+                let p = place.lower.first().ok_or(Errno::EIO)?;
+                p.layer
+                    .xattrs(&p.inode)?
+                    .into_iter()
+                    .find(|(n, _)| n.as_slice() == name.as_bytes())
+                    .map(|(_, v)| v)
+                    .ok_or(Errno::ENODATA)?
+            }
+        };
         if size == 0 {
-            let len = sys::getxattr_fd(n.fd.as_fd(), &cname, &mut [])?;
-            return Ok(XattrReply::Size(len as u32));
+            Ok(XattrReply::Size(value.len() as u32))
+        } else if value.len() > size as usize {
+            Err(Errno::ERANGE)
+        } else {
+            Ok(XattrReply::Data(value))
         }
-        let mut buf = vec![0u8; size as usize];
-        let len = sys::getxattr_fd(n.fd.as_fd(), &cname, &mut buf)?;
-        buf.truncate(len);
-        Ok(XattrReply::Data(buf))
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> SysResult<XattrReply> {
         let n = self.node(ino)?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let len = sys::listxattr_fd(n.fd.as_fd(), &mut buf)?;
-        let mut out = Vec::with_capacity(len);
-        for name in buf[..len].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-            if let Some(rest) = name.strip_prefix(ESCAPED_XATTR_PREFIX) {
-                out.extend_from_slice(INTERNAL_XATTR_PREFIX);
-                out.extend_from_slice(rest);
-            } else if name.starts_with(INTERNAL_XATTR_PREFIX) {
-                continue;
-            } else {
-                out.extend_from_slice(name);
+        let place = n.place();
+        let mut out = Vec::new();
+        match &place.upper {
+            Some(fd) => {
+                let mut buf = vec![0u8; 64 * 1024];
+                let len = sys::listxattr_fd(fd.as_fd(), &mut buf)?;
+                for name in buf[..len].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+                    if let Some(user) = markers::unescape_xattr(name) {
+                        out.extend_from_slice(&user);
+                        out.push(0);
+                    }
+                }
             }
-            out.push(0);
+            None => {
+                let p = place.lower.first().ok_or(Errno::EIO)?;
+                for (name, _) in p.layer.xattrs(&p.inode)? {
+                    out.extend_from_slice(&name);
+                    out.push(0);
+                }
+            }
         }
         if size == 0 {
             Ok(XattrReply::Size(out.len() as u32))
@@ -743,30 +1621,32 @@ impl Volume {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> SysResult<()> {
         let n = self.node(ino)?;
+        let fd = self.copy_up(ino)?;
         if name.as_bytes() == DEFAULT_ACL_XATTR {
             n.default_acl.store(ACL_UNKNOWN, Ordering::Relaxed);
         }
-        sys::removexattr_fd(n.fd.as_fd(), &Self::backing_xattr_name(name)?)
+        let stored =
+            CString::new(markers::escape_xattr(name.as_bytes())).map_err(|_| Errno::EINVAL)?;
+        sys::removexattr_fd(fd.as_fd(), &stored)
     }
 
     /// access(2) check with the caller's uid and primary gid.
     pub fn access(&self, ino: u64, mask: i32, caller: &Caller) -> SysResult<()> {
-        let n = self.node(ino)?;
-        let st = sys::fstat(n.fd.as_fd())?;
+        let a = self.getattr(ino, None)?;
         if mask == libc::F_OK {
             return Ok(());
         }
-        let mode = st.st_mode;
+        let mode = a.perm as u32;
         if caller.uid == 0 {
             // Root may do anything but execute a file nobody may execute.
-            if mask & libc::X_OK != 0 && mode & libc::S_IFMT != libc::S_IFDIR && mode & 0o111 == 0 {
+            if mask & libc::X_OK != 0 && a.kind != FileKind::Directory && mode & 0o111 == 0 {
                 return Err(Errno::EACCES);
             }
             return Ok(());
         }
-        let bits = if caller.uid == st.st_uid {
+        let bits = if caller.uid == a.uid {
             (mode >> 6) & 7
-        } else if caller.gid == st.st_gid {
+        } else if caller.gid == a.gid {
             (mode >> 3) & 7
         } else {
             mode & 7
@@ -781,6 +1661,10 @@ impl Volume {
     pub fn known_inodes(&self) -> usize {
         self.nodes.read().unwrap().len()
     }
+}
+
+fn cstr(b: &[u8]) -> CString {
+    CString::new(b).expect("marker names have no NUL")
 }
 
 /// Answer to getxattr/listxattr: the length asked for, or the data.

@@ -1,0 +1,200 @@
+//! Archived layers as the volume reads them: a meta image on the SSD and blob devices on the
+//! media, read through the media reader (only the objects a range needs).
+
+use crate::layout::StoreLayout;
+use crate::manifest::{LayerRecord, Manifest};
+use crate::markers::{OPAQUE_XATTR, REALDEV_XATTR, unescape_xattr};
+use crate::sys::Errno;
+use spinfs_erofs::{DeviceReader, FileType, Image, Inode};
+
+/// An extended attribute: full name and value.
+pub type Xattr = (Vec<u8>, Vec<u8>);
+use spinfs_media::{ImageExtents, ImageKind, MediumReader, ReadOptions};
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::Arc;
+
+/// One archived layer, open.
+pub struct ArchivedLayer {
+    pub id: u64,
+    image: Image<File>,
+    blobs: BlobDevices,
+}
+
+struct BlobDevices {
+    layer: u64,
+    devices: Vec<ImageExtents>,
+    reader: Arc<MediumReader>,
+    timeout: Option<std::time::Duration>,
+}
+
+impl DeviceReader for BlobDevices {
+    fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let Some(extents) = (device as usize)
+            .checked_sub(1)
+            .and_then(|i| self.devices.get(i))
+        else {
+            return Err(std::io::Error::other(format!(
+                "layer {}: no blob for device {device}",
+                self.layer
+            )));
+        };
+        let opts = ReadOptions {
+            timeout: self.timeout,
+            ..ReadOptions::default()
+        };
+        let data = self
+            .reader
+            .read(extents, offset, buf.len() as u64, opts)
+            .map_err(std::io::Error::other)?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
+fn eio<E: std::fmt::Display>(layer: u64) -> impl Fn(E) -> Errno {
+    move |e| {
+        tracing::error!(layer, "archived layer: {e}");
+        Errno::EIO
+    }
+}
+
+impl ArchivedLayer {
+    pub fn open(
+        layout: &StoreLayout,
+        manifest: &Manifest,
+        record: &LayerRecord,
+        reader: Arc<MediumReader>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<ArchivedLayer, String> {
+        let path = layout.layer_meta(record.id);
+        let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let image = Image::open(file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let blobs: HashMap<u64, _> = manifest.blobs.iter().map(|b| (b.id, b)).collect();
+        let devices = record
+            .devices
+            .iter()
+            .map(|id| {
+                blobs
+                    .get(id)
+                    .map(|b| b.to_extents(ImageKind::Blob))
+                    .ok_or_else(|| format!("layer {}: blob {id} is not in the manifest", record.id))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ArchivedLayer {
+            id: record.id,
+            image,
+            blobs: BlobDevices {
+                layer: record.id,
+                devices,
+                reader,
+                timeout,
+            },
+        })
+    }
+
+    pub fn root(&self) -> Result<Inode, Errno> {
+        self.image.root().map_err(eio(self.id))
+    }
+
+    pub fn inode(&self, nid: u64) -> Result<Inode, Errno> {
+        self.image.inode(nid).map_err(eio(self.id))
+    }
+
+    pub fn lookup(&self, dir: &Inode, name: &[u8]) -> Result<Option<Inode>, Errno> {
+        match self.image.lookup(dir, name).map_err(eio(self.id))? {
+            Some(e) => Ok(Some(self.inode(e.nid)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every entry of a directory except "." and "..": (name, nid, type).
+    pub fn entries(&self, dir: &Inode) -> Result<Vec<(Vec<u8>, u64, FileType)>, Errno> {
+        let (list, _) = self.image.dir_entries(dir).map_err(eio(self.id))?;
+        Ok(list
+            .into_iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .map(|e| (e.name, e.nid, e.file_type))
+            .collect())
+    }
+
+    pub fn ino(&self, inode: &Inode) -> Result<u64, Errno> {
+        self.image
+            .spinfs_ino(inode)
+            .map_err(eio(self.id))?
+            .ok_or_else(|| {
+                tracing::error!(
+                    layer = self.id,
+                    nid = inode.nid,
+                    "inode has no spinfs number"
+                );
+                Errno::EIO
+            })
+    }
+
+    /// A whiteout (char 0/0 not marked as a user's device).
+    pub fn is_whiteout(&self, inode: &Inode) -> Result<bool, Errno> {
+        if !inode.is_whiteout() {
+            return Ok(false);
+        }
+        Ok(self
+            .image
+            .xattr(inode, REALDEV_XATTR)
+            .map_err(eio(self.id))?
+            .is_none())
+    }
+
+    pub fn is_opaque(&self, inode: &Inode) -> Result<bool, Errno> {
+        Ok(self
+            .image
+            .xattr(inode, OPAQUE_XATTR)
+            .map_err(eio(self.id))?
+            .is_some_and(|v| v == b"y"))
+    }
+
+    pub fn readlink(&self, inode: &Inode) -> Result<Vec<u8>, Errno> {
+        self.image.readlink(inode).map_err(eio(self.id))
+    }
+
+    /// User-visible xattrs (markers hidden, escaped names restored).
+    pub fn xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>, Errno> {
+        Ok(self
+            .image
+            .xattrs(inode)
+            .map_err(eio(self.id))?
+            .into_iter()
+            .filter_map(|(n, v)| unescape_xattr(&n).map(|n| (n, v)))
+            .collect())
+    }
+
+    /// Raw stored xattrs (for copy-up).
+    pub fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>, Errno> {
+        self.image.xattrs(inode).map_err(eio(self.id))
+    }
+
+    /// Reads file data; returns the bytes read (short at end of file).
+    pub fn read(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.image
+            .read_data(inode, offset, buf, &self.blobs)
+            .map_err(eio(self.id))
+    }
+
+    /// First data or hole offset at or after `offset` (SEEK_DATA/SEEK_HOLE semantics).
+    pub fn seek(&self, inode: &Inode, offset: u64, data: bool) -> Result<Option<u64>, Errno> {
+        if offset >= inode.size {
+            // Past the end there is neither data nor a hole (ENXIO).
+            return Ok(None);
+        }
+        let extents = self
+            .image
+            .map(inode, offset, inode.size - offset)
+            .map_err(eio(self.id))?;
+        for e in extents {
+            let is_data = e.location.is_some();
+            if is_data == data {
+                return Ok(Some(e.offset.max(offset)));
+            }
+        }
+        Ok(if data { None } else { Some(inode.size) })
+    }
+}
