@@ -5,6 +5,7 @@ pub mod archive;
 pub mod config;
 pub mod layout;
 pub mod manifest;
+pub mod lower;
 pub mod markers;
 pub mod seal;
 pub mod size;

@@ -11,15 +11,15 @@
 //! across remounts, and readdir's d_ino is derived the same way as st_ino.
 
 use crate::archive::ArchivedLayer;
+use crate::lower::{FrozenTree, LowerPart, cstr, tree_is_opaque, tree_is_whiteout, tree_recorded_ino};
 use crate::markers;
 use crate::sys::{self, Errno, FsCreds, SysResult};
-use spinfs_erofs::{FileType, Inode};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The root directory's inode number.
@@ -140,13 +140,6 @@ pub struct FsStats {
     pub frsize: u32,
 }
 
-/// One instance of a directory or file in an archived layer.
-#[derive(Clone)]
-struct LowerPart {
-    layer: Arc<ArchivedLayer>,
-    inode: Inode,
-}
-
 /// Where an object lives in the stack.
 #[derive(Clone, Default)]
 struct Placement {
@@ -172,6 +165,8 @@ struct Resolved {
 
 struct NodeState {
     place: Placement,
+    /// Stack epoch `place` was resolved in.
+    epoch: u64,
     /// The name this inode was last reached by (copy-ups recreate it there).
     parent: u64,
     name: Vec<u8>,
@@ -191,15 +186,6 @@ const ACL_NONE: u8 = 1;
 const ACL_PRESENT: u8 = 2;
 const DEFAULT_ACL_XATTR: &[u8] = b"system.posix_acl_default";
 
-impl Node {
-    fn place(&self) -> Placement {
-        self.st.read().unwrap().place.clone()
-    }
-    fn upper(&self) -> Option<Arc<OwnedFd>> {
-        self.st.read().unwrap().place.upper.clone()
-    }
-}
-
 enum HandleKind {
     /// A file or directory of the writable tree.
     Upper(OwnedFd),
@@ -213,6 +199,10 @@ enum HandleKind {
 pub struct Handle {
     pub ino: u64,
     kind: HandleKind,
+    /// Opened for writing: the file must stay in the writable tree across a freeze.
+    writable: bool,
+    /// File size last counted into the writable layer's total.
+    counted: AtomicU64,
     /// Serialises getdents on directory handles (the position is the descriptor's).
     dir_lock: Mutex<()>,
 }
@@ -235,34 +225,70 @@ impl Handle {
     }
 }
 
-/// The mounted filesystem.
-pub struct Volume {
+/// The layers as they stand: the writable tree on top, then a generation frozen for sealing,
+/// then the archived layers. Replaced as a whole (under the volume's lock) when a generation
+/// is frozen or a seal completes; nodes notice by the epoch and re-resolve their placement.
+struct Stack {
+    epoch: u64,
     generation: u64,
     root_backing_ino: u64,
     /// `gens/G/work`: copy-ups and whiteouts are prepared here and renamed into place.
-    work: OwnedFd,
-    lowers: Vec<Arc<ArchivedLayer>>,
+    work: Arc<OwnedFd>,
+    frozen: Option<Arc<FrozenTree>>,
+    /// Archived layers, newest first.
+    archived: Vec<Arc<ArchivedLayer>>,
+}
+
+impl Stack {
+    fn has_lowers(&self) -> bool {
+        self.frozen.is_some() || !self.archived.is_empty()
+    }
+
+    fn lower_roots(&self) -> SysResult<Vec<LowerPart>> {
+        let mut out = Vec::new();
+        // Overlayfs ignores opaque markers on layer roots: every root merges.
+        if let Some(f) = &self.frozen {
+            out.push(LowerPart::tree_root(f)?);
+        }
+        for layer in &self.archived {
+            out.push(LowerPart::image_root(layer)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The mounted filesystem.
+pub struct Volume {
+    stack: RwLock<Arc<Stack>>,
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
-}
-
-fn eio_kind(kind: FileType) -> FileKind {
-    match kind {
-        FileType::Dir => FileKind::Directory,
-        FileType::Symlink => FileKind::Symlink,
-        FileType::Fifo => FileKind::Fifo,
-        FileType::Socket => FileKind::Socket,
-        FileType::CharDev => FileKind::CharDevice,
-        FileType::BlockDev => FileKind::BlockDevice,
-        _ => FileKind::Regular,
-    }
+    /// Bytes of file data in the writable tree (see `upper_bytes`).
+    upper_bytes: AtomicI64,
+    /// Held shared by every operation that changes the writable tree, exclusively while a
+    /// generation is frozen: nothing can land in a tree after it was frozen.
+    gate: RwLock<()>,
 }
 
 fn at_cwd() -> BorrowedFd<'static> {
     // SAFETY: AT_FDCWD is a valid directory descriptor for *at calls.
     unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
+
+fn open_dir_path(path: &Path) -> SysResult<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    sys::openat(at_cwd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+}
+
+fn make_work_dir(work: &Path) -> SysResult<OwnedFd> {
+    let c = CString::new(work.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    if let Err(e) = sys::mkdirat(at_cwd(), &c, 0o700)
+        && e != Errno::EEXIST
+    {
+        return Err(e);
+    }
+    open_dir_path(work)
 }
 
 impl Volume {
@@ -274,24 +300,17 @@ impl Volume {
         generation: u64,
         lowers: Vec<Arc<ArchivedLayer>>,
     ) -> SysResult<Volume> {
-        let path = CString::new(tree.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-        let root_fd = sys::openat(at_cwd(), &path, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-        let wpath = CString::new(work.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-        if let Err(e) = sys::mkdirat(at_cwd(), &wpath, 0o700)
-            && e != Errno::EEXIST
-        {
-            return Err(e);
-        }
-        let work_fd = sys::openat(at_cwd(), &wpath, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let root_fd = open_dir_path(tree)?;
+        let work_fd = make_work_dir(work)?;
         let st = sys::fstat(root_fd.as_fd())?;
-        let mut lower = Vec::new();
-        for layer in &lowers {
-            // Overlayfs ignores opaque markers on layer roots: every root merges.
-            lower.push(LowerPart {
-                layer: layer.clone(),
-                inode: layer.root()?,
-            });
-        }
+        let stack = Stack {
+            epoch: 0,
+            generation,
+            root_backing_ino: st.st_ino,
+            work: Arc::new(work_fd),
+            frozen: None,
+            archived: lowers,
+        };
         let root = Node {
             kind: FileKind::Directory,
             lookups: AtomicU64::new(1),
@@ -299,29 +318,215 @@ impl Volume {
             st: RwLock::new(NodeState {
                 place: Placement {
                     upper: Some(Arc::new(root_fd)),
-                    lower,
+                    lower: stack.lower_roots()?,
                 },
                 parent: ROOT_INO,
                 name: Vec::new(),
+                epoch: 0,
             }),
         };
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, Arc::new(root));
         Ok(Volume {
-            generation,
-            root_backing_ino: st.st_ino,
-            work: work_fd,
-            lowers,
+            stack: RwLock::new(Arc::new(stack)),
             nodes: RwLock::new(nodes),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
+            upper_bytes: AtomicI64::new(0),
+            gate: RwLock::new(()),
         })
+    }
+
+    fn stack(&self) -> Arc<Stack> {
+        self.stack.read().unwrap().clone()
+    }
+
+    fn work(&self) -> Arc<OwnedFd> {
+        self.stack().work.clone()
+    }
+
+    /// The generation of the writable tree.
+    pub fn generation(&self) -> u64 {
+        self.stack().generation
+    }
+
+    /// Freezes the writable generation: the tree `new_tree` of generation `new_gen` becomes
+    /// the writable one, the old tree stays below it, read-only, until `sealed` replaces it
+    /// with its archived layer. Files open for writing move into the new tree first (their
+    /// descriptors stay valid: a rename keeps the inode), so nothing written after the freeze
+    /// lands in the frozen generation. Operations wait only for the swap itself.
+    pub fn freeze(&self, new_gen: u64, new_tree: &Path, new_work: &Path) -> SysResult<()> {
+        let new_root = open_dir_path(new_tree)?;
+        let new_work = make_work_dir(new_work)?;
+        let new_root_ino = sys::fstat(new_root.as_fd())?.st_ino;
+        let _gate = self.gate.write().unwrap();
+        let root = self.node(ROOT_INO)?;
+        let old = self.stack();
+        if old.frozen.is_some() {
+            return Err(Errno(libc::EBUSY));
+        }
+        let old_root = self.place(ROOT_INO, &root)?.upper.ok_or(Errno::EIO)?;
+        // Files open for writing, with their descriptor and name in the old tree.
+        let mut moving: Vec<u64> = self
+            .handles
+            .read()
+            .unwrap()
+            .values()
+            .filter(|h| h.writable && matches!(h.kind, HandleKind::Upper(_)))
+            .map(|h| h.ino)
+            .collect();
+        moving.sort_unstable();
+        moving.dedup();
+        let mut old_places = Vec::new();
+        for ino in moving {
+            let Ok(node) = self.node(ino) else { continue };
+            let Ok(place) = self.place(ino, &node) else { continue };
+            let (parent, name) = {
+                let st = node.st.read().unwrap();
+                (st.parent, st.name.clone())
+            };
+            let Some(fd) = place.upper else { continue };
+            let Ok(pnode) = self.node(parent) else { continue };
+            let Some(pfd) = self.place(parent, &pnode).ok().and_then(|p| p.upper) else {
+                continue;
+            };
+            old_places.push((ino, fd, parent, pfd, name));
+        }
+        let frozen = Arc::new(FrozenTree {
+            generation: old.generation,
+            root_backing_ino: old.root_backing_ino,
+            root: old_root,
+        });
+        let stack = Arc::new(Stack {
+            epoch: old.epoch + 1,
+            generation: new_gen,
+            root_backing_ino: new_root_ino,
+            work: Arc::new(new_work),
+            frozen: Some(frozen),
+            archived: old.archived.clone(),
+        });
+        {
+            let mut st = root.st.write().unwrap();
+            st.place = Placement {
+                upper: Some(Arc::new(new_root)),
+                lower: stack.lower_roots()?,
+            };
+            st.epoch = stack.epoch;
+        }
+        *self.stack.write().unwrap() = stack;
+        self.upper_bytes.store(0, Ordering::Relaxed);
+        for (ino, fd, parent, old_pfd, name) in old_places {
+            if let Err(e) = self.move_to_new_tree(ino, &fd, parent, &old_pfd, &name) {
+                tracing::warn!(ino, "a file open for writing stays in the frozen generation: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a file of the just-frozen tree into the new writable tree under the same name.
+    fn move_to_new_tree(
+        &self,
+        ino: u64,
+        fd: &Arc<OwnedFd>,
+        parent: u64,
+        old_pfd: &Arc<OwnedFd>,
+        name: &[u8],
+    ) -> SysResult<()> {
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_nlink == 0 {
+            return Ok(()); // unlinked: lives on through its descriptors only
+        }
+        let cname = CString::new(name).map_err(|_| Errno::EIO)?;
+        let at_name = sys::fstatat(old_pfd.as_fd(), &cname)?;
+        if at_name.st_ino != st.st_ino {
+            return Err(Errno::ENOENT);
+        }
+        // It keeps its number in the new generation.
+        sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
+        let new_pfd = self.copy_up(parent)?;
+        sys::renameat2(old_pfd.as_fd(), &cname, new_pfd.as_fd(), &cname, libc::RENAME_NOREPLACE)?;
+        let node = self.node(ino)?;
+        let mut ns = node.st.write().unwrap();
+        ns.place = Placement {
+            upper: Some(fd.clone()),
+            lower: Vec::new(),
+        };
+        ns.epoch = self.stack().epoch;
+        self.upper_bytes
+            .fetch_add(st.st_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The frozen generation `generation` is sealed as `layer`: the layer takes its place.
+    pub fn sealed(&self, generation: u64, layer: Arc<ArchivedLayer>) -> SysResult<()> {
+        let _gate = self.gate.write().unwrap();
+        let old = self.stack();
+        if old.frozen.as_ref().map(|f| f.generation) != Some(generation) {
+            return Err(Errno::EINVAL);
+        }
+        let mut archived = vec![layer];
+        archived.extend(old.archived.iter().cloned());
+        let stack = Arc::new(Stack {
+            epoch: old.epoch + 1,
+            generation: old.generation,
+            root_backing_ino: old.root_backing_ino,
+            work: old.work.clone(),
+            frozen: None,
+            archived,
+        });
+        let root = self.node(ROOT_INO)?;
+        {
+            let mut st = root.st.write().unwrap();
+            st.place.lower = stack.lower_roots()?;
+            st.epoch = stack.epoch;
+        }
+        *self.stack.write().unwrap() = stack;
+        Ok(())
+    }
+
+    /// Whether a frozen generation is waiting to be sealed.
+    pub fn frozen_generation(&self) -> Option<u64> {
+        self.stack().frozen.as_ref().map(|f| f.generation)
+    }
+
+    /// The current placement of a node, re-resolved from its parent by name when the stack
+    /// changed since it was last resolved.
+    fn place(&self, ino: u64, node: &Node) -> SysResult<Placement> {
+        let stack = self.stack();
+        {
+            let st = node.st.read().unwrap();
+            if st.epoch == stack.epoch {
+                return Ok(st.place.clone());
+            }
+        }
+        let (parent, name) = {
+            let st = node.st.read().unwrap();
+            (st.parent, st.name.clone())
+        };
+        let fresh = if ino == ROOT_INO {
+            let mut st = node.st.write().unwrap();
+            st.place.lower = stack.lower_roots()?;
+            st.epoch = stack.epoch;
+            return Ok(st.place.clone());
+        } else {
+            let pnode = self.node(parent)?;
+            let pplace = self.place(parent, &pnode)?;
+            self.resolve(&pplace, &name)?
+        };
+        let mut st = node.st.write().unwrap();
+        match fresh {
+            Some(r) if r.ino == ino => st.place = r.place,
+            // Renamed away or removed meanwhile: keep what we had (an orphan still reads).
+            _ => {}
+        }
+        st.epoch = stack.epoch;
+        Ok(st.place.clone())
     }
 
     /// Number of archived layers below the writable tree.
     pub fn lower_count(&self) -> usize {
-        self.lowers.len()
+        self.stack().archived.len()
     }
 
     fn node(&self, ino: u64) -> SysResult<Arc<Node>> {
@@ -346,17 +551,17 @@ impl Volume {
 
     /// The inode number of an entry of the writable tree.
     fn upper_ino(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> u64 {
-        if st.st_ino == self.root_backing_ino {
+        let stack = self.stack();
+        if st.st_ino == stack.root_backing_ino {
             return ROOT_INO;
         }
         // Copy-ups record the number of what they copied; only possible with lower layers.
-        if !self.lowers.is_empty() {
-            let mut buf = [0u8; 8];
-            if let Ok(8) = sys::getxattr_fd(fd, &cstr(markers::INO_XATTR), &mut buf) {
-                return u64::from_le_bytes(buf);
-            }
-        }
-        crate::seal::generation_ino(self.generation, st.st_ino, None)
+        let recorded = if stack.has_lowers() {
+            tree_recorded_ino(fd)
+        } else {
+            None
+        };
+        crate::seal::generation_ino(stack.generation, st.st_ino, recorded)
     }
 
     fn upper_attr(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> Attr {
@@ -381,29 +586,6 @@ impl Volume {
         }
     }
 
-    fn lower_attr(&self, part: &LowerPart, ino: u64) -> Attr {
-        let i = &part.inode;
-        let t = Timestamp {
-            sec: i.mtime,
-            nsec: i.mtime_nsec,
-        };
-        Attr {
-            ino,
-            size: i.size,
-            blocks: i.size.div_ceil(512),
-            atime: t,
-            mtime: t,
-            ctime: t,
-            kind: eio_kind(i.file_type),
-            perm: i.mode & 0o7777,
-            nlink: i.nlink,
-            uid: i.uid,
-            gid: i.gid,
-            rdev: i.rdev,
-            blksize: 4096,
-        }
-    }
-
     fn attr_of(&self, ino: u64, place: &Placement) -> SysResult<Attr> {
         if let Some(fd) = &place.upper {
             let st = sys::fstat(fd.as_fd())?;
@@ -412,19 +594,15 @@ impl Volume {
             return Ok(a);
         }
         let part = place.lower.first().ok_or(Errno::EIO)?;
-        Ok(self.lower_attr(part, ino))
+        Ok(part.attr(ino))
     }
 
-    /// Is this upper entry a whiteout (char 0/0 not marked as a user's device)?
     fn upper_is_whiteout(fd: BorrowedFd<'_>, st: &libc::stat) -> bool {
-        st.st_mode & libc::S_IFMT == libc::S_IFCHR
-            && st.st_rdev == 0
-            && sys::getxattr_fd(fd, &cstr(markers::REALDEV_XATTR), &mut []).is_err()
+        tree_is_whiteout(fd, st)
     }
 
     fn upper_is_opaque(fd: BorrowedFd<'_>) -> bool {
-        let mut v = [0u8; 1];
-        matches!(sys::getxattr_fd(fd, &cstr(markers::OPAQUE_XATTR), &mut v), Ok(1) if v[0] == b'y')
+        tree_is_opaque(fd)
     }
 
     // ----- resolution --------------------------------------------------------------------
@@ -435,19 +613,16 @@ impl Volume {
     fn lower_lookup(parts: &[LowerPart], name: &[u8]) -> SysResult<Option<Vec<LowerPart>>> {
         let mut found: Vec<LowerPart> = Vec::new();
         for p in parts {
-            let Some(child) = p.layer.lookup(&p.inode, name)? else {
+            let Some(child) = p.lookup(name)? else {
                 continue;
             };
             let is_dir = child.is_dir();
             if found.is_empty() {
-                if p.layer.is_whiteout(&child)? {
+                if child.is_whiteout()? {
                     return Ok(None);
                 }
-                let opaque = is_dir && p.layer.is_opaque(&child)?;
-                found.push(LowerPart {
-                    layer: p.layer.clone(),
-                    inode: child,
-                });
+                let opaque = is_dir && child.is_opaque()?;
+                found.push(child);
                 if !is_dir || opaque {
                     break;
                 }
@@ -456,11 +631,8 @@ impl Volume {
                 if !is_dir {
                     break;
                 }
-                let opaque = p.layer.is_opaque(&child)?;
-                found.push(LowerPart {
-                    layer: p.layer.clone(),
-                    inode: child,
-                });
+                let opaque = child.is_opaque()?;
+                found.push(child);
                 if opaque {
                     break;
                 }
@@ -486,7 +658,7 @@ impl Volume {
                         && !Self::upper_is_opaque(fd.as_fd())
                     {
                         match Self::lower_lookup(&dir.lower, name)? {
-                            Some(parts) if parts[0].inode.is_dir() => parts,
+                            Some(parts) if parts[0].is_dir() => parts,
                             _ => Vec::new(),
                         }
                     } else {
@@ -510,8 +682,8 @@ impl Volume {
         };
         let top = &parts[0];
         Ok(Some(Resolved {
-            ino: top.layer.ino(&top.inode)?,
-            kind: eio_kind(top.inode.file_type),
+            ino: top.ino()?,
+            kind: top.kind(),
             place: Placement {
                 upper: None,
                 lower: parts,
@@ -521,6 +693,7 @@ impl Volume {
 
     /// Registers a resolved entry as known to the kernel (one more reference).
     fn remember(&self, parent: u64, name: &[u8], r: Resolved) -> SysResult<Attr> {
+        let epoch = self.stack().epoch;
         let attr = self.attr_of(r.ino, &r.place)?;
         let mut nodes = self.nodes.write().unwrap();
         match nodes.get(&r.ino) {
@@ -530,6 +703,7 @@ impl Volume {
                 st.place = r.place;
                 st.parent = parent;
                 st.name = name.to_vec();
+                st.epoch = epoch;
             }
             _ => {
                 nodes.insert(
@@ -542,6 +716,7 @@ impl Volume {
                             place: r.place,
                             parent,
                             name: name.to_vec(),
+                            epoch,
                         }),
                     }),
                 );
@@ -561,7 +736,7 @@ impl Volume {
             return Err(Errno::ENOTDIR);
         }
         let name = sys::cname(name)?;
-        let place = p.place();
+        let place = self.place(parent, &p)?;
         let r = self
             .resolve(&place, name.to_bytes())?
             .ok_or(Errno::ENOENT)?;
@@ -595,12 +770,12 @@ impl Volume {
                     a.ino = ino;
                     return Ok(a);
                 }
-                HandleKind::Lower(part) => return Ok(self.lower_attr(part, ino)),
+                HandleKind::Lower(part) => return Ok(part.attr(ino)),
                 HandleKind::Merged(_) => {}
             }
         }
         let n = self.node(ino)?;
-        self.attr_of(ino, &n.place())
+        self.attr_of(ino, &self.place(ino, &n)?)
     }
 
     // ----- copy-up -----------------------------------------------------------------------
@@ -614,7 +789,7 @@ impl Volume {
     /// and returns its descriptor.
     fn copy_up(&self, ino: u64) -> SysResult<Arc<OwnedFd>> {
         let node = self.node(ino)?;
-        if let Some(fd) = node.upper() {
+        if let Some(fd) = self.place(ino, &node)?.upper {
             return Ok(fd);
         }
         let (parent, name) = {
@@ -650,83 +825,96 @@ impl Volume {
         dir: BorrowedFd<'_>,
         name: &CStr,
     ) -> SysResult<OwnedFd> {
-        let i = &part.inode;
+        let a = part.attr(ino);
         let tmp = self.tmp_name();
-        let work = self.work.as_fd();
-        let perm = (i.mode & 0o7777) as u32;
-        match i.file_type {
-            FileType::Dir => sys::mkdirat(work, &tmp, 0o700)?,
-            FileType::File => {
-                let f = sys::openat(
-                    work,
-                    &tmp,
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                    0o600,
-                )?;
-                let mut buf = vec![0u8; 1 << 20];
-                let mut off = 0u64;
-                while off < i.size {
-                    // Copy data, leave holes as holes.
-                    match part.layer.seek(i, off, true)? {
-                        None => break,
-                        Some(d) => off = d,
+        let work = self.work();
+        let work = work.as_fd();
+        let perm = a.perm as u32;
+        match a.kind {
+            FileKind::Directory => sys::mkdirat(work, &tmp, 0o700)?,
+            FileKind::Regular => {
+                let f = sys::openat(work, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                match part.tree_fd() {
+                    // On the SSD already: let the kernel copy (and keep holes).
+                    Some(src) => {
+                        let src = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
+                        let mut off = 0u64;
+                        while off < a.size {
+                            let n = sys::copy_file_range(
+                                src.as_fd(),
+                                off,
+                                f.as_fd(),
+                                off,
+                                (a.size - off).min(1 << 30) as usize,
+                            )?;
+                            if n == 0 {
+                                break;
+                            }
+                            off += n as u64;
+                        }
                     }
-                    let hole = part.layer.seek(i, off, false)?.unwrap_or(i.size);
-                    while off < hole {
-                        let want = ((hole - off) as usize).min(buf.len());
-                        let n = part.layer.read(i, off, &mut buf[..want])?;
-                        if n == 0 {
-                            break;
+                    None => {
+                        let mut buf = vec![0u8; 1 << 20];
+                        let mut off = 0u64;
+                        while off < a.size {
+                            // Copy data, leave holes as holes.
+                            match part.seek(off, true)? {
+                                None => break,
+                                Some(d) => off = d,
+                            }
+                            let hole = part.seek(off, false)?.unwrap_or(a.size);
+                            while off < hole {
+                                let want = ((hole - off) as usize).min(buf.len());
+                                let n = part.read(off, &mut buf[..want])?;
+                                if n == 0 {
+                                    break;
+                                }
+                                let mut done = 0;
+                                while done < n {
+                                    done += sys::pwrite(f.as_fd(), &buf[done..n], off + done as u64)?;
+                                }
+                                off += n as u64;
+                            }
                         }
-                        let mut done = 0;
-                        while done < n {
-                            done += sys::pwrite(f.as_fd(), &buf[done..n], off + done as u64)?;
-                        }
-                        off += n as u64;
                     }
                 }
-                sys::ftruncate(f.as_fd(), i.size)?;
+                sys::ftruncate(f.as_fd(), a.size)?;
                 sys::fsync(f.as_fd(), false)?;
             }
-            FileType::Symlink => {
-                let target = part.layer.readlink(i)?;
-                let t = CString::new(target).map_err(|_| Errno::EIO)?;
+            FileKind::Symlink => {
+                let t = CString::new(part.readlink()?).map_err(|_| Errno::EIO)?;
                 sys::symlinkat(&t, work, &tmp)?;
             }
-            _ => {
-                let fmt = match i.file_type {
-                    FileType::CharDev => libc::S_IFCHR,
-                    FileType::BlockDev => libc::S_IFBLK,
-                    FileType::Fifo => libc::S_IFIFO,
+            kind => {
+                let fmt = match kind {
+                    FileKind::CharDevice => libc::S_IFCHR,
+                    FileKind::BlockDevice => libc::S_IFBLK,
+                    FileKind::Fifo => libc::S_IFIFO,
                     _ => libc::S_IFSOCK,
                 };
-                sys::mknodat(work, &tmp, fmt | 0o600, i.rdev)?;
+                sys::mknodat(work, &tmp, fmt | 0o600, a.rdev)?;
             }
         }
         let fd = sys::open_path(work, &tmp)?;
         let result = (|| {
-            for (n, v) in part.layer.raw_xattrs(i)? {
+            for (n, v) in part.raw_xattrs()? {
                 let n = CString::new(n).map_err(|_| Errno::EIO)?;
                 sys::setxattr_fd(fd.as_fd(), &n, &v, 0)?;
             }
             sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
-            sys::chown_fd(fd.as_fd(), i.uid, i.gid)?;
-            if i.file_type != FileType::Symlink {
+            sys::chown_fd(fd.as_fd(), a.uid, a.gid)?;
+            if a.kind != FileKind::Symlink {
                 sys::chmod_fd(fd.as_fd(), perm)?;
             }
             let t = libc::timespec {
-                tv_sec: i.mtime,
-                tv_nsec: i.mtime_nsec as i64,
+                tv_sec: a.mtime.sec,
+                tv_nsec: a.mtime.nsec as i64,
             };
             sys::utimens_fd(fd.as_fd(), &[t, t])?;
             sys::renameat2(work, &tmp, dir, name, libc::RENAME_NOREPLACE)
         })();
         if let Err(e) = result {
-            let flags = if i.file_type == FileType::Dir {
-                libc::AT_REMOVEDIR
-            } else {
-                0
-            };
+            let flags = if a.kind == FileKind::Directory { libc::AT_REMOVEDIR } else { 0 };
             let _ = sys::unlinkat(work, &tmp, flags);
             return Err(e);
         }
@@ -738,7 +926,7 @@ impl Volume {
     fn copy_up_tree(&self, ino: u64) -> SysResult<Arc<OwnedFd>> {
         let dfd = self.copy_up(ino)?;
         let node = self.node(ino)?;
-        let place = node.place();
+        let place = self.place(ino, &node)?;
         for (name, _, _) in self.merged_names(&place)? {
             let cname = CString::new(name.clone()).map_err(|_| Errno::EIO)?;
             let Some(r) = self.resolve(&place, &name)? else {
@@ -769,6 +957,7 @@ impl Volume {
     // ----- attributes --------------------------------------------------------------------
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> SysResult<Attr> {
+        let _gate = self.gate.read().unwrap();
         let handle = fh.and_then(|fh| self.handle(fh).ok());
         let handle_fd = handle.as_ref().and_then(|h| h.fd().ok());
         let upper = match handle_fd {
@@ -824,12 +1013,12 @@ impl Volume {
 
     pub fn readlink(&self, ino: u64) -> SysResult<Vec<u8>> {
         let n = self.node(ino)?;
-        let place = n.place();
+        let place = self.place(ino, &n)?;
         match &place.upper {
             Some(fd) => sys::readlink_fd(fd.as_fd()),
             None => {
                 let p = place.lower.first().ok_or(Errno::EIO)?;
-                p.layer.readlink(&p.inode)
+                p.readlink()
             }
         }
     }
@@ -899,7 +1088,7 @@ impl Volume {
     ) -> SysResult<(Arc<Node>, Arc<OwnedFd>, Placement, bool)> {
         let p = self.node(parent)?;
         let pfd = self.copy_up(parent)?;
-        let place = p.place();
+        let place = self.place(parent, &p)?;
         let mut below = false;
         if !place.lower.is_empty() {
             if let Ok(fd) = sys::open_path(pfd.as_fd(), name) {
@@ -911,7 +1100,7 @@ impl Volume {
             below = place
                 .lower
                 .iter()
-                .map(|part| part.layer.lookup(&part.inode, name.to_bytes()))
+                .map(|part| part.lookup(name.to_bytes()))
                 .collect::<SysResult<Vec<_>>>()?
                 .iter()
                 .any(Option::is_some);
@@ -928,6 +1117,7 @@ impl Volume {
         rdev: u64,
         caller: &Caller,
     ) -> SysResult<Attr> {
+        let _gate = self.gate.read().unwrap();
         let name = sys::cname(name)?;
         let (p, pfd, place, _) = self.prepare_create(parent, &name)?;
         let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
@@ -951,6 +1141,7 @@ impl Volume {
         umask: u32,
         caller: &Caller,
     ) -> SysResult<Attr> {
+        let _gate = self.gate.read().unwrap();
         let name = sys::cname(name)?;
         let (p, pfd, place, below) = self.prepare_create(parent, &name)?;
         let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
@@ -972,6 +1163,7 @@ impl Volume {
         target: &OsStr,
         caller: &Caller,
     ) -> SysResult<Attr> {
+        let _gate = self.gate.read().unwrap();
         let name = sys::cname(name)?;
         let target = CString::new(target.as_bytes()).map_err(|_| Errno::EINVAL)?;
         let (_, pfd, place, _) = self.prepare_create(parent, &name)?;
@@ -982,6 +1174,7 @@ impl Volume {
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> SysResult<Attr> {
+        let _gate = self.gate.read().unwrap();
         let fd = self.copy_up(ino)?;
         let name = sys::cname(newname)?;
         let (_, pfd, place, _) = self.prepare_create(newparent, &name)?;
@@ -995,7 +1188,7 @@ impl Volume {
     /// removing it needs a whiteout.
     fn exists_below(place: &Placement, name: &[u8]) -> SysResult<bool> {
         for part in &place.lower {
-            if part.layer.lookup(&part.inode, name)?.is_some() {
+            if part.lookup(name)?.is_some() {
                 return Ok(true);
             }
         }
@@ -1005,23 +1198,32 @@ impl Volume {
     /// Leaves a whiteout at `dir/name`, replacing whatever non-directory is there.
     fn whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
         let tmp = self.tmp_name();
-        sys::mknodat(self.work.as_fd(), &tmp, libc::S_IFCHR, 0)?;
-        if let Err(e) = sys::renameat2(self.work.as_fd(), &tmp, dir, name, 0) {
-            let _ = sys::unlinkat(self.work.as_fd(), &tmp, 0);
+        let work = self.work();
+        sys::mknodat(work.as_fd(), &tmp, libc::S_IFCHR, 0)?;
+        if let Err(e) = sys::renameat2(work.as_fd(), &tmp, dir, name, 0) {
+            let _ = sys::unlinkat(work.as_fd(), &tmp, 0);
             return Err(e);
         }
         Ok(())
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
+        let _gate = self.gate.read().unwrap();
         let p = self.node(parent)?;
         let name = sys::cname(name)?;
-        let place = p.place();
+        let place = self.place(parent, &p)?;
         let r = self
             .resolve(&place, name.to_bytes())?
             .ok_or(Errno::ENOENT)?;
         if r.kind == FileKind::Directory {
             return Err(Errno::EISDIR);
+        }
+        if let Some(fd) = &r.place.upper
+            && let Ok(st) = sys::fstat(fd.as_fd())
+            && st.st_nlink == 1
+            && r.kind == FileKind::Regular
+        {
+            self.upper_bytes.fetch_sub(st.st_size, Ordering::Relaxed);
         }
         if place.lower.is_empty() || !Self::exists_below(&place, name.to_bytes())? {
             let pfd = place.upper.ok_or(Errno::EIO)?;
@@ -1069,16 +1271,15 @@ impl Volume {
             }
         }
         for part in &place.lower {
-            for (name, nid, ft) in part.layer.entries(&part.inode)? {
+            for (name, child) in part.entries()? {
                 if seen.contains_key(&name) {
                     continue;
                 }
-                let inode = part.layer.inode(nid)?;
-                if part.layer.is_whiteout(&inode)? {
+                if child.is_whiteout()? {
                     seen.insert(name, false);
                     continue;
                 }
-                out.push((name.clone(), part.layer.ino(&inode)?, eio_kind(ft)));
+                out.push((name.clone(), child.ino()?, child.kind()));
                 seen.insert(name, true);
             }
         }
@@ -1114,9 +1315,10 @@ impl Volume {
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> SysResult<()> {
+        let _gate = self.gate.read().unwrap();
         let p = self.node(parent)?;
         let name = sys::cname(name)?;
-        let place = p.place();
+        let place = self.place(parent, &p)?;
         let r = self
             .resolve(&place, name.to_bytes())?
             .ok_or(Errno::ENOENT)?;
@@ -1150,6 +1352,7 @@ impl Volume {
         newname: &OsStr,
         flags: u32,
     ) -> SysResult<()> {
+        let _gate = self.gate.read().unwrap();
         const SUPPORTED: u32 = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
         if flags & !SUPPORTED != 0 {
             return Err(Errno::EINVAL);
@@ -1158,7 +1361,7 @@ impl Volume {
         let newname = sys::cname(newname)?;
         let p = self.node(parent)?;
         let np = self.node(newparent)?;
-        let (pplace, npplace) = (p.place(), np.place());
+        let (pplace, npplace) = (self.place(parent, &p)?, self.place(newparent, &np)?);
         if pplace.is_upper_only() && npplace.is_upper_only() {
             // Fast path: nothing below either directory.
             let (a, b) = (pplace.upper.unwrap(), npplace.upper.unwrap());
@@ -1264,17 +1467,50 @@ impl Volume {
 
     // ----- open files --------------------------------------------------------------------
 
-    fn add_handle(&self, ino: u64, kind: HandleKind) -> u64 {
+    fn add_handle(&self, ino: u64, kind: HandleKind, writable: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let counted = match (&kind, writable) {
+            (HandleKind::Upper(fd), true) => sys::fstat(fd.as_fd()).map_or(0, |st| st.st_size as u64),
+            _ => 0,
+        };
         self.handles.write().unwrap().insert(
             fh,
             Arc::new(Handle {
                 ino,
                 kind,
+                writable,
+                counted: AtomicU64::new(counted),
                 dir_lock: Mutex::new(()),
             }),
         );
         fh
+    }
+
+    /// Adds the growth of a writable handle's file since it was last counted.
+    fn count_growth(&self, h: &Handle) {
+        if let (true, HandleKind::Upper(fd)) = (h.writable, &h.kind)
+            && let Ok(st) = sys::fstat(fd.as_fd())
+        {
+            let now = st.st_size as u64;
+            let before = h.counted.swap(now, Ordering::Relaxed);
+            self.upper_bytes
+                .fetch_add(now as i64 - before as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of file data in the writable tree (kept up to date incrementally; files held
+    /// open for writing are counted as they grow when this is called).
+    pub fn upper_bytes(&self) -> u64 {
+        let handles: Vec<Arc<Handle>> = self.handles.read().unwrap().values().cloned().collect();
+        for h in handles {
+            self.count_growth(&h);
+        }
+        self.upper_bytes.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Sets the writable tree's byte count (measured by the caller at start-up).
+    pub fn set_upper_bytes(&self, bytes: u64) {
+        self.upper_bytes.store(bytes as i64, Ordering::Relaxed);
     }
 
     /// Flags for the backing descriptor: the kernel already did O_TRUNC (as a setattr) and
@@ -1285,8 +1521,9 @@ impl Volume {
 
     /// Opens a file; returns the handle number.
     pub fn open(&self, ino: u64, flags: i32) -> SysResult<(u64, Arc<Handle>)> {
+        let _gate = self.gate.read().unwrap();
         let n = self.node(ino)?;
-        let place = n.place();
+        let place = self.place(ino, &n)?;
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let upper = match place.upper {
             Some(fd) => Some(fd),
@@ -1297,7 +1534,7 @@ impl Volume {
             Some(fd) => HandleKind::Upper(sys::reopen(fd.as_fd(), Self::backing_flags(flags))?),
             None => HandleKind::Lower(place.lower.first().cloned().ok_or(Errno::EIO)?),
         };
-        let fh = self.add_handle(ino, kind);
+        let fh = self.add_handle(ino, kind, writes);
         Ok((fh, self.handle(fh)?))
     }
 
@@ -1310,6 +1547,7 @@ impl Volume {
         flags: i32,
         caller: &Caller,
     ) -> SysResult<(Attr, u64, Arc<Handle>)> {
+        let _gate = self.gate.read().unwrap();
         let cname = sys::cname(name)?;
         let (p, pfd, place, _) = self.prepare_create(parent, &cname)?;
         let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
@@ -1324,7 +1562,7 @@ impl Volume {
         })?;
         let fd = file.take().ok_or(Errno::EIO)?;
         let attr = self.remember_upper(parent, &place, &cname)?;
-        let fh = self.add_handle(attr.ino, HandleKind::Upper(fd));
+        let fh = self.add_handle(attr.ino, HandleKind::Upper(fd), true);
         Ok((attr, fh, self.handle(fh)?))
     }
 
@@ -1343,7 +1581,7 @@ impl Volume {
                 }
             }
             HandleKind::Lower(part) => {
-                done = part.layer.read(&part.inode, offset, &mut buf)?;
+                done = part.read(offset, &mut buf)?;
             }
             HandleKind::Merged(_) => return Err(Errno::EISDIR),
         }
@@ -1362,7 +1600,10 @@ impl Volume {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.write().unwrap().remove(&fh);
+        let h = self.handles.write().unwrap().remove(&fh);
+        if let Some(h) = h {
+            self.count_growth(&h);
+        }
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> SysResult<()> {
@@ -1392,7 +1633,7 @@ impl Volume {
                 if offset < 0 {
                     return Err(Errno(libc::ENXIO));
                 }
-                match part.layer.seek(&part.inode, offset as u64, data)? {
+                match part.seek(offset as u64, data)? {
                     Some(o) => Ok(o as i64),
                     None => Err(Errno(libc::ENXIO)),
                 }
@@ -1432,11 +1673,11 @@ impl Volume {
 
     pub fn opendir(&self, ino: u64) -> SysResult<u64> {
         let n = self.node(ino)?;
-        let place = n.place();
+        let place = self.place(ino, &n)?;
         if place.is_upper_only() {
             let fd = place.upper.unwrap();
             let dfd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-            return Ok(self.add_handle(ino, HandleKind::Upper(dfd)));
+            return Ok(self.add_handle(ino, HandleKind::Upper(dfd), false));
         }
         // A merged directory: list it once, so offsets stay stable for seekdir/telldir.
         let parent = n.st.read().unwrap().parent;
@@ -1463,7 +1704,7 @@ impl Volume {
                 name,
             });
         }
-        Ok(self.add_handle(ino, HandleKind::Merged(list)))
+        Ok(self.add_handle(ino, HandleKind::Merged(list), false))
     }
 
     /// Entries of an open directory from position cookie `pos` (0 = start), "." and ".."
@@ -1479,6 +1720,7 @@ impl Volume {
             HandleKind::Lower(_) => return Err(Errno::ENOTDIR),
         };
         let _guard = h.dir_lock.lock().unwrap();
+        let stack = self.stack();
         let raw = sys::read_dir_at(fd.as_fd(), pos, 32 * 1024)?;
         let mut out = Vec::with_capacity(raw.len());
         for e in raw {
@@ -1486,10 +1728,10 @@ impl Volume {
                 ROOT_INO
             } else if e.name == b"." {
                 h.ino
-            } else if e.ino == self.root_backing_ino {
+            } else if e.ino == stack.root_backing_ino {
                 ROOT_INO
-            } else if self.lowers.is_empty() || e.name == b".." {
-                crate::seal::generation_ino(self.generation, e.ino, None)
+            } else if !stack.has_lowers() || e.name == b".." {
+                crate::seal::generation_ino(stack.generation, e.ino, None)
             } else {
                 // Copy-ups carry their number; read it.
                 let name = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
@@ -1524,7 +1766,7 @@ impl Volume {
 
     pub fn statfs(&self) -> SysResult<FsStats> {
         let root = self.node(ROOT_INO)?;
-        let fd = root.upper().ok_or(Errno::EIO)?;
+        let fd = self.place(ROOT_INO, &root)?.upper.ok_or(Errno::EIO)?;
         let st = sys::fstatvfs(fd.as_fd())?;
         Ok(FsStats {
             blocks: st.f_blocks,
@@ -1541,6 +1783,7 @@ impl Volume {
     // ----- xattrs ------------------------------------------------------------------------
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
+        let _gate = self.gate.read().unwrap();
         let n = self.node(ino)?;
         let fd = self.copy_up(ino)?;
         if name.as_bytes() == DEFAULT_ACL_XATTR {
@@ -1554,7 +1797,7 @@ impl Volume {
     /// Reads an xattr; with `size` 0 only its length.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> SysResult<XattrReply> {
         let n = self.node(ino)?;
-        let place = n.place();
+        let place = self.place(ino, &n)?;
         let value = match &place.upper {
             Some(fd) => {
                 let stored = CString::new(markers::escape_xattr(name.as_bytes()))
@@ -1570,8 +1813,7 @@ impl Volume {
             }
             None => {
                 let p = place.lower.first().ok_or(Errno::EIO)?;
-                p.layer
-                    .xattrs(&p.inode)?
+                p.xattrs()?
                     .into_iter()
                     .find(|(n, _)| n.as_slice() == name.as_bytes())
                     .map(|(_, v)| v)
@@ -1589,7 +1831,7 @@ impl Volume {
 
     pub fn listxattr(&self, ino: u64, size: u32) -> SysResult<XattrReply> {
         let n = self.node(ino)?;
-        let place = n.place();
+        let place = self.place(ino, &n)?;
         let mut out = Vec::new();
         match &place.upper {
             Some(fd) => {
@@ -1604,7 +1846,7 @@ impl Volume {
             }
             None => {
                 let p = place.lower.first().ok_or(Errno::EIO)?;
-                for (name, _) in p.layer.xattrs(&p.inode)? {
+                for (name, _) in p.xattrs()? {
                     out.extend_from_slice(&name);
                     out.push(0);
                 }
@@ -1620,6 +1862,7 @@ impl Volume {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> SysResult<()> {
+        let _gate = self.gate.read().unwrap();
         let n = self.node(ino)?;
         let fd = self.copy_up(ino)?;
         if name.as_bytes() == DEFAULT_ACL_XATTR {
@@ -1661,10 +1904,6 @@ impl Volume {
     pub fn known_inodes(&self) -> usize {
         self.nodes.read().unwrap().len()
     }
-}
-
-fn cstr(b: &[u8]) -> CString {
-    CString::new(b).expect("marker names have no NUL")
 }
 
 /// Answer to getxattr/listxattr: the length asked for, or the data.

@@ -1,0 +1,341 @@
+//! One instance of a file or directory in a read-only layer below the writable tree: an
+//! archived image, or the SSD tree of a generation frozen for sealing.
+
+use crate::archive::{ArchivedLayer, Xattr};
+use crate::markers;
+use crate::sys::{self, Errno, SysResult};
+use crate::volume::{Attr, FileKind, ROOT_INO, Timestamp};
+use spinfs_erofs::{FileType, Inode};
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+/// A frozen generation's tree, read-only while it is sealed.
+pub struct FrozenTree {
+    pub generation: u64,
+    /// Backing inode number of the tree's root (it is the volume's root).
+    pub root_backing_ino: u64,
+    pub root: Arc<OwnedFd>,
+}
+
+#[derive(Clone)]
+pub enum LowerPart {
+    Image {
+        layer: Arc<ArchivedLayer>,
+        inode: Inode,
+    },
+    Tree {
+        tree: Arc<FrozenTree>,
+        fd: Arc<OwnedFd>,
+        st: libc::stat,
+    },
+}
+
+fn kind_of_type(t: FileType) -> FileKind {
+    match t {
+        FileType::Dir => FileKind::Directory,
+        FileType::Symlink => FileKind::Symlink,
+        FileType::Fifo => FileKind::Fifo,
+        FileType::Socket => FileKind::Socket,
+        FileType::CharDev => FileKind::CharDevice,
+        FileType::BlockDev => FileKind::BlockDevice,
+        _ => FileKind::Regular,
+    }
+}
+
+pub(crate) fn cstr(b: &[u8]) -> CString {
+    CString::new(b).expect("marker names have no NUL")
+}
+
+/// Whether an SSD tree entry is a whiteout (char 0/0 not marked as a user's device).
+pub(crate) fn tree_is_whiteout(fd: std::os::fd::BorrowedFd<'_>, st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && st.st_rdev == 0
+        && sys::getxattr_fd(fd, &cstr(markers::REALDEV_XATTR), &mut []).is_err()
+}
+
+pub(crate) fn tree_is_opaque(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut v = [0u8; 1];
+    matches!(sys::getxattr_fd(fd, &cstr(markers::OPAQUE_XATTR), &mut v), Ok(1) if v[0] == b'y')
+}
+
+/// The recorded inode number of an SSD tree entry (copy-ups), if any.
+pub(crate) fn tree_recorded_ino(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    let mut buf = [0u8; 8];
+    match sys::getxattr_fd(fd, &cstr(markers::INO_XATTR), &mut buf) {
+        Ok(8) => Some(u64::from_le_bytes(buf)),
+        _ => None,
+    }
+}
+
+/// Stored xattrs of an SSD tree entry except the inode number.
+fn tree_raw_xattrs(fd: std::os::fd::BorrowedFd<'_>) -> SysResult<Vec<Xattr>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let len = sys::listxattr_fd(fd, &mut buf)?;
+    let mut out = Vec::new();
+    for name in buf[..len].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        if name == markers::INO_XATTR {
+            continue;
+        }
+        let c = CString::new(name).map_err(|_| Errno::EIO)?;
+        let n = sys::getxattr_fd(fd, &c, &mut [])?;
+        let mut v = vec![0u8; n];
+        let n = sys::getxattr_fd(fd, &c, &mut v)?;
+        v.truncate(n);
+        out.push((name.to_vec(), v));
+    }
+    Ok(out)
+}
+
+impl LowerPart {
+    pub fn image_root(layer: &Arc<ArchivedLayer>) -> SysResult<LowerPart> {
+        Ok(LowerPart::Image {
+            layer: layer.clone(),
+            inode: layer.root()?,
+        })
+    }
+
+    pub fn tree_root(tree: &Arc<FrozenTree>) -> SysResult<LowerPart> {
+        let st = sys::fstat(tree.root.as_fd())?;
+        Ok(LowerPart::Tree {
+            tree: tree.clone(),
+            fd: tree.root.clone(),
+            st,
+        })
+    }
+
+    pub fn kind(&self) -> FileKind {
+        match self {
+            LowerPart::Image { inode, .. } => kind_of_type(inode.file_type),
+            LowerPart::Tree { st, .. } => FileKind::from_mode(st.st_mode),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind() == FileKind::Directory
+    }
+
+    /// The entry `name` of this directory, whiteouts included.
+    pub fn lookup(&self, name: &[u8]) -> SysResult<Option<LowerPart>> {
+        match self {
+            LowerPart::Image { layer, inode } => Ok(layer.lookup(inode, name)?.map(|i| {
+                LowerPart::Image {
+                    layer: layer.clone(),
+                    inode: i,
+                }
+            })),
+            LowerPart::Tree { tree, fd, .. } => {
+                let c = CString::new(name).map_err(|_| Errno::EINVAL)?;
+                match sys::open_path(fd.as_fd(), &c) {
+                    Ok(child) => {
+                        let st = sys::fstat(child.as_fd())?;
+                        Ok(Some(LowerPart::Tree {
+                            tree: tree.clone(),
+                            fd: Arc::new(child),
+                            st,
+                        }))
+                    }
+                    Err(Errno(libc::ENOENT)) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    pub fn is_whiteout(&self) -> SysResult<bool> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.is_whiteout(inode),
+            LowerPart::Tree { fd, st, .. } => Ok(tree_is_whiteout(fd.as_fd(), st)),
+        }
+    }
+
+    pub fn is_opaque(&self) -> SysResult<bool> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.is_opaque(inode),
+            LowerPart::Tree { fd, .. } => Ok(tree_is_opaque(fd.as_fd())),
+        }
+    }
+
+    pub fn ino(&self) -> SysResult<u64> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.ino(inode),
+            LowerPart::Tree { tree, fd, st } => {
+                if st.st_ino == tree.root_backing_ino {
+                    return Ok(ROOT_INO);
+                }
+                Ok(crate::seal::generation_ino(
+                    tree.generation,
+                    st.st_ino,
+                    tree_recorded_ino(fd.as_fd()),
+                ))
+            }
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            LowerPart::Image { inode, .. } => inode.size,
+            LowerPart::Tree { st, .. } => st.st_size as u64,
+        }
+    }
+
+    pub fn attr(&self, ino: u64) -> Attr {
+        match self {
+            LowerPart::Image { inode: i, .. } => {
+                let t = Timestamp {
+                    sec: i.mtime,
+                    nsec: i.mtime_nsec,
+                };
+                Attr {
+                    ino,
+                    size: i.size,
+                    blocks: i.size.div_ceil(512),
+                    atime: t,
+                    mtime: t,
+                    ctime: t,
+                    kind: kind_of_type(i.file_type),
+                    perm: i.mode & 0o7777,
+                    nlink: i.nlink,
+                    uid: i.uid,
+                    gid: i.gid,
+                    rdev: i.rdev,
+                    blksize: 4096,
+                }
+            }
+            LowerPart::Tree { st, .. } => {
+                let ts = |sec: i64, nsec: i64| Timestamp {
+                    sec,
+                    nsec: nsec as u32,
+                };
+                Attr {
+                    ino,
+                    size: st.st_size as u64,
+                    blocks: st.st_blocks as u64,
+                    atime: ts(st.st_atime, st.st_atime_nsec),
+                    mtime: ts(st.st_mtime, st.st_mtime_nsec),
+                    ctime: ts(st.st_ctime, st.st_ctime_nsec),
+                    kind: FileKind::from_mode(st.st_mode),
+                    perm: (st.st_mode & 0o7777) as u16,
+                    nlink: st.st_nlink as u32,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    rdev: st.st_rdev,
+                    blksize: st.st_blksize as u32,
+                }
+            }
+        }
+    }
+
+    /// Every entry of this directory except "." and "..".
+    pub fn entries(&self) -> SysResult<Vec<(Vec<u8>, LowerPart)>> {
+        match self {
+            LowerPart::Image { layer, inode } => layer
+                .entries(inode)?
+                .into_iter()
+                .map(|(name, nid, _)| {
+                    Ok((
+                        name,
+                        LowerPart::Image {
+                            layer: layer.clone(),
+                            inode: layer.inode(nid)?,
+                        },
+                    ))
+                })
+                .collect(),
+            LowerPart::Tree { fd, .. } => {
+                let dfd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let mut out = Vec::new();
+                let mut pos = 0;
+                loop {
+                    let batch = sys::read_dir_at(dfd.as_fd(), pos, 64 * 1024)?;
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for e in batch {
+                        pos = e.off;
+                        if e.name == b"." || e.name == b".." {
+                            continue;
+                        }
+                        if let Some(child) = self.lookup(&e.name)? {
+                            out.push((e.name, child));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub fn readlink(&self) -> SysResult<Vec<u8>> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.readlink(inode),
+            LowerPart::Tree { fd, .. } => sys::readlink_fd(fd.as_fd()),
+        }
+    }
+
+    /// User-visible xattrs.
+    pub fn xattrs(&self) -> SysResult<Vec<Xattr>> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.xattrs(inode),
+            LowerPart::Tree { fd, .. } => Ok(tree_raw_xattrs(fd.as_fd())?
+                .into_iter()
+                .filter_map(|(n, v)| markers::unescape_xattr(&n).map(|n| (n, v)))
+                .collect()),
+        }
+    }
+
+    /// Stored xattrs (markers and escapes as they are), without the inode number.
+    pub fn raw_xattrs(&self) -> SysResult<Vec<Xattr>> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.raw_xattrs(inode),
+            LowerPart::Tree { fd, .. } => tree_raw_xattrs(fd.as_fd()),
+        }
+    }
+
+    /// Reads file data; returns the bytes read (short at end of file).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> SysResult<usize> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.read(inode, offset, buf),
+            LowerPart::Tree { fd, .. } => {
+                let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
+                let mut done = 0;
+                while done < buf.len() {
+                    let n = sys::pread(f.as_fd(), &mut buf[done..], offset + done as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    /// First data (or hole) offset at or after `offset`; `None` past the end.
+    pub fn seek(&self, offset: u64, data: bool) -> SysResult<Option<u64>> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.seek(inode, offset, data),
+            LowerPart::Tree { fd, .. } => {
+                let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
+                let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+                match sys::lseek(f.as_fd(), offset as i64, whence) {
+                    Ok(o) => Ok(Some(o as u64)),
+                    Err(Errno(libc::ENXIO)) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// A descriptor to read this file's data from, when it lives on the SSD.
+    pub fn tree_fd(&self) -> Option<&Arc<OwnedFd>> {
+        match self {
+            LowerPart::Tree { fd, .. } => Some(fd),
+            LowerPart::Image { .. } => None,
+        }
+    }
+
+    pub fn perm(&self) -> u32 {
+        self.attr(0).perm as u32
+    }
+}
