@@ -373,17 +373,20 @@ impl ChunkCache {
             .collect()
     }
 
-    /// Drops every damaged entry; returns what was dropped.
+    /// Drops every damaged entry (counted as `corrupt`); returns what was dropped.
     pub fn repair(&self) -> Vec<ChunkProblem> {
         let problems = self.find_problems();
         let mut index = self.lock();
-        problems
+        let dropped: Vec<ChunkProblem> = problems
             .into_iter()
             .filter(|(p, generation)| {
                 self.drop_if_current(&mut index, (p.image, p.offset), *generation)
             })
             .map(|(problem, _)| problem)
-            .collect()
+            .collect();
+        self.corrupt
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        dropped
     }
 
     fn find_problems(&self) -> Vec<(ChunkProblem, u64)> {
@@ -431,7 +434,7 @@ impl ChunkCache {
     }
 
     fn check_offset(&self, offset: u64) -> Result<()> {
-        if offset % self.unit != 0 {
+        if !offset.is_multiple_of(self.unit) {
             return Err(invalid(
                 format!("chunk cache offset {offset}"),
                 format!("not a multiple of the unit {}", self.unit),
@@ -822,7 +825,7 @@ fn scan_entries(dir: &Path, unit: u64) -> Result<Vec<(u64, Key, u64)>> {
             let plausible = meta.is_file()
                 && meta.len() > CHUNK_HEADER_LEN
                 && len <= unit
-                && offset.is_some_and(|o| o % unit == 0);
+                && offset.is_some_and(|o| o.is_multiple_of(unit));
             match offset {
                 Some(offset) if plausible => {
                     found.push((mtime_ns(&meta), (image, offset), len));
