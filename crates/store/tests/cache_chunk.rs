@@ -163,7 +163,7 @@ fn damaged_entry_is_a_miss(damage: impl Fn(&Path), len: usize) {
     let path = entry_path(dir.path(), 5, UNIT);
     damage(&path);
     let mut buf = vec![0u8; len];
-    let got = if len % 2 == 0 {
+    let got = if len.is_multiple_of(2) {
         cache.get(5, UNIT).unwrap()
     } else {
         cache
