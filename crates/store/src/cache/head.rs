@@ -611,9 +611,10 @@ pub struct MergeInput<'a> {
 }
 
 /// Writes the head cache of a merged layer to `output`. Inputs are in precedence order
-/// (newest layer first): when several map to the same new key, the first one's head is
-/// kept. Heads longer than `head_size` are cut to it (a shorter prefix is still the head).
-/// A damaged input gives an error naming that input's file and key; nothing is published.
+/// (newest layer first): when several entries map to the same new key, the first input's
+/// is kept, and within one input the one with the smallest old key. Heads longer than
+/// `head_size` are cut to it (a shorter prefix is still the head). A damaged input gives an
+/// error naming that input's file and key; nothing is published.
 pub fn merge_heads(
     output: &Path,
     layer_id: u64,
