@@ -286,7 +286,8 @@ impl ChunkCache {
     /// Stores `data` as the entry at (image, offset), replacing any previous one, and evicts
     /// the least recently used entries beyond the capacity. `offset` must be a multiple of the
     /// unit and `data` 1..=unit bytes long. A no-op when the cache is disabled or the entry
-    /// alone is larger than the capacity.
+    /// alone is larger than the capacity. An error (a full or failing SSD) leaves the cache
+    /// as it was; a reader should log it and carry on with the bytes it fetched.
     pub fn put(&self, image: u64, offset: u64, data: &[u8]) -> Result<()> {
         self.check_offset(offset)?;
         let len = data.len() as u64;
