@@ -2,6 +2,7 @@
 //! serves. Archived layers, sealing, merging and caches build on these.
 
 pub mod archive;
+pub mod cache;
 pub mod config;
 pub mod layout;
 pub mod manifest;

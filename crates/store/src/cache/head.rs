@@ -1,0 +1,695 @@
+//! `HeadCache`: the first `head_size` bytes of every archived regular file of one layer, in
+//! one immutable file on the SSD.
+//!
+//! Layout (little endian):
+//!
+//! ```text
+//! 0       header, 64 bytes: magic "SPNFSHED", version u32, head_size u32, layer id u64,
+//!         count u64, index offset u64, data length u64, CRC32C of the fence u32,
+//!         8 reserved bytes, CRC32C of the 60 bytes before it
+//! 64      data: the heads, back to back
+//! index   (4 KiB aligned) index blocks of 4096 bytes: up to 170 entries {key u64, file offset
+//!         u64, length u32, CRC32C of the head u32} sorted by key, zero padding, and the
+//!         block's CRC32C in its last 4 bytes
+//! fence   one u64 per index block: the block's first key
+//! ```
+//!
+//! Opening reads the header and the fence (8 bytes per 170 files: 470 KiB for ten million
+//! files) and verifies both; a lookup is a binary search of the fence in memory, one 4 KiB
+//! block read and checked, and one read of the head, checked. So memory stays small, opening
+//! is fast for any layer size, and nothing unchecked is ever returned. The file is written
+//! data first (heads stream straight to disk; only the 24-byte index entries are held in
+//! memory to be sorted), then the index, fence and header, fsync'ed and renamed into place.
+
+use super::bytes::{get_u32, get_u64, put_u32, put_u64};
+use super::{CacheError, Result, invalid, io_err};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Size of one index block.
+pub const HEAD_INDEX_BLOCK: u64 = 4096;
+/// Largest head size accepted.
+pub const MAX_HEAD_SIZE: u64 = 64 << 20;
+
+const MAGIC: &[u8; 8] = b"SPNFSHED";
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 64;
+const ENTRY_LEN: usize = 24;
+const PER_BLOCK: usize = (HEAD_INDEX_BLOCK as usize - 4) / ENTRY_LEN;
+/// The writer builds the file under this suffix next to its final name.
+const PARTIAL_SUFFIX: &str = ".head-partial";
+
+/// What [`HeadCacheWriter::finish`] (or [`merge_heads`]) wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadCacheInfo {
+    pub path: PathBuf,
+    pub layer_id: u64,
+    pub head_size: u64,
+    pub count: u64,
+    /// Bytes of head data.
+    pub data_bytes: u64,
+    /// Size of the whole file.
+    pub file_bytes: u64,
+}
+
+/// A damaged part of a head cache file, as found by [`HeadCache::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadProblem {
+    pub path: PathBuf,
+    /// The entry concerned, when the damage is confined to one.
+    pub key: Option<u64>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for HeadProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.key {
+            Some(key) => write!(
+                f,
+                "head cache {} key {key}: {}",
+                self.path.display(),
+                self.reason
+            ),
+            None => write!(f, "head cache {}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexEntry {
+    key: u64,
+    offset: u64,
+    len: u32,
+    crc: u32,
+}
+
+impl IndexEntry {
+    fn encode(&self, out: &mut [u8]) {
+        put_u64(out, 0, self.key);
+        put_u64(out, 8, self.offset);
+        put_u32(out, 16, self.len);
+        put_u32(out, 20, self.crc);
+    }
+
+    fn decode(b: &[u8]) -> IndexEntry {
+        IndexEntry {
+            key: get_u64(b, 0),
+            offset: get_u64(b, 8),
+            len: get_u32(b, 16),
+            crc: get_u32(b, 20),
+        }
+    }
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(PARTIAL_SUFFIX);
+    path.with_file_name(name)
+}
+
+fn check_head_size(head_size: u64) -> Result<u32> {
+    if head_size == 0 || head_size > MAX_HEAD_SIZE {
+        return Err(invalid(
+            format!("head size {head_size}"),
+            format!("must be between 1 and {MAX_HEAD_SIZE} bytes"),
+        ));
+    }
+    Ok(head_size as u32)
+}
+
+/// Writes the head cache file of one layer, once, at seal time.
+pub struct HeadCacheWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    layer_id: u64,
+    head_size: u32,
+    entries: Vec<IndexEntry>,
+    data_len: u64,
+    sorted: bool,
+    done: bool,
+}
+
+impl HeadCacheWriter {
+    /// Starts a head cache that will appear at `path` when finished. Work in progress is kept
+    /// at `path` + `.head-partial` (replaced if a crash left one; see [`remove_partial_heads`]).
+    pub fn create(path: &Path, layer_id: u64, head_size: u64) -> Result<HeadCacheWriter> {
+        let head_size = check_head_size(head_size)?;
+        let tmp = partial_path(path);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        // The header is written last; until then the file starts with zeros, never valid.
+        out.write_all(&[0u8; HEADER_LEN as usize])
+            .map_err(io_err("write", &tmp))?;
+        Ok(HeadCacheWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out,
+            layer_id,
+            head_size,
+            entries: Vec::new(),
+            data_len: 0,
+            sorted: true,
+            done: false,
+        })
+    }
+
+    /// Adds the head of the file with `key` (its nid in the layer's image): at most
+    /// `head_size` bytes, fewer (or none) for a smaller file. Keys may come in any order but
+    /// must be distinct ([`finish`](Self::finish) rejects duplicates).
+    pub fn add(&mut self, key: u64, data: &[u8]) -> Result<()> {
+        if data.len() as u64 > u64::from(self.head_size) {
+            return Err(invalid(
+                format!("head of key {key} for {}", self.path.display()),
+                format!(
+                    "{} bytes exceed the head size {}",
+                    data.len(),
+                    self.head_size
+                ),
+            ));
+        }
+        if self.entries.last().is_some_and(|last| last.key >= key) {
+            self.sorted = false;
+        }
+        self.out
+            .write_all(data)
+            .map_err(io_err("write", &self.tmp))?;
+        self.entries.push(IndexEntry {
+            key,
+            offset: HEADER_LEN + self.data_len,
+            len: data.len() as u32,
+            crc: crc32c::crc32c(data),
+        });
+        self.data_len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Writes index, fence and header, makes the file durable and publishes it at its path.
+    pub fn finish(mut self) -> Result<HeadCacheInfo> {
+        let tmp = self.tmp.clone();
+        let io = |op| io_err(op, &tmp);
+        if !self.sorted {
+            self.entries.sort_by_key(|e| e.key);
+        }
+        if let Some(w) = self.entries.windows(2).find(|w| w[0].key == w[1].key) {
+            return Err(invalid(
+                format!("head cache {}", self.path.display()),
+                format!("key {} added twice", w[0].key),
+            ));
+        }
+        let index_off = (HEADER_LEN + self.data_len).next_multiple_of(HEAD_INDEX_BLOCK);
+        let pad = index_off - HEADER_LEN - self.data_len;
+        self.out
+            .write_all(&vec![0u8; pad as usize])
+            .map_err(io("write"))?;
+        let mut fence = Vec::with_capacity(self.entries.len().div_ceil(PER_BLOCK) * 8);
+        let mut block = vec![0u8; HEAD_INDEX_BLOCK as usize];
+        for chunk in self.entries.chunks(PER_BLOCK) {
+            block.fill(0);
+            for (i, e) in chunk.iter().enumerate() {
+                e.encode(&mut block[i * ENTRY_LEN..]);
+            }
+            let crc = crc32c::crc32c(&block[..HEAD_INDEX_BLOCK as usize - 4]);
+            put_u32(&mut block, HEAD_INDEX_BLOCK as usize - 4, crc);
+            self.out.write_all(&block).map_err(io("write"))?;
+            fence.extend_from_slice(&chunk[0].key.to_le_bytes());
+        }
+        self.out.write_all(&fence).map_err(io("write"))?;
+        self.out.flush().map_err(io("write"))?;
+
+        let count = self.entries.len() as u64;
+        let blocks = count.div_ceil(PER_BLOCK as u64);
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[..8].copy_from_slice(MAGIC);
+        put_u32(&mut h, 8, VERSION);
+        put_u32(&mut h, 12, self.head_size);
+        put_u64(&mut h, 16, self.layer_id);
+        put_u64(&mut h, 24, count);
+        put_u64(&mut h, 32, index_off);
+        put_u64(&mut h, 40, self.data_len);
+        put_u32(&mut h, 48, crc32c::crc32c(&fence));
+        let crc = crc32c::crc32c(&h[..60]);
+        put_u32(&mut h, 60, crc);
+        let file = self.out.get_ref();
+        file.write_all_at(&h, 0).map_err(io("write"))?;
+        file.sync_all().map_err(io("sync"))?;
+        fs::rename(&self.tmp, &self.path).map_err(io_err("rename into", &self.path))?;
+        self.done = true;
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("sync", dir))?;
+        Ok(HeadCacheInfo {
+            path: self.path.clone(),
+            layer_id: self.layer_id,
+            head_size: u64::from(self.head_size),
+            count,
+            data_bytes: self.data_len,
+            file_bytes: index_off + blocks * (HEAD_INDEX_BLOCK + 8),
+        })
+    }
+}
+
+impl Drop for HeadCacheWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Removes the work in progress of head cache writers interrupted by a crash in `dir`;
+/// returns how many files were removed.
+pub fn remove_partial_heads(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).map_err(io_err("read directory", dir))? {
+        let entry = entry.map_err(io_err("read directory", dir))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(PARTIAL_SUFFIX))
+        {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// An open, read-only head cache of one layer. Thread-safe (positional reads only).
+#[derive(Debug)]
+pub struct HeadCache {
+    path: PathBuf,
+    file: File,
+    layer_id: u64,
+    head_size: u32,
+    count: u64,
+    data_len: u64,
+    index_off: u64,
+    /// First key of every index block.
+    fence: Vec<u64>,
+}
+
+impl HeadCache {
+    /// Opens `path`, checking the header, the file size and the fence.
+    pub fn open(path: &Path) -> Result<HeadCache> {
+        let corrupt = |reason: String| CacheError::HeadCorrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(io_err("open", path))?;
+        let size = file.metadata().map_err(io_err("stat", path))?.len();
+        let mut h = [0u8; HEADER_LEN as usize];
+        read_exact_at(&file, &mut h, 0, path).map_err(|e| match e {
+            ReadFail::Short => corrupt(format!("file is {size} bytes, shorter than its header")),
+            ReadFail::Io(e) => e,
+        })?;
+        if &h[..8] != MAGIC {
+            return Err(corrupt("bad magic".into()));
+        }
+        if crc32c::crc32c(&h[..60]) != get_u32(&h, 60) {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        let version = get_u32(&h, 8);
+        if version != VERSION {
+            return Err(CacheError::HeadVersion {
+                path: path.to_path_buf(),
+                found: version,
+                expected: VERSION,
+            });
+        }
+        let head_size = get_u32(&h, 12);
+        let count = get_u64(&h, 24);
+        let index_off = get_u64(&h, 32);
+        let data_len = get_u64(&h, 40);
+        let blocks = count.div_ceil(PER_BLOCK as u64);
+        let expected_size = HEADER_LEN
+            .checked_add(data_len)
+            .map(|end| end.next_multiple_of(HEAD_INDEX_BLOCK))
+            .filter(|&off| off == index_off)
+            .and_then(|off| blocks.checked_mul(HEAD_INDEX_BLOCK + 8)?.checked_add(off));
+        if head_size == 0 || expected_size != Some(size) {
+            return Err(corrupt(format!(
+                "header (count {count}, data {data_len} bytes, index at {index_off}) does not \
+                 match the file size {size}"
+            )));
+        }
+        let mut fence_bytes = vec![0u8; (blocks * 8) as usize];
+        read_exact_at(
+            &file,
+            &mut fence_bytes,
+            index_off + blocks * HEAD_INDEX_BLOCK,
+            path,
+        )
+        .map_err(|e| match e {
+            ReadFail::Short => corrupt("truncated fence".into()),
+            ReadFail::Io(e) => e,
+        })?;
+        if crc32c::crc32c(&fence_bytes) != get_u32(&h, 48) {
+            return Err(corrupt("fence checksum mismatch".into()));
+        }
+        let fence: Vec<u64> = fence_bytes.chunks(8).map(|b| get_u64(b, 0)).collect();
+        if fence.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(corrupt("fence keys out of order".into()));
+        }
+        Ok(HeadCache {
+            path: path.to_path_buf(),
+            file,
+            layer_id: get_u64(&h, 16),
+            head_size,
+            count,
+            data_len,
+            index_off,
+            fence,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layer_id(&self) -> u64 {
+        self.layer_id
+    }
+
+    pub fn head_size(&self) -> u64 {
+        u64::from(self.head_size)
+    }
+
+    /// Number of heads held.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The head of `key`, verified; `None` if the layer holds no head for it.
+    pub fn get(&self, key: u64) -> Result<Option<Vec<u8>>> {
+        let Some(entry) = self.lookup(key)? else {
+            return Ok(None);
+        };
+        self.read_head(&entry).map(Some)
+    }
+
+    /// Copies the head of `key` from `offset` into `buf`; returns the number of bytes copied
+    /// (0 at or past the head's end), or `None` if the layer holds no head for it.
+    pub fn read(&self, key: u64, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        let Some(head) = self.get(key)? else {
+            return Ok(None);
+        };
+        let start = offset.min(head.len() as u64) as usize;
+        let n = (head.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&head[start..start + n]);
+        Ok(Some(n))
+    }
+
+    /// All keys, in ascending order (reads and checks the whole index).
+    pub fn keys(&self) -> Result<Vec<u64>> {
+        Ok(self.read_index()?.into_iter().map(|e| e.key).collect())
+    }
+
+    /// Reads and checks the whole file: every index block, the order of keys, the fence and
+    /// every head's checksum.
+    pub fn verify(&self) -> Vec<HeadProblem> {
+        let mut problems = Vec::new();
+        let problem = |key: Option<u64>, reason: String| HeadProblem {
+            path: self.path.clone(),
+            key,
+            reason,
+        };
+        let mut previous: Option<u64> = None;
+        for b in 0..self.fence.len() {
+            let entries = match self.read_block(b) {
+                Ok(entries) => entries,
+                Err(reason) => {
+                    problems.push(problem(None, reason));
+                    continue;
+                }
+            };
+            for e in entries {
+                if previous.is_some_and(|p| p >= e.key) {
+                    problems.push(problem(
+                        Some(e.key),
+                        format!("index block {b}: key out of order"),
+                    ));
+                }
+                previous = Some(e.key);
+                if let Err(reason) = self.check_bounds(&e) {
+                    problems.push(problem(Some(e.key), reason));
+                    continue;
+                }
+                if let Err(err) = self.read_head(&e) {
+                    let reason = match err {
+                        CacheError::HeadEntryCorrupt { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    problems.push(problem(Some(e.key), reason));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Opens and verifies `path`, reporting a file that cannot be opened as one problem.
+    pub fn verify_file(path: &Path) -> Vec<HeadProblem> {
+        match HeadCache::open(path) {
+            Ok(cache) => cache.verify(),
+            Err(e) => vec![HeadProblem {
+                path: path.to_path_buf(),
+                key: None,
+                reason: e.to_string(),
+            }],
+        }
+    }
+
+    fn entry_error(&self, key: u64, reason: String) -> CacheError {
+        CacheError::HeadEntryCorrupt {
+            path: self.path.clone(),
+            key,
+            reason,
+        }
+    }
+
+    fn lookup(&self, key: u64) -> Result<Option<IndexEntry>> {
+        let b = self.fence.partition_point(|&first| first <= key);
+        if b == 0 {
+            return Ok(None);
+        }
+        let entries = self
+            .read_block(b - 1)
+            .map_err(|reason| self.entry_error(key, reason))?;
+        match entries.binary_search_by_key(&key, |e| e.key) {
+            Ok(i) => {
+                let e = entries[i];
+                self.check_bounds(&e)
+                    .map_err(|reason| self.entry_error(key, reason))?;
+                Ok(Some(e))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Reads index block `b`, checking its CRC and that it starts with its fence key.
+    fn read_block(&self, b: usize) -> std::result::Result<Vec<IndexEntry>, String> {
+        let mut block = vec![0u8; HEAD_INDEX_BLOCK as usize];
+        let at = self.index_off + b as u64 * HEAD_INDEX_BLOCK;
+        read_exact_at(&self.file, &mut block, at, &self.path).map_err(|e| match e {
+            ReadFail::Short => format!("index block {b} truncated"),
+            ReadFail::Io(e) => format!("index block {b}: {e}"),
+        })?;
+        let recorded = get_u32(&block, HEAD_INDEX_BLOCK as usize - 4);
+        if crc32c::crc32c(&block[..HEAD_INDEX_BLOCK as usize - 4]) != recorded {
+            return Err(format!("index block {b} checksum mismatch"));
+        }
+        let n = if b + 1 == self.fence.len() {
+            (self.count - b as u64 * PER_BLOCK as u64) as usize
+        } else {
+            PER_BLOCK
+        };
+        let entries: Vec<IndexEntry> = (0..n)
+            .map(|i| IndexEntry::decode(&block[i * ENTRY_LEN..]))
+            .collect();
+        if entries.first().map(|e| e.key) != Some(self.fence[b]) {
+            return Err(format!("index block {b} does not start with its fence key"));
+        }
+        if entries.windows(2).any(|w| w[0].key >= w[1].key) {
+            return Err(format!("index block {b} keys out of order"));
+        }
+        Ok(entries)
+    }
+
+    fn check_bounds(&self, e: &IndexEntry) -> std::result::Result<(), String> {
+        let end = e.offset.checked_add(u64::from(e.len));
+        if e.len > self.head_size
+            || e.offset < HEADER_LEN
+            || end.is_none_or(|end| end > HEADER_LEN + self.data_len)
+        {
+            return Err(format!(
+                "index entry (offset {}, length {}) outside the data",
+                e.offset, e.len
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_head(&self, e: &IndexEntry) -> Result<Vec<u8>> {
+        let mut data = vec![0u8; e.len as usize];
+        read_exact_at(&self.file, &mut data, e.offset, &self.path).map_err(|err| match err {
+            ReadFail::Short => self.entry_error(e.key, "head data truncated".into()),
+            ReadFail::Io(err) => err,
+        })?;
+        let crc = crc32c::crc32c(&data);
+        if crc != e.crc {
+            return Err(self.entry_error(
+                e.key,
+                format!(
+                    "head checksum mismatch (recorded {:08x}, computed {crc:08x})",
+                    e.crc
+                ),
+            ));
+        }
+        Ok(data)
+    }
+
+    fn read_index(&self) -> Result<Vec<IndexEntry>> {
+        let mut all = Vec::with_capacity(self.count as usize);
+        for b in 0..self.fence.len() {
+            let entries = self
+                .read_block(b)
+                .map_err(|reason| CacheError::HeadCorrupt {
+                    path: self.path.clone(),
+                    reason,
+                })?;
+            for e in entries {
+                self.check_bounds(&e)
+                    .map_err(|reason| self.entry_error(e.key, reason))?;
+                all.push(e);
+            }
+        }
+        Ok(all)
+    }
+}
+
+enum ReadFail {
+    Short,
+    Io(CacheError),
+}
+
+fn read_exact_at(
+    file: &File,
+    buf: &mut [u8],
+    at: u64,
+    path: &Path,
+) -> std::result::Result<(), ReadFail> {
+    file.read_exact_at(buf, at).map_err(|e| {
+        if e.kind() == ErrorKind::UnexpectedEof {
+            ReadFail::Short
+        } else {
+            ReadFail::Io(io_err("read", path)(e))
+        }
+    })
+}
+
+/// One input of [`merge_heads`]: a layer's head cache and the mapping of its keys (nids in
+/// the input image) to keys of the merged image; `None` drops the entry.
+pub struct MergeInput<'a> {
+    pub cache: &'a HeadCache,
+    pub key_map: &'a dyn Fn(u64) -> Option<u64>,
+}
+
+/// Writes the head cache of a merged layer to `output`. Inputs are in precedence order
+/// (newest layer first): when several entries map to the same new key, the first input's
+/// is kept, and within one input the one with the smallest old key. Heads longer than
+/// `head_size` are cut to it (a shorter prefix is still the head). A damaged input gives an
+/// error naming that input's file and key; nothing is published.
+pub fn merge_heads(
+    output: &Path,
+    layer_id: u64,
+    head_size: u64,
+    inputs: &[MergeInput<'_>],
+) -> Result<HeadCacheInfo> {
+    let mut chosen: Vec<(u64, usize, IndexEntry)> = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        for e in input.cache.read_index()? {
+            if let Some(new_key) = (input.key_map)(e.key) {
+                chosen.push((new_key, i, e));
+            }
+        }
+    }
+    chosen.sort_by_key(|&(new_key, i, _)| (new_key, i));
+    chosen.dedup_by_key(|&mut (new_key, _, _)| new_key);
+    let mut writer = HeadCacheWriter::create(output, layer_id, head_size)?;
+    for (new_key, i, e) in chosen {
+        let head = inputs[i].cache.read_head(&e)?;
+        let keep = head.len().min(head_size as usize);
+        writer.add(new_key, &head[..keep])?;
+    }
+    writer.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(dir: &Path, heads: &[(u64, Vec<u8>)]) -> PathBuf {
+        let path = dir.join("heads");
+        let mut w = HeadCacheWriter::create(&path, 3, 64).unwrap();
+        for (k, d) in heads {
+            w.add(*k, d).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn round_trip_across_block_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let heads: Vec<(u64, Vec<u8>)> = (0..(PER_BLOCK as u64 * 3 + 5))
+            .rev()
+            .map(|k| (k * 7, vec![k as u8; (k % 65) as usize]))
+            .collect();
+        let path = build(dir.path(), &heads);
+        let cache = HeadCache::open(&path).unwrap();
+        assert_eq!(cache.len(), heads.len() as u64);
+        assert_eq!(cache.fence.len(), 4);
+        for (k, d) in &heads {
+            assert_eq!(cache.get(*k).unwrap().as_ref(), Some(d), "key {k}");
+            assert_eq!(cache.get(k + 1).unwrap(), None);
+        }
+        assert!(cache.verify().is_empty());
+        assert!(!partial_path(&path).exists());
+    }
+
+    #[test]
+    fn empty_cache_and_rejected_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = build(dir.path(), &[]);
+        let cache = HeadCache::open(&path).unwrap();
+        assert!(cache.is_empty());
+        assert_eq!(cache.get(0).unwrap(), None);
+        assert!(HeadCacheWriter::create(&path, 1, 0).is_err());
+        let mut w = HeadCacheWriter::create(&dir.path().join("x"), 1, 4).unwrap();
+        assert!(w.add(1, &[0; 5]).is_err());
+        w.add(1, b"ab").unwrap();
+        w.add(1, b"cd").unwrap();
+        assert!(matches!(
+            w.finish(),
+            Err(CacheError::InvalidArgument { .. })
+        ));
+        assert!(!dir.path().join("x").exists());
+        assert!(!partial_path(&dir.path().join("x")).exists());
+    }
+}
