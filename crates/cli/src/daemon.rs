@@ -3,6 +3,8 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use spinfs_fuse::{MountConfig, SpinFs};
+use spinfs_store::archiver::Archiver;
+use spinfs_store::status::{status_json, tree_usage};
 use spinfs_store::{Store, Volume};
 use std::ffi::CString;
 use std::fs::File;
@@ -99,42 +101,71 @@ pub fn mount(a: MountArgs) -> Result<ExitCode> {
         }
     }
     init_logging(a.foreground);
-    let result = serve(&mut store, &mnt, &cfg, &mut status_pipe);
+    let result = serve(store, &mnt, &cfg, &mut status_pipe);
     if let Err(e) = &result
         && let Some(p) = status_pipe.as_mut()
     {
         let _ = write!(p, "{e:#}");
     }
     result?;
-    drop(store);
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(
-    store: &mut Store,
-    mnt: &Path,
-    cfg: &MountConfig,
-    status: &mut Option<File>,
-) -> Result<()> {
+fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<File>) -> Result<()> {
     // SAFETY: umask only affects this process; modes from the kernel are already final.
     unsafe { libc::umask(0) };
     raise_fd_limit();
+    // Before any other thread exists, so that all of them inherit the blocked signals.
+    spawn_signal_handler(mnt.to_path_buf());
     store.recover()?;
     let upper = store.manifest().upper_gen;
     let tree = store.layout().generation_tree(upper);
     let work = store.layout().generation_work(upper);
     let lowers = store.open_layers()?;
-    let vol = Volume::new(&tree, &work, upper, lowers)
-        .with_context(|| format!("cannot open the writable layer {}", tree.display()))?;
-    let fs = SpinFs::new(Arc::new(vol), cfg.passthrough);
-    spawn_signal_handler(mnt.to_path_buf());
-    tracing::info!(store = %store.layout().root().display(), mountpoint = %mnt.display(), "mounting");
+    let vol = Arc::new(
+        Volume::new(&tree, &work, upper, lowers)
+            .with_context(|| format!("cannot open the writable layer {}", tree.display()))?,
+    );
+    let usage = tree_usage(&tree).with_context(|| format!("cannot measure {}", tree.display()))?;
+    vol.set_upper_bytes(usage.bytes);
+    let layout = store.layout().clone();
+    let config = store.config().clone();
+    let reader = store.reader()?;
+    let cache = store.chunk_cache()?;
+    let archiver = Archiver::start(store, vol.clone());
+    let status_fn = {
+        let archiver = archiver.clone();
+        let layout = layout.clone();
+        Arc::new(move || {
+            let manifest = archiver.manifest();
+            let upper = tree_usage(&layout.generation_tree(manifest.upper_gen)).unwrap_or_default();
+            let frozen = manifest
+                .frozen
+                .as_ref()
+                .and_then(|f| tree_usage(&layout.generation_tree(f.generation)).ok());
+            status_json(
+                &manifest,
+                &config,
+                true,
+                upper,
+                frozen,
+                reader.stats(),
+                cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
+            )
+        })
+    };
+    spinfs_store::control::serve(&layout, archiver.clone(), status_fn)
+        .with_context(|| format!("cannot create {}", layout.control_socket().display()))?;
+    let fs = SpinFs::new(vol, cfg.passthrough);
+    tracing::info!(store = %layout.root().display(), mountpoint = %mnt.display(), "mounting");
     fs.mount(mnt, cfg, || {
         if let Some(mut p) = status.take() {
             let _ = p.write_all(b"ok");
         }
     })
     .with_context(|| format!("cannot mount on {}", mnt.display()))?;
+    archiver.shutdown();
+    let _ = std::fs::remove_file(layout.control_socket());
     tracing::info!("unmounted; daemon exits");
     Ok(())
 }

@@ -130,7 +130,31 @@ fn mkfs(a: MkfsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn archive(store: &std::path::Path) -> Result<ExitCode> {
+fn archive(store: &std::path::Path, wait: bool) -> Result<ExitCode> {
+    if spinfs_store::store::store_in_use(store).is_some() {
+        let v = spinfs_store::control::call(
+            store,
+            &serde_json::json!({"cmd": "archive", "wait": wait}),
+            None,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if let Some(s) = v.get("sealed") {
+            println!(
+                "sealed layer {} ({} files, {})",
+                s["layer"],
+                s["files"],
+                spinfs_store::format_size(s["bytes"].as_u64().unwrap_or(0))
+            );
+        } else if v.get("empty").is_some() {
+            println!(
+                "nothing to archive: the writable layer of {} is empty",
+                store.display()
+            );
+        } else {
+            println!("seal of {} requested", store.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut s = Store::open(store)?;
     match s.archive()? {
         Some(layer) => println!(
@@ -186,7 +210,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => daemon::mount(a),
         Command::Umount { mountpoint } => daemon::umount(&mountpoint),
         Command::Status { store, json } => status::run(&store, json),
-        Command::Archive { store, wait: _ } => archive(&store),
+        Command::Archive { store, wait } => archive(&store, wait),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Media(cmd) => media_cmd::run(cmd),
     };

@@ -1,6 +1,7 @@
 //! Archived layers as the volume reads them: a meta image on the SSD and blob devices on the
 //! media, read through the media reader (only the objects a range needs).
 
+use crate::cache::{ChunkCache, HeadCache};
 use crate::layout::StoreLayout;
 use crate::manifest::{LayerRecord, Manifest};
 use crate::markers::{OPAQUE_XATTR, REALDEV_XATTR, unescape_xattr};
@@ -19,6 +20,7 @@ pub struct ArchivedLayer {
     pub id: u64,
     image: Image<File>,
     blobs: BlobDevices,
+    heads: Option<HeadCache>,
 }
 
 struct BlobDevices {
@@ -26,6 +28,19 @@ struct BlobDevices {
     devices: Vec<ImageExtents>,
     reader: Arc<MediumReader>,
     timeout: Option<std::time::Duration>,
+    cache: Option<Arc<ChunkCache>>,
+}
+
+impl BlobDevices {
+    fn fetch(&self, extents: &ImageExtents, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let opts = ReadOptions {
+            timeout: self.timeout,
+            ..ReadOptions::default()
+        };
+        self.reader
+            .read(extents, offset, len, opts)
+            .map_err(std::io::Error::other)
+    }
 }
 
 impl DeviceReader for BlobDevices {
@@ -39,15 +54,42 @@ impl DeviceReader for BlobDevices {
                 self.layer
             )));
         };
-        let opts = ReadOptions {
-            timeout: self.timeout,
-            ..ReadOptions::default()
+        let Some(cache) = &self.cache else {
+            let data = self.fetch(extents, offset, buf.len() as u64)?;
+            buf.copy_from_slice(&data);
+            return Ok(());
         };
-        let data = self
-            .reader
-            .read(extents, offset, buf.len() as u64, opts)
-            .map_err(std::io::Error::other)?;
-        buf.copy_from_slice(&data);
+        // Unit by unit through the chunk cache: hits from the SSD, misses fetched whole
+        // (only the objects covering the unit) and kept.
+        let unit = cache.unit();
+        let blob = extents.image.id;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let start = pos - pos % unit;
+            let within = pos - start;
+            let want = (buf.len() - done).min((unit - within) as usize);
+            let part = &mut buf[done..done + want];
+            match cache.read(blob, start, within, part) {
+                Ok(Some(n)) if n == want => {}
+                _ => {
+                    let len = unit.min(extents.length.saturating_sub(start));
+                    let data = self.fetch(extents, start, len)?;
+                    let end = within as usize + want;
+                    if end > data.len() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("layer {}: read past the end of blob {blob}", self.layer),
+                        ));
+                    }
+                    part.copy_from_slice(&data[within as usize..end]);
+                    if let Err(e) = cache.put(blob, start, &data) {
+                        tracing::warn!("chunk cache: {e}");
+                    }
+                }
+            }
+            done += want;
+        }
         Ok(())
     }
 }
@@ -66,6 +108,7 @@ impl ArchivedLayer {
         record: &LayerRecord,
         reader: Arc<MediumReader>,
         timeout: Option<std::time::Duration>,
+        cache: Option<Arc<ChunkCache>>,
     ) -> Result<ArchivedLayer, String> {
         let path = layout.layer_meta(record.id);
         let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -81,6 +124,19 @@ impl ArchivedLayer {
                     .ok_or_else(|| format!("layer {}: blob {id} is not in the manifest", record.id))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let heads_path = layout.layer_heads(record.id);
+        let heads = if heads_path.exists() {
+            match HeadCache::open(&heads_path) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    // Reads fall back to the media; fsck --repair rebuilds the file.
+                    tracing::error!(layer = record.id, "head cache unusable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(ArchivedLayer {
             id: record.id,
             image,
@@ -89,7 +145,9 @@ impl ArchivedLayer {
                 devices,
                 reader,
                 timeout,
+                cache,
             },
+            heads,
         })
     }
 
@@ -172,11 +230,38 @@ impl ArchivedLayer {
         self.image.xattrs(inode).map_err(eio(self.id))
     }
 
-    /// Reads file data; returns the bytes read (short at end of file).
+    /// Reads file data; returns the bytes read (short at end of file). Reads inside the head
+    /// of the file come from the head cache, never from the media.
     pub fn read(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        if let Some(heads) = &self.heads
+            && offset < heads.head_size()
+            && let Some(head) = self.head(heads, inode)
+        {
+            let hl = head.len() as u64;
+            let end = (offset + buf.len() as u64).min(inode.size);
+            if offset >= inode.size {
+                return Ok(0);
+            }
+            if end <= hl {
+                let n = (end - offset) as usize;
+                buf[..n].copy_from_slice(&head[offset as usize..end as usize]);
+                return Ok(n);
+            }
+        }
         self.image
             .read_data(inode, offset, buf, &self.blobs)
             .map_err(eio(self.id))
+    }
+
+    fn head(&self, heads: &HeadCache, inode: &Inode) -> Option<Vec<u8>> {
+        let ino = self.image.spinfs_ino(inode).ok()??;
+        match heads.get(ino) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(layer = self.id, ino, "head cache: {e}");
+                None
+            }
+        }
     }
 
     /// First data or hole offset at or after `offset` (SEEK_DATA/SEEK_HOLE semantics).

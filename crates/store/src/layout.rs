@@ -6,6 +6,9 @@
 //! STORE/lock             flock'ed by the daemon (or an offline command); holds its pid
 //! STORE/gens/G/tree/     the tree of writable generation G, real files on the SSD
 //! STORE/layers/ID.meta   meta image of archived layer ID (also on the media)
+//! STORE/layers/ID.heads  head cache of layer ID: the first head_size bytes of its files
+//! STORE/cache/           chunk cache of archived data read from the media
+//! STORE/control.sock     the daemon's control socket (owner only)
 //! STORE/media/           the embedded `dir:` medium when mkfs got no --media
 //! STORE/spinfs.log       the daemon's log when it runs in the background
 //! ```
@@ -53,6 +56,17 @@ impl StoreLayout {
     }
     pub fn layer_meta(&self, id: u64) -> PathBuf {
         self.layers().join(format!("{id:016x}.meta"))
+    }
+    /// Head cache of archived layer ID (first bytes of every file, keyed by inode number).
+    pub fn layer_heads(&self, id: u64) -> PathBuf {
+        self.layers().join(format!("{id:016x}.heads"))
+    }
+    /// The chunk cache of archived data.
+    pub fn chunk_cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.root.join("control.sock")
     }
     pub fn default_media(&self) -> PathBuf {
         self.root.join("media")

@@ -2,14 +2,17 @@
 //! serves. Archived layers, sealing, merging and caches build on these.
 
 pub mod archive;
+pub mod archiver;
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod layout;
-pub mod manifest;
 pub mod lower;
+pub mod manifest;
 pub mod markers;
 pub mod seal;
 pub mod size;
+pub mod status;
 pub mod store;
 pub mod sys;
 pub mod volume;

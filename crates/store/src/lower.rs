@@ -118,12 +118,12 @@ impl LowerPart {
     /// The entry `name` of this directory, whiteouts included.
     pub fn lookup(&self, name: &[u8]) -> SysResult<Option<LowerPart>> {
         match self {
-            LowerPart::Image { layer, inode } => Ok(layer.lookup(inode, name)?.map(|i| {
-                LowerPart::Image {
+            LowerPart::Image { layer, inode } => {
+                Ok(layer.lookup(inode, name)?.map(|i| LowerPart::Image {
                     layer: layer.clone(),
                     inode: i,
-                }
-            })),
+                }))
+            }
             LowerPart::Tree { tree, fd, .. } => {
                 let c = CString::new(name).map_err(|_| Errno::EINVAL)?;
                 match sys::open_path(fd.as_fd(), &c) {
@@ -317,7 +317,11 @@ impl LowerPart {
             LowerPart::Image { layer, inode } => layer.seek(inode, offset, data),
             LowerPart::Tree { fd, .. } => {
                 let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
-                let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+                let whence = if data {
+                    libc::SEEK_DATA
+                } else {
+                    libc::SEEK_HOLE
+                };
                 match sys::lseek(f.as_fd(), offset as i64, whence) {
                     Ok(o) => Ok(Some(o as u64)),
                     Err(Errno(libc::ENXIO)) => Ok(None),

@@ -182,15 +182,21 @@ pub struct Sealed {
 }
 
 /// Seals generation `generation` (tree at `tree_root`) as layer `layer_id`.
+#[allow(clippy::too_many_arguments)]
 pub fn seal_generation(
     layout: &StoreLayout,
     medium: &Arc<Medium>,
     chunk_size: u64,
+    head_size: u64,
     tree_root: &Path,
     generation: u64,
     layer_id: u64,
 ) -> Result<Sealed, SealError> {
     let (tree, stats) = build_tree(tree_root, generation)?;
+    // The heads first: they come from the SSD tree, which is still there.
+    if head_size > 0 {
+        write_heads(layout, &tree, head_size, generation, layer_id)?;
+    }
     let media = |error| SealError::Media { generation, error };
     let image = |error| SealError::Image { generation, error };
     let mut writer = MediumWriter::open(medium.clone(), None).map_err(media)?;
@@ -249,6 +255,63 @@ pub fn seal_generation(
         },
         blob,
     })
+}
+
+/// Writes the head cache of a layer: the first `head_size` bytes of every regular file,
+/// keyed by inode number.
+fn write_heads(
+    layout: &StoreLayout,
+    tree: &Tree,
+    head_size: u64,
+    generation: u64,
+    layer_id: u64,
+) -> Result<(), SealError> {
+    use std::os::unix::fs::FileExt;
+    let cache_err = |e: crate::cache::CacheError| SealError::Io {
+        generation,
+        path: layout.layer_heads(layer_id),
+        error: std::io::Error::other(e.to_string()),
+    };
+    fs::create_dir_all(layout.layers()).map_err(|error| SealError::Io {
+        generation,
+        path: layout.layers(),
+        error,
+    })?;
+    let mut w = crate::cache::HeadCacheWriter::create(
+        &layout.layer_heads(layer_id),
+        layer_id,
+        head_size.min(crate::cache::MAX_HEAD_SIZE),
+    )
+    .map_err(cache_err)?;
+    let mut buf = vec![0u8; head_size.min(crate::cache::MAX_HEAD_SIZE) as usize];
+    let mut seen = std::collections::HashSet::new();
+    for id in 0..tree.len() as NodeId {
+        let node = tree.node(id);
+        let NodeKind::File(data) = &node.kind else {
+            continue;
+        };
+        if !seen.insert(node.meta.ino) {
+            continue;
+        }
+        let Some(Source::Path(path)) = &data.source else {
+            continue;
+        };
+        let want = (data.size as usize).min(buf.len());
+        let f = fs::File::open(path).map_err(|error| SealError::Io {
+            generation,
+            path: path.clone(),
+            error,
+        })?;
+        f.read_exact_at(&mut buf[..want], 0)
+            .map_err(|error| SealError::Io {
+                generation,
+                path: path.clone(),
+                error,
+            })?;
+        w.add(node.meta.ino, &buf[..want]).map_err(cache_err)?;
+    }
+    w.finish().map_err(cache_err)?;
+    Ok(())
 }
 
 /// Writes `layers/<id>.meta` atomically and durably.

@@ -1,6 +1,7 @@
 //! Creating and opening a store: mkfs, the exclusive lock, config and manifest.
 
 use crate::archive::ArchivedLayer;
+use crate::cache::ChunkCache;
 use crate::config::{ConfigError, StoreConfig};
 use crate::layout::StoreLayout;
 use crate::manifest::{FrozenGen, LayerRecord};
@@ -61,6 +62,7 @@ pub struct Store {
     lock: File,
     medium: Option<Arc<Medium>>,
     reader: Option<Arc<MediumReader>>,
+    cache: Option<Arc<ChunkCache>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -129,6 +131,7 @@ impl Store {
             lock,
             medium: None,
             reader: None,
+            cache: None,
         })
     }
 
@@ -158,18 +161,38 @@ impl Store {
         Ok(r)
     }
 
+    /// The chunk cache of archived data (`None` when cache_size is 0).
+    pub fn chunk_cache(&mut self) -> Result<Option<Arc<ChunkCache>>, StoreError> {
+        if self.config.cache_size == 0 {
+            return Ok(None);
+        }
+        if let Some(c) = &self.cache {
+            return Ok(Some(c.clone()));
+        }
+        let c = Arc::new(
+            ChunkCache::open(
+                &self.layout.chunk_cache(),
+                self.config.cache_size,
+                self.config.object_size,
+            )
+            .map_err(|e| StoreError::Layer(format!("chunk cache: {e}")))?,
+        );
+        self.cache = Some(c.clone());
+        Ok(Some(c))
+    }
+
+    /// Counters of archived reads: (media reader, chunk cache).
+    pub fn read_stats(&self) -> (spinfs_media::reader::ReaderStats, crate::cache::CacheStats) {
+        (
+            self.reader.as_ref().map(|r| r.stats()).unwrap_or_default(),
+            self.cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
+        )
+    }
+
     /// Opens every archived layer, newest first.
     pub fn open_layers(&mut self) -> Result<Vec<Arc<ArchivedLayer>>, StoreError> {
-        let reader = self.reader()?;
-        let timeout = Some(self.config.media_io.request_timeout());
-        let mut out = Vec::new();
-        for rec in self.manifest.layers.iter().rev() {
-            let layer =
-                ArchivedLayer::open(&self.layout, &self.manifest, rec, reader.clone(), timeout)
-                    .map_err(StoreError::Layer)?;
-            out.push(Arc::new(layer));
-        }
-        Ok(out)
+        let ids: Vec<u64> = self.manifest.layers.iter().rev().map(|l| l.id).collect();
+        ids.into_iter().map(|id| self.open_layer(id)).collect()
     }
 
     /// Finishes or rolls back whatever a crash interrupted, and removes leftovers: a frozen
@@ -206,7 +229,7 @@ impl Store {
             .manifest
             .layers
             .iter()
-            .map(|l| self.layout.layer_meta(l.id))
+            .flat_map(|l| [self.layout.layer_meta(l.id), self.layout.layer_heads(l.id)])
             .collect();
         if let Ok(entries) = fs::read_dir(self.layout.layers()) {
             for e in entries.flatten() {
@@ -232,7 +255,8 @@ impl Store {
             return Ok(None);
         }
         let frozen = self.freeze()?;
-        let layer = self.seal_frozen(frozen)?;
+        let layer = self.seal_frozen(frozen.clone())?;
+        self.drop_generation(frozen.generation)?;
         Ok(Some(layer))
     }
 
@@ -267,6 +291,7 @@ impl Store {
             &self.layout,
             &medium,
             self.config.chunk_size,
+            self.config.head_size,
             &tree,
             frozen.generation,
             frozen.layer,
@@ -279,9 +304,30 @@ impl Store {
         self.manifest.layers.push(sealed.layer.clone());
         self.manifest.frozen = None;
         self.manifest.commit(&self.layout.manifest())?;
-        let gen_dir = self.layout.generation(frozen.generation);
-        fs::remove_dir_all(&gen_dir).map_err(io_err("cannot remove", &gen_dir))?;
         Ok(sealed.layer)
+    }
+
+    /// Deletes a sealed generation's SSD tree (after the volume stopped using it).
+    pub fn drop_generation(&self, generation: u64) -> Result<(), StoreError> {
+        let gen_dir = self.layout.generation(generation);
+        fs::remove_dir_all(&gen_dir).map_err(io_err("cannot remove", &gen_dir))
+    }
+
+    /// Opens one archived layer of the manifest.
+    pub fn open_layer(&mut self, id: u64) -> Result<Arc<ArchivedLayer>, StoreError> {
+        let reader = self.reader()?;
+        let cache = self.chunk_cache()?;
+        let timeout = Some(self.config.media_io.request_timeout());
+        let rec = self
+            .manifest
+            .layers
+            .iter()
+            .find(|l| l.id == id)
+            .ok_or_else(|| StoreError::Layer(format!("layer {id} is not in the manifest")))?;
+        Ok(Arc::new(
+            ArchivedLayer::open(&self.layout, &self.manifest, rec, reader, timeout, cache)
+                .map_err(StoreError::Layer)?,
+        ))
     }
 
     pub fn layout(&self) -> &StoreLayout {

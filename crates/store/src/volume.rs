@@ -11,7 +11,9 @@
 //! across remounts, and readdir's d_ino is derived the same way as st_ino.
 
 use crate::archive::ArchivedLayer;
-use crate::lower::{FrozenTree, LowerPart, cstr, tree_is_opaque, tree_is_whiteout, tree_recorded_ino};
+use crate::lower::{
+    FrozenTree, LowerPart, cstr, tree_is_opaque, tree_is_whiteout, tree_recorded_ino,
+};
 use crate::markers;
 use crate::sys::{self, Errno, FsCreds, SysResult};
 use std::collections::HashMap;
@@ -381,13 +383,17 @@ impl Volume {
         let mut old_places = Vec::new();
         for ino in moving {
             let Ok(node) = self.node(ino) else { continue };
-            let Ok(place) = self.place(ino, &node) else { continue };
+            let Ok(place) = self.place(ino, &node) else {
+                continue;
+            };
             let (parent, name) = {
                 let st = node.st.read().unwrap();
                 (st.parent, st.name.clone())
             };
             let Some(fd) = place.upper else { continue };
-            let Ok(pnode) = self.node(parent) else { continue };
+            let Ok(pnode) = self.node(parent) else {
+                continue;
+            };
             let Some(pfd) = self.place(parent, &pnode).ok().and_then(|p| p.upper) else {
                 continue;
             };
@@ -418,7 +424,10 @@ impl Volume {
         self.upper_bytes.store(0, Ordering::Relaxed);
         for (ino, fd, parent, old_pfd, name) in old_places {
             if let Err(e) = self.move_to_new_tree(ino, &fd, parent, &old_pfd, &name) {
-                tracing::warn!(ino, "a file open for writing stays in the frozen generation: {e}");
+                tracing::warn!(
+                    ino,
+                    "a file open for writing stays in the frozen generation: {e}"
+                );
             }
         }
         Ok(())
@@ -445,7 +454,13 @@ impl Volume {
         // It keeps its number in the new generation.
         sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
         let new_pfd = self.copy_up(parent)?;
-        sys::renameat2(old_pfd.as_fd(), &cname, new_pfd.as_fd(), &cname, libc::RENAME_NOREPLACE)?;
+        sys::renameat2(
+            old_pfd.as_fd(),
+            &cname,
+            new_pfd.as_fd(),
+            &cname,
+            libc::RENAME_NOREPLACE,
+        )?;
         let node = self.node(ino)?;
         let mut ns = node.st.write().unwrap();
         ns.place = Placement {
@@ -453,8 +468,7 @@ impl Volume {
             lower: Vec::new(),
         };
         ns.epoch = self.stack().epoch;
-        self.upper_bytes
-            .fetch_add(st.st_size, Ordering::Relaxed);
+        self.upper_bytes.fetch_add(st.st_size, Ordering::Relaxed);
         Ok(())
     }
 
@@ -833,7 +847,12 @@ impl Volume {
         match a.kind {
             FileKind::Directory => sys::mkdirat(work, &tmp, 0o700)?,
             FileKind::Regular => {
-                let f = sys::openat(work, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                let f = sys::openat(
+                    work,
+                    &tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    0o600,
+                )?;
                 match part.tree_fd() {
                     // On the SSD already: let the kernel copy (and keep holes).
                     Some(src) => {
@@ -871,7 +890,8 @@ impl Volume {
                                 }
                                 let mut done = 0;
                                 while done < n {
-                                    done += sys::pwrite(f.as_fd(), &buf[done..n], off + done as u64)?;
+                                    done +=
+                                        sys::pwrite(f.as_fd(), &buf[done..n], off + done as u64)?;
                                 }
                                 off += n as u64;
                             }
@@ -898,6 +918,12 @@ impl Volume {
         let fd = sys::open_path(work, &tmp)?;
         let result = (|| {
             for (n, v) in part.raw_xattrs()? {
+                // Layer markers describe the lower instance's place in its layer (an opaque
+                // lower directory hides what is below *it*): a copy-up must not inherit them.
+                // Users' own xattrs (escaped) and the real-device mark do come along.
+                if markers::unescape_xattr(&n).is_none() && n.as_slice() != markers::REALDEV_XATTR {
+                    continue;
+                }
                 let n = CString::new(n).map_err(|_| Errno::EIO)?;
                 sys::setxattr_fd(fd.as_fd(), &n, &v, 0)?;
             }
@@ -914,7 +940,11 @@ impl Volume {
             sys::renameat2(work, &tmp, dir, name, libc::RENAME_NOREPLACE)
         })();
         if let Err(e) = result {
-            let flags = if a.kind == FileKind::Directory { libc::AT_REMOVEDIR } else { 0 };
+            let flags = if a.kind == FileKind::Directory {
+                libc::AT_REMOVEDIR
+            } else {
+                0
+            };
             let _ = sys::unlinkat(work, &tmp, flags);
             return Err(e);
         }
@@ -1470,7 +1500,9 @@ impl Volume {
     fn add_handle(&self, ino: u64, kind: HandleKind, writable: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let counted = match (&kind, writable) {
-            (HandleKind::Upper(fd), true) => sys::fstat(fd.as_fd()).map_or(0, |st| st.st_size as u64),
+            (HandleKind::Upper(fd), true) => {
+                sys::fstat(fd.as_fd()).map_or(0, |st| st.st_size as u64)
+            }
             _ => 0,
         };
         self.handles.write().unwrap().insert(

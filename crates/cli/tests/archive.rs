@@ -1,0 +1,327 @@
+//! Archived layers through a real mount: sealing (threshold-driven and forced), reads of
+//! archived data, overlay semantics over archived entries, and what must never touch media.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SMALL: &[&str] = &[
+    "--container-size",
+    "32M",
+    "--object-size",
+    "64K",
+    "--chunk-size",
+    "1M",
+];
+
+fn status(m: &Mounted) -> serde_json::Value {
+    let out = spinfs_ok(&["status", m.store.to_str().unwrap(), "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn archived_layers(m: &Mounted) -> usize {
+    status(m)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "archived")
+        .count()
+}
+
+fn media_reads(m: &Mounted) -> u64 {
+    status(m)["media"]["reads"].as_u64().unwrap()
+}
+
+fn archive_now(m: &Mounted) {
+    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+}
+
+/// Deterministic pseudo-random content.
+fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+/// Waits until the writable layer is below the threshold and no seal runs: the seals the
+/// threshold calls for have happened, as they did synchronously in the original system.
+fn settle(m: &Mounted) {
+    wait_until("threshold seals", || {
+        let s = status(m);
+        let layers = s["layers"].as_array().unwrap();
+        layers[0]["bytes"].as_u64().unwrap() < s["archive_threshold"].as_u64().unwrap()
+            && layers.iter().all(|l| l["kind"] != "sealing")
+    });
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SPEC problem 1, scaled down (threshold 10 MiB, files 6 MiB), every step as written, the
+/// answer checked after every step and again after a remount.
+#[test]
+fn deleted_files_never_come_back_problem_1() {
+    let mut args = SMALL.to_vec();
+    args.extend(["--archive-threshold", "10M"]);
+    let mut m = Mounted::new(&args);
+    let src = tempfile::tempdir_in(test_root()).unwrap();
+    let srcdir = src.path().join("src");
+    fs::create_dir(&srcdir).unwrap();
+    for i in 1..=9 {
+        fs::write(srcdir.join(format!("random_file0{i}")), data(i, 6 << 20)).unwrap();
+    }
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(&srcdir)
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(names(&m.path("src")).len(), 9);
+    settle(&m);
+    assert_eq!(names(&m.path("src")).len(), 9);
+    fs::remove_dir_all(m.path("src")).unwrap();
+    assert!(!m.path("src").exists());
+    fs::create_dir(m.path("src")).unwrap();
+    assert!(names(&m.path("src")).is_empty(), "a new src must be empty");
+    let mut expect = BTreeSet::new();
+    for i in [1, 9, 2, 3, 4, 5, 6] {
+        let name = format!("random_file0{i}");
+        let out = Command::new("cp")
+            .arg(srcdir.join(&name))
+            .arg(m.path("src"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        expect.insert(name);
+        assert_eq!(
+            names(&m.path("src")),
+            expect,
+            "after copying random_file0{i}"
+        );
+        settle(&m);
+        assert_eq!(
+            names(&m.path("src")),
+            expect,
+            "after the seals following random_file0{i}"
+        );
+    }
+    // The cp -a is sealed in one or more layers (as fast as it writes), then every second
+    // copied file crosses the threshold: (01, 09), (02, 03), (04, 05) sealed, 06 writable.
+    let s = status(&m);
+    let layers = s["layers"].as_array().unwrap();
+    assert!(archived_layers(&m) >= 4, "threshold seals happened: {s}");
+    assert_eq!(layers[0]["files"], 1, "{s}");
+    for l in &layers[1..4] {
+        assert_eq!(
+            (l["kind"].as_str(), l["files"].as_u64()),
+            (Some("archived"), Some(2)),
+            "{s}"
+        );
+    }
+    assert_eq!(names(&m.path("src")), expect);
+    m.remount();
+    assert_eq!(names(&m.path("src")), expect, "after remount");
+    for i in [1, 9, 2, 3, 4, 5, 6] {
+        let got = fs::read(m.path(&format!("src/random_file0{i}"))).unwrap();
+        assert!(got == data(i, 6 << 20), "content of random_file0{i}");
+    }
+}
+
+#[test]
+fn archived_files_read_back_and_change_like_any_other() {
+    let mut m = Mounted::new(SMALL);
+    fs::create_dir_all(m.path("a/b")).unwrap();
+    fs::write(m.path("a/f"), data(1, 3_000_000)).unwrap();
+    fs::write(m.path("a/b/g"), b"small").unwrap();
+    std::os::unix::fs::symlink("f", m.path("a/link")).unwrap();
+    fs::write(m.path("gone"), b"x").unwrap();
+    let ino_f = fs::metadata(m.path("a/f")).unwrap().ino();
+    let ino_b = fs::metadata(m.path("a/b")).unwrap().ino();
+    archive_now(&m);
+    assert_eq!(archived_layers(&m), 1);
+    assert_eq!(fs::read(m.path("a/f")).unwrap(), data(1, 3_000_000));
+    assert_eq!(
+        fs::metadata(m.path("a/f")).unwrap().ino(),
+        ino_f,
+        "ino survives the seal"
+    );
+    assert_eq!(fs::read_link(m.path("a/link")).unwrap(), Path::new("f"));
+    // changes over archived entries
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("a/f"))
+        .unwrap()
+        .write_all(b"tail")
+        .unwrap();
+    fs::set_permissions(m.path("a/b/g"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(m.path("gone")).unwrap();
+    fs::rename(m.path("a/b"), m.path("moved")).unwrap();
+    let out = Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "v"])
+        .arg(m.path("a/link"))
+        .output();
+    drop(out); // user.* is not allowed on symlinks, as everywhere
+    let out = Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "v"])
+        .arg(m.path("a/f"))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let mut expect_f = data(1, 3_000_000);
+    expect_f.extend_from_slice(b"tail");
+    let check = |m: &Mounted| {
+        assert_eq!(fs::read(m.path("a/f")).unwrap(), expect_f);
+        assert_eq!(
+            fs::metadata(m.path("a/f")).unwrap().ino(),
+            ino_f,
+            "ino survives copy-up"
+        );
+        assert_eq!(fs::read(m.path("moved/g")).unwrap(), b"small");
+        assert_eq!(
+            fs::metadata(m.path("moved/g")).unwrap().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(m.path("moved")).unwrap().ino(),
+            ino_b,
+            "a renamed directory keeps its number"
+        );
+        assert!(!m.path("gone").exists());
+        assert!(!m.path("a/b").exists());
+        assert_eq!(names(&m.mnt), ["a", "moved"].map(String::from).into());
+        assert_eq!(names(&m.path("a")), ["f", "link"].map(String::from).into());
+        let x = Command::new("getfattr")
+            .args(["-n", "user.k", "--only-values"])
+            .arg(m.path("a/f"))
+            .output()
+            .unwrap();
+        assert_eq!(x.stdout, b"v");
+    };
+    check(&m);
+    archive_now(&m);
+    assert_eq!(archived_layers(&m), 2);
+    check(&m);
+    m.remount();
+    check(&m);
+    // recreate what was removed, as another type
+    fs::create_dir(m.path("gone")).unwrap();
+    assert!(names(&m.path("gone")).is_empty());
+    fs::remove_dir(m.path("gone")).unwrap();
+    fs::write(m.path("gone"), b"again").unwrap();
+    archive_now(&m);
+    m.remount();
+    assert_eq!(fs::read(m.path("gone")).unwrap(), b"again");
+}
+
+#[test]
+fn listing_and_sniffing_archived_files_never_touch_the_media() {
+    let mut m = Mounted::new(&[SMALL, &["--head-size", "64K"]].concat());
+    for d in 0..5 {
+        fs::create_dir_all(m.path(&format!("videos/d{d}"))).unwrap();
+        for f in 0..10 {
+            fs::write(
+                m.path(&format!("videos/d{d}/clip{f}.bin")),
+                data(d * 100 + f, 200_000),
+            )
+            .unwrap();
+        }
+    }
+    archive_now(&m);
+    m.remount(); // cold: nothing cached in the kernel
+    let before = media_reads(&m);
+    for cmd in [
+        vec!["ls", "-lR"],
+        vec!["find", ".", "-type", "f"],
+        vec!["du", "-sh", "."],
+        vec!["stat", "videos/d3/clip7.bin"],
+    ] {
+        let out = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .current_dir(&m.mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+    }
+    // header sniffing: the first 64 KiB of every file come from the head cache
+    for d in 0..5 {
+        for f in 0..10 {
+            let mut head = vec![0u8; 4096];
+            let mut file = fs::File::open(m.path(&format!("videos/d{d}/clip{f}.bin"))).unwrap();
+            file.read_exact(&mut head).unwrap();
+            assert_eq!(head, data(d * 100 + f, 200_000)[..4096]);
+            file.seek(SeekFrom::Start(60_000)).unwrap();
+            let mut more = vec![0u8; 5536];
+            file.read_exact(&mut more).unwrap();
+            assert_eq!(more, data(d * 100 + f, 200_000)[60_000..65_536]);
+        }
+    }
+    assert_eq!(
+        media_reads(&m),
+        before,
+        "listing and sniffing read the media"
+    );
+    // reading past the head does go to the media
+    let all = fs::read(m.path("videos/d0/clip0.bin")).unwrap();
+    assert_eq!(all, data(0, 200_000));
+    assert!(media_reads(&m) > before);
+}
+
+#[test]
+fn descriptors_stay_valid_across_a_seal() {
+    let m = Mounted::new(SMALL);
+    let mut w = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.path("log"))
+        .unwrap();
+    w.write_all(b"before-seal;").unwrap();
+    fs::write(m.path("r"), data(7, 500_000)).unwrap();
+    let mut r = fs::File::open(m.path("r")).unwrap();
+    let mut first = vec![0u8; 1000];
+    r.read_exact(&mut first).unwrap();
+    archive_now(&m);
+    // the writer keeps writing through its descriptor and sees its own writes
+    w.write_all(b"after-seal;").unwrap();
+    w.sync_all().unwrap();
+    let mut all = String::new();
+    w.seek(SeekFrom::Start(0)).unwrap();
+    w.read_to_string(&mut all).unwrap();
+    assert_eq!(all, "before-seal;after-seal;");
+    drop(w);
+    assert_eq!(fs::read(m.path("log")).unwrap(), b"before-seal;after-seal;");
+    // the reader keeps reading
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    first.extend(rest);
+    assert_eq!(first, data(7, 500_000));
+    archive_now(&m);
+    assert_eq!(fs::read(m.path("log")).unwrap(), b"before-seal;after-seal;");
+}

@@ -1,0 +1,211 @@
+//! The archiver: the daemon's background worker that seals the writable generation when it
+//! reaches the archive threshold (or when asked), without blocking the mount.
+//!
+//! One seal at a time: freeze (a manifest commit and a brief swap in the volume), then build
+//! and write the image pair while the mount keeps serving, then commit the layer, swap it in,
+//! and drop the frozen tree from the SSD.
+
+use crate::store::Store;
+use crate::volume::Volume;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// How often the writable layer's size is checked against the threshold.
+const TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Default, Clone)]
+struct State {
+    /// Seal requests not yet served (each `request` waits for a seal that started after it).
+    requested: u64,
+    /// Seals started and finished.
+    started: u64,
+    finished: u64,
+    sealing: bool,
+    last_error: Option<String>,
+    shutdown: bool,
+}
+
+/// Outcome of a requested seal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealOutcome {
+    Sealed { layer: u64, files: u64, bytes: u64 },
+    Empty,
+    Queued,
+}
+
+pub struct Archiver {
+    store: Mutex<Store>,
+    vol: Arc<Volume>,
+    threshold: u64,
+    state: Mutex<State>,
+    cv: Condvar,
+    last: Mutex<Option<SealOutcome>>,
+    /// The manifest as last committed, readable while a seal holds the store.
+    snapshot: Mutex<crate::manifest::Manifest>,
+}
+
+impl Archiver {
+    /// Starts the worker thread.
+    pub fn start(store: Store, vol: Arc<Volume>) -> Arc<Archiver> {
+        let threshold = store.config().archive_threshold;
+        let snapshot = Mutex::new(store.manifest().clone());
+        let a = Arc::new(Archiver {
+            snapshot,
+            store: Mutex::new(store),
+            vol,
+            threshold,
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            last: Mutex::new(None),
+        });
+        let worker = a.clone();
+        std::thread::Builder::new()
+            .name("spinfs-archiver".into())
+            .spawn(move || worker.run())
+            .expect("spawn archiver thread");
+        a
+    }
+
+    /// Runs `f` with the store (for status and other commands).
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        f(&mut self.store.lock().unwrap())
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    /// The manifest as last committed.
+    pub fn manifest(&self) -> crate::manifest::Manifest {
+        self.snapshot.lock().unwrap().clone()
+    }
+
+    /// Whether a seal is running right now.
+    pub fn sealing(&self) -> bool {
+        self.state.lock().unwrap().sealing
+    }
+
+    /// Asks for a seal of the writable generation; with `wait`, returns when it is durable.
+    pub fn request(&self, wait: bool) -> Result<SealOutcome, String> {
+        let mut st = self.state.lock().unwrap();
+        st.requested += 1;
+        let target = st.finished + if st.sealing { 2 } else { 1 };
+        self.cv.notify_all();
+        if !wait {
+            return Ok(SealOutcome::Queued);
+        }
+        while st.finished < target && !st.shutdown {
+            st = self.cv.wait(st).unwrap();
+        }
+        if let Some(e) = &st.last_error {
+            return Err(e.clone());
+        }
+        drop(st);
+        Ok(self
+            .last
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(SealOutcome::Empty))
+    }
+
+    pub fn shutdown(&self) {
+        self.state.lock().unwrap().shutdown = true;
+        self.cv.notify_all();
+    }
+
+    fn run(self: Arc<Self>) {
+        loop {
+            let asked = {
+                let mut st = self.state.lock().unwrap();
+                if st.shutdown {
+                    return;
+                }
+                if st.requested == 0 {
+                    st = self.cv.wait_timeout(st, TICK).unwrap().0;
+                }
+                if st.shutdown {
+                    return;
+                }
+                let asked = st.requested > 0;
+                st.requested = 0;
+                asked
+            };
+            let full = self.vol.upper_bytes() >= self.threshold;
+            if !asked && !full {
+                continue;
+            }
+            {
+                let mut st = self.state.lock().unwrap();
+                st.sealing = true;
+                st.started += 1;
+            }
+            let result = self.seal_once();
+            let mut st = self.state.lock().unwrap();
+            st.sealing = false;
+            st.finished += 1;
+            match result {
+                Ok(outcome) => {
+                    st.last_error = None;
+                    *self.last.lock().unwrap() = Some(outcome);
+                }
+                Err(e) => {
+                    tracing::error!("seal failed: {e}");
+                    st.last_error = Some(e);
+                    // Do not spin on a persistent failure: wait a while before trying again.
+                    drop(st);
+                    std::thread::sleep(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            self.cv.notify_all();
+        }
+    }
+
+    fn seal_once(&self) -> Result<SealOutcome, String> {
+        let mut store = self.store.lock().unwrap();
+        let upper = store.layout().generation_tree(store.manifest().upper_gen);
+        let empty = std::fs::read_dir(&upper)
+            .map_err(|e| format!("{}: {e}", upper.display()))?
+            .next()
+            .is_none();
+        if empty {
+            return Ok(SealOutcome::Empty);
+        }
+        let frozen = store.freeze().map_err(|e| e.to_string())?;
+        *self.snapshot.lock().unwrap() = store.manifest().clone();
+        let new_gen = store.manifest().upper_gen;
+        let tree = store.layout().generation_tree(new_gen);
+        let work = store.layout().generation_work(new_gen);
+        self.vol
+            .freeze(new_gen, &tree, &work)
+            .map_err(|e| format!("freezing generation {}: {e}", frozen.generation))?;
+        tracing::info!(
+            generation = frozen.generation,
+            layer = frozen.layer,
+            "sealing"
+        );
+        let layer = store
+            .seal_frozen(frozen.clone())
+            .map_err(|e| e.to_string())?;
+        *self.snapshot.lock().unwrap() = store.manifest().clone();
+        let opened = store.open_layer(layer.id).map_err(|e| e.to_string())?;
+        self.vol
+            .sealed(frozen.generation, opened)
+            .map_err(|e| format!("switching to layer {}: {e}", layer.id))?;
+        store
+            .drop_generation(frozen.generation)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            layer = layer.id,
+            files = layer.files,
+            bytes = layer.bytes,
+            "sealed"
+        );
+        Ok(SealOutcome::Sealed {
+            layer: layer.id,
+            files: layer.files,
+            bytes: layer.bytes,
+        })
+    }
+}
