@@ -169,6 +169,34 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 2, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Our reader agrees with the kernel on random trees formatted by mkfs.erofs 1.5.
+    #[test]
+    fn reader_matches_kernel_on_random_mkfs_images(
+        specs in prop::collection::vec(spec_strategy(), 1..60),
+        chunk in prop_oneof![Just(None), Just(Some(4096u32)), Just(Some(4 << 20))],
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        materialise(&src, &specs);
+        let (meta, blob) = (t.path().join("meta"), t.path().join("blob"));
+        let mut cmd = std::process::Command::new("mkfs.erofs");
+        let mut blobs = Vec::new();
+        if let Some(c) = chunk {
+            cmd.arg(format!("--chunksize={c}")).arg(format!("--blobdev={}", blob.display()));
+            blobs.push(blob.clone());
+        }
+        let out = cmd.arg(&meta).arg(&src).output().unwrap();
+        prop_assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let m = mount_erofs(&meta, &blobs, &t.path().join("mnt"));
+        let kernel = snapshot(&m.path, SnapOpts::default());
+        drop(m);
+        assert_same("reader vs kernel (mkfs.erofs image)", &kernel, &reader_snapshot(&meta, &blobs, SnapOpts::default()));
+    }
+}
+
 /// "." is the layer root: only an opaque marker is applied there (overlayfs ignores it).
 const PATHS: [&str; 13] = [
     "a", "b", "c", "a/x", "a/y", "a/d", "a/d/p", "a/d/q", "b/x", "b/d", "b/d/p", "c/x", ".",
