@@ -300,14 +300,27 @@ pub fn write_image(
     let mut out = MetaOut::new(meta);
     out.pad_to(SUPER_OFFSET)?;
     out.write(&sb.encode())?;
+    // Each device is also given its place in a unified address space as if the blobs were
+    // appended to the meta image in order. The kernel uses it only when mounted without
+    // `device=` options ("flat device" mode), so `cat META BLOB... > one.img` mounts alone;
+    // with `device=` the chunk's device id decides. Left 0 if it would not fit 32 bits.
+    let mut mapped = Vec::with_capacity(devices.len());
+    let mut next = total_blocks as u64;
     for d in &devices {
+        mapped.push(next);
+        next += d.blocks;
+    }
+    if next > u32::MAX as u64 {
+        mapped.iter_mut().for_each(|m| *m = 0);
+    }
+    for (d, &mapped_blkaddr) in devices.iter().zip(&mapped) {
         let mut tag = [0u8; 64];
         tag[..d.tag.len()].copy_from_slice(&d.tag);
         out.write(
             &DeviceSlot {
                 tag,
                 blocks: d.blocks as u32,
-                mapped_blkaddr: 0,
+                mapped_blkaddr: mapped_blkaddr as u32,
             }
             .encode(),
         )?;

@@ -469,3 +469,99 @@ fn last_inode_at_a_block_boundary_passes_fsck() {
     }
     assert!(hit_boundary, "the sweep reaches a block boundary");
 }
+
+/// Mount data for the kernel: no device options at all.
+fn mount_flat(image: &std::path::Path, target: &std::path::Path) -> Mount {
+    fs::create_dir_all(target).unwrap();
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let (s, t) = (c(image), c(target));
+    // SAFETY: valid NUL-terminated strings; empty mount data.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY,
+            c"".as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "mount {}: {}",
+        image.display(),
+        std::io::Error::last_os_error()
+    );
+    Mount {
+        path: target.to_path_buf(),
+    }
+}
+
+/// Device slots carry unified addresses as if the blobs followed the meta image, so
+/// `cat META BLOB... > one.img` mounts without `device=`, also for merged images; a meta
+/// image mounted alone without its blobs fails reads with EIO instead of returning garbage.
+#[test]
+fn concatenated_image_mounts_without_device_options() {
+    let t = tempfile::tempdir().unwrap();
+    let mut metas = Vec::new();
+    let mut blobs = Vec::new();
+    for layer in 0..2 {
+        let src = t.path().join(format!("src{layer}"));
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join(format!("d/f{layer}")), pattern(5 << 20, layer)).unwrap();
+        fs::write(src.join("common"), pattern(70_000, 10 + layer)).unwrap();
+        let (m, b) = (
+            t.path().join(format!("meta{layer}")),
+            t.path().join(format!("blob{layer}")),
+        );
+        build_dir(&src, &m, &b, 20);
+        metas.push(m);
+        blobs.push(b);
+    }
+    let concat = |parts: &[&PathBuf], out: &PathBuf| {
+        let mut all = Vec::new();
+        for p in parts {
+            all.extend(fs::read(p).unwrap());
+        }
+        fs::write(out, all).unwrap();
+    };
+    let one = t.path().join("one.img");
+    concat(&[&metas[0], &blobs[0]], &one);
+    let m = mount_flat(&one, &t.path().join("mnt_one"));
+    assert_same(
+        "concatenated image vs source",
+        &snapshot(&t.path().join("src0"), SnapOpts::default()),
+        &snapshot(&m.path, SnapOpts::default()),
+    );
+    drop(m);
+
+    let alone = mount_flat(&metas[0], &t.path().join("mnt_alone"));
+    let err = fs::read(alone.path.join("d/f0")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(alone);
+
+    let images: Vec<_> = metas
+        .iter()
+        .map(|m| Image::open(File::open(m).unwrap()).unwrap())
+        .collect();
+    let merged = t.path().join("merged");
+    spinfs_erofs::merge_images(
+        &images,
+        spinfs_erofs::MergeMode::StripOverlay,
+        &WriteOptions::default(),
+        &mut File::create(&merged).unwrap(),
+    )
+    .unwrap();
+    let with_devices = mount_erofs(&merged, &blobs, &t.path().join("mnt_merged"));
+    let want = snapshot(&with_devices.path, SnapOpts::default());
+    drop(with_devices);
+    let one = t.path().join("merged_one.img");
+    concat(&[&merged, &blobs[0], &blobs[1]], &one);
+    let m = mount_flat(&one, &t.path().join("mnt_merged_one"));
+    assert_same(
+        "concatenated merged image",
+        &want,
+        &snapshot(&m.path, SnapOpts::default()),
+    );
+    assert_eq!(fs::read(m.path.join("d/f1")).unwrap(), pattern(5 << 20, 1));
+}
