@@ -43,7 +43,9 @@ pub mod writer;
 pub use error::{Error, Result};
 pub use io::{BlobSink, Blobs, DeviceReader, ReadAt, WriteSink};
 pub use merge::{MergeMode, MergeSummary, MergedDevice, merge_images, merge_tree};
-pub use reader::{DirEntry, Extent, FileType, Image, Inode, VerifyStats};
+pub use reader::{
+    ChunkRef, DeviceInfo, DirEntry, DirIter, Extent, FileType, Image, Inode, VerifyStats, Xattr,
+};
 pub use tree::{Chunk, FileData, Metadata, Node, NodeId, NodeKind, Source, Tree};
 pub use writer::{DeviceSpec, WriteOptions, WriteSummary, chunk_bits_for_size, write_image};
 

@@ -485,7 +485,7 @@ impl Plan {
             for &i in &idx {
                 let (name, child) = &entries[i as usize];
                 check_name(name)?;
-                let Some(child_node) = tree.nodes_get(*child) else {
+                let Some(child_node) = tree.get(*child) else {
                     return invalid(format!("entry refers to missing node {child}"));
                 };
                 let cpos = pos_of[*child as usize];
@@ -550,12 +550,6 @@ impl Plan {
         // Children are sorted; "." and ".." must be sorted among them.
         out.sort_by(|a, b| a.0.cmp(b.0));
         out
-    }
-}
-
-impl Tree {
-    fn nodes_get(&self, id: NodeId) -> Option<&Node> {
-        ((id as usize) < self.len()).then(|| self.node(id))
     }
 }
 
