@@ -570,6 +570,24 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A stack over images already built and mounted (newest first), in `dir`.
+    pub fn from_images(
+        dir: tempfile::TempDir,
+        metas: Vec<PathBuf>,
+        blobs: Vec<PathBuf>,
+        mounts: Vec<Mount>,
+    ) -> Stack {
+        let empty = dir.path().join("empty_bottom");
+        fs::create_dir_all(&empty).unwrap();
+        Stack {
+            dir,
+            metas,
+            blobs,
+            mounts,
+            empty,
+        }
+    }
+
     pub fn build(layers: &[Vec<Item>]) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let mut metas = Vec::new();
