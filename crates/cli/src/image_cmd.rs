@@ -120,14 +120,15 @@ fn build(src: &Path, meta: &Path, blob: &Path, chunk_size: &str) -> anyhow::Resu
         .sync_all()
         .with_context(|| format!("cannot write {}", meta.display()))?;
     println!(
-        "{}: {} inodes, {} bytes; {}: {} bytes ({} chunks, {} holes)",
+        "{}: {} inodes, {} bytes; {}: {} bytes ({} chunks, {} holes, {} duplicates)",
         meta.display(),
         summary.inodes,
         summary.meta_bytes,
         blob.display(),
         summary.blob_bytes,
         summary.data_chunks,
-        summary.hole_chunks
+        summary.hole_chunks,
+        summary.dedup_chunks
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -52,6 +52,8 @@ pub struct WriteOptions {
     pub volume_name: Vec<u8>,
     /// Store `New` chunks that contain only zeros as holes.
     pub zero_chunks_as_holes: bool,
+    /// Store identical `New` chunks once (BLAKE3 of each padded chunk, within this image).
+    pub dedup_chunks: bool,
 }
 
 impl Default for WriteOptions {
@@ -64,6 +66,7 @@ impl Default for WriteOptions {
             uuid: [0; 16],
             volume_name: Vec::new(),
             zero_chunks_as_holes: true,
+            dedup_chunks: true,
         }
     }
 }
@@ -80,9 +83,11 @@ pub struct WriteSummary {
     /// Size of the meta image.
     pub meta_bytes: u64,
     pub inodes: u64,
-    /// Chunks streamed into the blob, and chunks stored as holes.
+    /// Chunks streamed into the blob, chunks stored as holes, and chunks that reuse an
+    /// identical chunk already streamed.
     pub data_chunks: u64,
     pub hole_chunks: u64,
+    pub dedup_chunks: u64,
 }
 
 /// Checks a chunk size in bytes given by a user: a power of two of at least 4 KiB and at most
@@ -160,6 +165,8 @@ pub fn write_image(
         buf: Vec::new(),
         data_chunks: 0,
         hole_chunks: 0,
+        dedup_chunks: 0,
+        seen: std::collections::HashMap::new(),
     };
     // All chunk tables, flat: the table of position `pos` is
     // `chunks[chunk_start[pos]..chunk_start[pos + 1]]`.
@@ -413,6 +420,7 @@ pub fn write_image(
         inodes: plan.order.len() as u64,
         data_chunks: stream.data_chunks,
         hole_chunks: stream.hole_chunks,
+        dedup_chunks: stream.dedup_chunks,
         devices,
     })
 }
@@ -718,6 +726,9 @@ struct Streamer<'o, 's> {
     buf: Vec<u8>,
     data_chunks: u64,
     hole_chunks: u64,
+    dedup_chunks: u64,
+    /// BLAKE3 of each streamed chunk (padded) -> its first block in the new blob.
+    seen: std::collections::HashMap<[u8; 32], u32>,
 }
 
 enum Opened {
@@ -831,6 +842,14 @@ impl Streamer<'_, '_> {
         let (Some(sink), Some(dev)) = (self.sink.as_deref_mut(), self.new_dev) else {
             return invalid("new file data but no blob sink");
         };
+        let key = self
+            .opts
+            .dedup_chunks
+            .then(|| *blake3::hash(buf).as_bytes());
+        if let Some(&block) = key.as_ref().and_then(|k| self.seen.get(k)) {
+            self.dedup_chunks += 1;
+            return Ok(pack_chunk(dev, block));
+        }
         sink.write_chunk(buf)
             .map_err(|e| Error::io("write blob data", e))?;
         let block = self.blob_blocks;
@@ -839,6 +858,9 @@ impl Streamer<'_, '_> {
         }
         self.blob_blocks += padded as u64 / BS;
         self.data_chunks += 1;
+        if let Some(k) = key {
+            self.seen.insert(k, block as u32);
+        }
         Ok(pack_chunk(dev, block as u32))
     }
 }

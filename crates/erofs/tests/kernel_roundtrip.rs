@@ -565,3 +565,77 @@ fn concatenated_image_mounts_without_device_options() {
     );
     assert_eq!(fs::read(m.path.join("d/f1")).unwrap(), pattern(5 << 20, 1));
 }
+
+/// Identical chunks are stored once (BLAKE3 within the image) and every file still reads
+/// back right through the kernel and fsck.erofs.
+#[test]
+fn duplicate_chunks_are_stored_once() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("copies")).unwrap();
+    let a = pattern(9 << 20, 77);
+    fs::write(src.join("a"), &a).unwrap();
+    fs::write(src.join("copies/a1"), &a).unwrap();
+    fs::write(src.join("copies/a2"), &a).unwrap();
+    let mut b = a[..4 << 20].to_vec(); // first chunk shared, rest different
+    b.extend(pattern(3 << 20, 78));
+    fs::write(src.join("b"), &b).unwrap();
+    fs::write(src.join("tail_only"), &a[8 << 20..]).unwrap(); // same bytes as a's tail chunk
+
+    let tree = spinfs_erofs::fromdir::tree_from_dir(&src).unwrap();
+    let (meta, blob) = (t.path().join("meta"), t.path().join("blob"));
+    let s = write_image(
+        &tree,
+        &WriteOptions::default(),
+        &mut File::create(&meta).unwrap(),
+        Some(&mut File::create(&blob).unwrap()),
+    )
+    .unwrap();
+    // a: 3 chunks (4M, 4M, 1M); b: its first chunk is a's, then 3M new; tail_only = a's tail.
+    assert_eq!(s.data_chunks, 4, "{s:?}");
+    assert_eq!(s.dedup_chunks, 3 + 3 + 1 + 1, "{s:?}");
+    assert_eq!(s.blob_bytes, (9 << 20) + (3 << 20));
+    let no_dedup = write_image(
+        &tree,
+        &WriteOptions {
+            dedup_chunks: false,
+            ..WriteOptions::default()
+        },
+        &mut Vec::new(),
+        Some(&mut spinfs_erofs::WriteSink(std::io::sink())),
+    )
+    .unwrap();
+    assert_eq!(no_dedup.dedup_chunks, 0);
+    assert_eq!(no_dedup.blob_bytes, (9 << 20) * 3 + (7 << 20) + (1 << 20));
+
+    let blobs = vec![blob];
+    let want = snapshot(&src, SnapOpts::default());
+    let m = mount_erofs(&meta, &blobs, &t.path().join("mnt"));
+    assert_same(
+        "deduplicated image vs source",
+        &want,
+        &snapshot(&m.path, SnapOpts::default()),
+    );
+    drop(m);
+    let ext = t.path().join("extract");
+    fsck(&meta, &blobs, Some(&ext));
+    assert_same(
+        "fsck.erofs --extract of a deduplicated image",
+        &snapshot(
+            &src,
+            SnapOpts {
+                nlink: false,
+                dir_nlink: false,
+                ..SnapOpts::default()
+            },
+        ),
+        &snapshot(
+            &ext,
+            SnapOpts {
+                nlink: false,
+                dir_nlink: false,
+                ..SnapOpts::default()
+            },
+        ),
+    );
+}
