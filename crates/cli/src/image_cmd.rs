@@ -178,10 +178,12 @@ fn ls(meta: &Path, path: &str) -> anyhow::Result<ExitCode> {
         print_entry(&img, &mut out, path.as_bytes(), &ino)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let (entries, _) = img
-        .dir_entries(&ino)
+    // Streamed block by block: memory stays flat for directories of millions of entries.
+    let entries = img
+        .read_dir(&ino)
         .with_context(|| format!("{}: {path}", meta.display()))?;
     for e in entries {
+        let e = e.with_context(|| format!("{}: {path}", meta.display()))?;
         let child = img
             .inode(e.nid)
             .with_context(|| format!("{}: {path}", meta.display()))?;
