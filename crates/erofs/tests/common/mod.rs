@@ -373,7 +373,10 @@ pub fn build_dir(
     };
     let mut m = File::create(meta).unwrap();
     let mut b = File::create(blob).unwrap();
-    spinfs_erofs::write_image(&tree, &opts, &mut m, Some(&mut b)).unwrap()
+    let s = spinfs_erofs::write_image(&tree, &opts, &mut m, Some(&mut b)).unwrap();
+    // Every image the tests write must pass fsck.erofs.
+    fsck(meta, &[blob.to_path_buf()], None);
+    s
 }
 
 /// Runs `fsck.erofs --device=... [--extract=DIR] META` and asserts it succeeds.
@@ -657,6 +660,7 @@ impl Stack {
         )
         .unwrap();
         let blobs: Vec<PathBuf> = self.blobs[range.clone()].to_vec();
+        fsck(&out, &blobs, None);
         assert_eq!(s.devices.len(), blobs.len());
         for (i, d) in s.devices.iter().enumerate() {
             assert_eq!(
