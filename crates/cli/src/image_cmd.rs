@@ -120,14 +120,15 @@ fn build(src: &Path, meta: &Path, blob: &Path, chunk_size: &str) -> anyhow::Resu
         .sync_all()
         .with_context(|| format!("cannot write {}", meta.display()))?;
     println!(
-        "{}: {} inodes, {} bytes; {}: {} bytes ({} chunks, {} holes)",
+        "{}: {} inodes, {} bytes; {}: {} bytes ({} chunks, {} holes, {} duplicates)",
         meta.display(),
         summary.inodes,
         summary.meta_bytes,
         blob.display(),
         summary.blob_bytes,
         summary.data_chunks,
-        summary.hole_chunks
+        summary.hole_chunks,
+        summary.dedup_chunks
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -177,10 +178,12 @@ fn ls(meta: &Path, path: &str) -> anyhow::Result<ExitCode> {
         print_entry(&img, &mut out, path.as_bytes(), &ino)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let (entries, _) = img
-        .dir_entries(&ino)
+    // Streamed block by block: memory stays flat for directories of millions of entries.
+    let entries = img
+        .read_dir(&ino)
         .with_context(|| format!("{}: {path}", meta.display()))?;
     for e in entries {
+        let e = e.with_context(|| format!("{}: {path}", meta.display()))?;
         let child = img
             .inode(e.nid)
             .with_context(|| format!("{}: {path}", meta.display()))?;

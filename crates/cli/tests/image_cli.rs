@@ -79,6 +79,7 @@ fn build_ls_cat_merge() {
     assert!(out.contains("inodes"), "{out}");
     ok(&["image", "build", p(&new), p(&m_new), p(&b_new)]);
     fsck(&m_old, &[&b_old]);
+    fsck(&m_new, &[&b_new]);
 
     let ls = ok(&["image", "ls", p(&m_new)]);
     assert!(

@@ -136,6 +136,11 @@ impl Tree {
         &self.nodes[id as usize]
     }
 
+    /// The node `id`, if it exists.
+    pub fn get(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id as usize)
+    }
+
     pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
         &mut self.nodes[id as usize]
     }

@@ -52,6 +52,8 @@ pub struct WriteOptions {
     pub volume_name: Vec<u8>,
     /// Store `New` chunks that contain only zeros as holes.
     pub zero_chunks_as_holes: bool,
+    /// Store identical `New` chunks once (BLAKE3 of each padded chunk, within this image).
+    pub dedup_chunks: bool,
 }
 
 impl Default for WriteOptions {
@@ -64,6 +66,7 @@ impl Default for WriteOptions {
             uuid: [0; 16],
             volume_name: Vec::new(),
             zero_chunks_as_holes: true,
+            dedup_chunks: true,
         }
     }
 }
@@ -80,9 +83,11 @@ pub struct WriteSummary {
     /// Size of the meta image.
     pub meta_bytes: u64,
     pub inodes: u64,
-    /// Chunks streamed into the blob, and chunks stored as holes.
+    /// Chunks streamed into the blob, chunks stored as holes, and chunks that reuse an
+    /// identical chunk already streamed.
     pub data_chunks: u64,
     pub hole_chunks: u64,
+    pub dedup_chunks: u64,
 }
 
 /// Checks a chunk size in bytes given by a user: a power of two of at least 4 KiB and at most
@@ -160,6 +165,8 @@ pub fn write_image(
         buf: Vec::new(),
         data_chunks: 0,
         hole_chunks: 0,
+        dedup_chunks: 0,
+        seen: std::collections::HashMap::new(),
     };
     // All chunk tables, flat: the table of position `pos` is
     // `chunks[chunk_start[pos]..chunk_start[pos + 1]]`.
@@ -300,14 +307,27 @@ pub fn write_image(
     let mut out = MetaOut::new(meta);
     out.pad_to(SUPER_OFFSET)?;
     out.write(&sb.encode())?;
+    // Each device is also given its place in a unified address space as if the blobs were
+    // appended to the meta image in order. The kernel uses it only when mounted without
+    // `device=` options ("flat device" mode), so `cat META BLOB... > one.img` mounts alone;
+    // with `device=` the chunk's device id decides. Left 0 if it would not fit 32 bits.
+    let mut mapped = Vec::with_capacity(devices.len());
+    let mut next = total_blocks as u64;
     for d in &devices {
+        mapped.push(next);
+        next += d.blocks;
+    }
+    if next > u32::MAX as u64 {
+        mapped.iter_mut().for_each(|m| *m = 0);
+    }
+    for (d, &mapped_blkaddr) in devices.iter().zip(&mapped) {
         let mut tag = [0u8; 64];
         tag[..d.tag.len()].copy_from_slice(&d.tag);
         out.write(
             &DeviceSlot {
                 tag,
                 blocks: d.blocks as u32,
-                mapped_blkaddr: 0,
+                mapped_blkaddr: mapped_blkaddr as u32,
             }
             .encode(),
         )?;
@@ -400,6 +420,7 @@ pub fn write_image(
         inodes: plan.order.len() as u64,
         data_chunks: stream.data_chunks,
         hole_chunks: stream.hole_chunks,
+        dedup_chunks: stream.dedup_chunks,
         devices,
     })
 }
@@ -472,7 +493,7 @@ impl Plan {
             for &i in &idx {
                 let (name, child) = &entries[i as usize];
                 check_name(name)?;
-                let Some(child_node) = tree.nodes_get(*child) else {
+                let Some(child_node) = tree.get(*child) else {
                     return invalid(format!("entry refers to missing node {child}"));
                 };
                 let cpos = pos_of[*child as usize];
@@ -537,12 +558,6 @@ impl Plan {
         // Children are sorted; "." and ".." must be sorted among them.
         out.sort_by(|a, b| a.0.cmp(b.0));
         out
-    }
-}
-
-impl Tree {
-    fn nodes_get(&self, id: NodeId) -> Option<&Node> {
-        ((id as usize) < self.len()).then(|| self.node(id))
     }
 }
 
@@ -714,6 +729,9 @@ struct Streamer<'o, 's> {
     buf: Vec<u8>,
     data_chunks: u64,
     hole_chunks: u64,
+    dedup_chunks: u64,
+    /// BLAKE3 of each streamed chunk (padded) -> its first block in the new blob.
+    seen: std::collections::HashMap<[u8; 32], u32>,
 }
 
 enum Opened {
@@ -827,6 +845,14 @@ impl Streamer<'_, '_> {
         let (Some(sink), Some(dev)) = (self.sink.as_deref_mut(), self.new_dev) else {
             return invalid("new file data but no blob sink");
         };
+        let key = self
+            .opts
+            .dedup_chunks
+            .then(|| *blake3::hash(buf).as_bytes());
+        if let Some(&block) = key.as_ref().and_then(|k| self.seen.get(k)) {
+            self.dedup_chunks += 1;
+            return Ok(pack_chunk(dev, block));
+        }
         sink.write_chunk(buf)
             .map_err(|e| Error::io("write blob data", e))?;
         let block = self.blob_blocks;
@@ -835,6 +861,9 @@ impl Streamer<'_, '_> {
         }
         self.blob_blocks += padded as u64 / BS;
         self.data_chunks += 1;
+        if let Some(k) = key {
+            self.seen.insert(k, block as u32);
+        }
         Ok(pack_chunk(dev, block as u32))
     }
 }

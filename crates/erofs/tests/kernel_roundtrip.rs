@@ -469,3 +469,173 @@ fn last_inode_at_a_block_boundary_passes_fsck() {
     }
     assert!(hit_boundary, "the sweep reaches a block boundary");
 }
+
+/// Mount data for the kernel: no device options at all.
+fn mount_flat(image: &std::path::Path, target: &std::path::Path) -> Mount {
+    fs::create_dir_all(target).unwrap();
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let (s, t) = (c(image), c(target));
+    // SAFETY: valid NUL-terminated strings; empty mount data.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY,
+            c"".as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "mount {}: {}",
+        image.display(),
+        std::io::Error::last_os_error()
+    );
+    Mount {
+        path: target.to_path_buf(),
+    }
+}
+
+/// Device slots carry unified addresses as if the blobs followed the meta image, so
+/// `cat META BLOB... > one.img` mounts without `device=`, also for merged images; a meta
+/// image mounted alone without its blobs fails reads with EIO instead of returning garbage.
+#[test]
+fn concatenated_image_mounts_without_device_options() {
+    let t = tempfile::tempdir().unwrap();
+    let mut metas = Vec::new();
+    let mut blobs = Vec::new();
+    for layer in 0..2 {
+        let src = t.path().join(format!("src{layer}"));
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join(format!("d/f{layer}")), pattern(5 << 20, layer)).unwrap();
+        fs::write(src.join("common"), pattern(70_000, 10 + layer)).unwrap();
+        let (m, b) = (
+            t.path().join(format!("meta{layer}")),
+            t.path().join(format!("blob{layer}")),
+        );
+        build_dir(&src, &m, &b, 20);
+        metas.push(m);
+        blobs.push(b);
+    }
+    let concat = |parts: &[&PathBuf], out: &PathBuf| {
+        let mut all = Vec::new();
+        for p in parts {
+            all.extend(fs::read(p).unwrap());
+        }
+        fs::write(out, all).unwrap();
+    };
+    let one = t.path().join("one.img");
+    concat(&[&metas[0], &blobs[0]], &one);
+    let m = mount_flat(&one, &t.path().join("mnt_one"));
+    assert_same(
+        "concatenated image vs source",
+        &snapshot(&t.path().join("src0"), SnapOpts::default()),
+        &snapshot(&m.path, SnapOpts::default()),
+    );
+    drop(m);
+
+    let alone = mount_flat(&metas[0], &t.path().join("mnt_alone"));
+    let err = fs::read(alone.path.join("d/f0")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(alone);
+
+    let images: Vec<_> = metas
+        .iter()
+        .map(|m| Image::open(File::open(m).unwrap()).unwrap())
+        .collect();
+    let merged = t.path().join("merged");
+    spinfs_erofs::merge_images(
+        &images,
+        spinfs_erofs::MergeMode::StripOverlay,
+        &WriteOptions::default(),
+        &mut File::create(&merged).unwrap(),
+    )
+    .unwrap();
+    let with_devices = mount_erofs(&merged, &blobs, &t.path().join("mnt_merged"));
+    let want = snapshot(&with_devices.path, SnapOpts::default());
+    drop(with_devices);
+    let one = t.path().join("merged_one.img");
+    concat(&[&merged, &blobs[0], &blobs[1]], &one);
+    let m = mount_flat(&one, &t.path().join("mnt_merged_one"));
+    assert_same(
+        "concatenated merged image",
+        &want,
+        &snapshot(&m.path, SnapOpts::default()),
+    );
+    assert_eq!(fs::read(m.path.join("d/f1")).unwrap(), pattern(5 << 20, 1));
+}
+
+/// Identical chunks are stored once (BLAKE3 within the image) and every file still reads
+/// back right through the kernel and fsck.erofs.
+#[test]
+fn duplicate_chunks_are_stored_once() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("copies")).unwrap();
+    let a = pattern(9 << 20, 77);
+    fs::write(src.join("a"), &a).unwrap();
+    fs::write(src.join("copies/a1"), &a).unwrap();
+    fs::write(src.join("copies/a2"), &a).unwrap();
+    let mut b = a[..4 << 20].to_vec(); // first chunk shared, rest different
+    b.extend(pattern(3 << 20, 78));
+    fs::write(src.join("b"), &b).unwrap();
+    fs::write(src.join("tail_only"), &a[8 << 20..]).unwrap(); // same bytes as a's tail chunk
+
+    let tree = spinfs_erofs::fromdir::tree_from_dir(&src).unwrap();
+    let (meta, blob) = (t.path().join("meta"), t.path().join("blob"));
+    let s = write_image(
+        &tree,
+        &WriteOptions::default(),
+        &mut File::create(&meta).unwrap(),
+        Some(&mut File::create(&blob).unwrap()),
+    )
+    .unwrap();
+    // a: 3 chunks (4M, 4M, 1M); b: its first chunk is a's, then 3M new; tail_only = a's tail.
+    assert_eq!(s.data_chunks, 4, "{s:?}");
+    assert_eq!(s.dedup_chunks, 3 + 3 + 1 + 1, "{s:?}");
+    assert_eq!(s.blob_bytes, (9 << 20) + (3 << 20));
+    let no_dedup = write_image(
+        &tree,
+        &WriteOptions {
+            dedup_chunks: false,
+            ..WriteOptions::default()
+        },
+        &mut Vec::new(),
+        Some(&mut spinfs_erofs::WriteSink(std::io::sink())),
+    )
+    .unwrap();
+    assert_eq!(no_dedup.dedup_chunks, 0);
+    assert_eq!(no_dedup.blob_bytes, (9 << 20) * 3 + (7 << 20) + (1 << 20));
+
+    let blobs = vec![blob];
+    let want = snapshot(&src, SnapOpts::default());
+    let m = mount_erofs(&meta, &blobs, &t.path().join("mnt"));
+    assert_same(
+        "deduplicated image vs source",
+        &want,
+        &snapshot(&m.path, SnapOpts::default()),
+    );
+    drop(m);
+    let ext = t.path().join("extract");
+    fsck(&meta, &blobs, Some(&ext));
+    assert_same(
+        "fsck.erofs --extract of a deduplicated image",
+        &snapshot(
+            &src,
+            SnapOpts {
+                nlink: false,
+                dir_nlink: false,
+                ..SnapOpts::default()
+            },
+        ),
+        &snapshot(
+            &ext,
+            SnapOpts {
+                nlink: false,
+                dir_nlink: false,
+                ..SnapOpts::default()
+            },
+        ),
+    );
+}

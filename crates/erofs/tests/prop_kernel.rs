@@ -169,6 +169,34 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 2, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Our reader agrees with the kernel on random trees formatted by mkfs.erofs 1.5.
+    #[test]
+    fn reader_matches_kernel_on_random_mkfs_images(
+        specs in prop::collection::vec(spec_strategy(), 1..60),
+        chunk in prop_oneof![Just(None), Just(Some(4096u32)), Just(Some(4 << 20))],
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        materialise(&src, &specs);
+        let (meta, blob) = (t.path().join("meta"), t.path().join("blob"));
+        let mut cmd = std::process::Command::new("mkfs.erofs");
+        let mut blobs = Vec::new();
+        if let Some(c) = chunk {
+            cmd.arg(format!("--chunksize={c}")).arg(format!("--blobdev={}", blob.display()));
+            blobs.push(blob.clone());
+        }
+        let out = cmd.arg(&meta).arg(&src).output().unwrap();
+        prop_assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let m = mount_erofs(&meta, &blobs, &t.path().join("mnt"));
+        let kernel = snapshot(&m.path, SnapOpts::default());
+        drop(m);
+        assert_same("reader vs kernel (mkfs.erofs image)", &kernel, &reader_snapshot(&meta, &blobs, SnapOpts::default()));
+    }
+}
+
 /// "." is the layer root: only an opaque marker is applied there (overlayfs ignores it).
 const PATHS: [&str; 13] = [
     "a", "b", "c", "a/x", "a/y", "a/d", "a/d/p", "a/d/q", "b/x", "b/d", "b/d/p", "c/x", ".",
@@ -233,5 +261,111 @@ proptest! {
         let items: Vec<Vec<Item>> = layers.iter().enumerate().map(|(i, p)| layer_items(i, p)).collect();
         let stack = Stack::build(&items);
         stack.check_all_merges();
+    }
+}
+
+#[derive(Debug, Clone)]
+enum PlanChunk {
+    Hole,
+    New,
+    Old(u64),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 2, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The store's path: in-memory files whose chunks are holes, new data from a reader, or
+    /// blocks of an existing blob (file stacking), read back through the kernel and our reader.
+    #[test]
+    fn in_memory_chunk_plans_match_the_kernel(
+        chunk_bits in prop_oneof![Just(12u8), Just(13), Just(16)],
+        files in prop::collection::vec(
+            (0u64..6, 0u64..70_000, prop::collection::vec(
+                prop_oneof![Just(PlanChunk::Hole), Just(PlanChunk::New), (0u64..1000).prop_map(PlanChunk::Old)],
+                6,
+            )),
+            1..8,
+        ),
+    ) {
+        use spinfs_erofs::{Chunk, DeviceSpec, FileData, Metadata, Node, NodeKind, Source, Tree, WriteOptions};
+        use std::sync::Arc;
+        let t = tempfile::tempdir().unwrap();
+        let cs = 1u64 << chunk_bits;
+        let old_blocks = 256u64;
+        let old: Vec<u8> = pattern((old_blocks * 4096) as usize, 4242);
+        let old_blob = t.path().join("old");
+        fs::write(&old_blob, &old).unwrap();
+        let mut tree = Tree::new(Metadata { perm: 0o755, ..Metadata::default() });
+        let mut expected = Vec::new();
+        for (i, (full_chunks, extra, plan)) in files.iter().enumerate() {
+            let size = (full_chunks * cs + extra % cs).min(6 * cs);
+            let n = size.div_ceil(cs) as usize;
+            let source: Arc<Vec<u8>> = Arc::new(pattern(size as usize, i as u64 + 1));
+            let mut chunks = Vec::new();
+            let mut want = vec![0u8; size as usize];
+            for (c, p) in plan.iter().take(n).enumerate() {
+                let start = c as u64 * cs;
+                let len = cs.min(size - start) as usize;
+                let range = start as usize..start as usize + len;
+                chunks.push(match p {
+                    PlanChunk::Hole => Chunk::Hole,
+                    PlanChunk::New => {
+                        want[range.clone()].copy_from_slice(&source[range]);
+                        Chunk::New
+                    }
+                    PlanChunk::Old(b) => {
+                        let span = (cs / 4096).max(1);
+                        let block = b % (old_blocks - span + 1);
+                        let at = (block * 4096) as usize;
+                        want[range].copy_from_slice(&old[at..at + len]);
+                        Chunk::Existing { device: 1, block }
+                    }
+                });
+            }
+            tree.add(
+                tree.root(),
+                format!("f{i}"),
+                Node {
+                    meta: Metadata { perm: 0o644, ino: 100 + i as u64, ..Metadata::default() },
+                    kind: NodeKind::File(FileData {
+                        size,
+                        chunk_bits: Some(chunk_bits),
+                        chunks: Some(chunks),
+                        source: Some(Source::Reader(source)),
+                    }),
+                },
+            );
+            expected.push(want);
+        }
+        let opts = WriteOptions {
+            chunk_bits,
+            devices: vec![DeviceSpec { tag: b"old".to_vec(), blocks: old_blocks }],
+            ..WriteOptions::default()
+        };
+        let (meta, new_blob) = (t.path().join("meta"), t.path().join("new"));
+        spinfs_erofs::write_image(
+            &tree,
+            &opts,
+            &mut fs::File::create(&meta).unwrap(),
+            Some(&mut fs::File::create(&new_blob).unwrap()),
+        )
+        .unwrap();
+        let blobs = vec![old_blob, new_blob];
+        let m = mount_erofs(&meta, &blobs, &t.path().join("mnt"));
+        for (i, want) in expected.iter().enumerate() {
+            let got = fs::read(m.path.join(format!("f{i}"))).unwrap();
+            prop_assert!(&got == want, "kernel content of f{}", i);
+        }
+        drop(m);
+        let img = spinfs_erofs::Image::open(fs::File::open(&meta).unwrap()).unwrap();
+        let devs = spinfs_erofs::Blobs(blobs.iter().map(|b| fs::File::open(b).unwrap()).collect());
+        for (i, want) in expected.iter().enumerate() {
+            let ino = img.resolve(format!("f{i}").as_bytes()).unwrap();
+            prop_assert_eq!(img.spinfs_ino(&ino).unwrap(), Some(100 + i as u64));
+            let mut got = vec![0u8; want.len()];
+            img.read_data(&ino, 0, &mut got, &devs).unwrap();
+            prop_assert!(&got == want, "reader content of f{}", i);
+        }
+        fsck(&meta, &blobs, None);
     }
 }

@@ -373,7 +373,10 @@ pub fn build_dir(
     };
     let mut m = File::create(meta).unwrap();
     let mut b = File::create(blob).unwrap();
-    spinfs_erofs::write_image(&tree, &opts, &mut m, Some(&mut b)).unwrap()
+    let s = spinfs_erofs::write_image(&tree, &opts, &mut m, Some(&mut b)).unwrap();
+    // Every image the tests write must pass fsck.erofs.
+    fsck(meta, &[blob.to_path_buf()], None);
+    s
 }
 
 /// Runs `fsck.erofs --device=... [--extract=DIR] META` and asserts it succeeds.
@@ -570,6 +573,24 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A stack over images already built and mounted (newest first), in `dir`.
+    pub fn from_images(
+        dir: tempfile::TempDir,
+        metas: Vec<PathBuf>,
+        blobs: Vec<PathBuf>,
+        mounts: Vec<Mount>,
+    ) -> Stack {
+        let empty = dir.path().join("empty_bottom");
+        fs::create_dir_all(&empty).unwrap();
+        Stack {
+            dir,
+            metas,
+            blobs,
+            mounts,
+            empty,
+        }
+    }
+
     pub fn build(layers: &[Vec<Item>]) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let mut metas = Vec::new();
@@ -639,6 +660,7 @@ impl Stack {
         )
         .unwrap();
         let blobs: Vec<PathBuf> = self.blobs[range.clone()].to_vec();
+        fsck(&out, &blobs, None);
         assert_eq!(s.devices.len(), blobs.len());
         for (i, d) in s.devices.iter().enumerate() {
             assert_eq!(
