@@ -13,12 +13,63 @@ pub type Xattr = (Vec<u8>, Vec<u8>);
 use spinfs_media::{ImageExtents, ImageKind, MediumReader, ReadOptions};
 use std::collections::HashMap;
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// One archived layer, open.
+/// Bounds the meta images held open at once (`max_open_images`): layers open their image
+/// through the pool, which closes the least recently used one beyond the bound.
+pub struct ImagePool {
+    max: usize,
+    open: Mutex<Vec<(u64, Arc<Image<File>>)>>, // most recently used last
+    opens: std::sync::atomic::AtomicU64,
+}
+
+impl ImagePool {
+    pub fn new(max: usize) -> Arc<ImagePool> {
+        Arc::new(ImagePool {
+            max: max.max(1),
+            open: Mutex::new(Vec::new()),
+            opens: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn get(&self, layer: u64, path: &Path) -> Result<Arc<Image<File>>, Errno> {
+        let mut open = self.open.lock().unwrap();
+        if let Some(i) = open.iter().position(|(id, _)| *id == layer) {
+            let entry = open.remove(i);
+            let img = entry.1.clone();
+            open.push(entry);
+            return Ok(img);
+        }
+        let file = File::open(path).map_err(|e| {
+            tracing::error!(layer, "{}: {e}", path.display());
+            Errno::EIO
+        })?;
+        let img = Arc::new(Image::open(file).map_err(eio(layer))?);
+        self.opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if open.len() >= self.max {
+            open.remove(0);
+        }
+        open.push((layer, img.clone()));
+        Ok(img)
+    }
+
+    /// Images open right now, and opens since start.
+    pub fn stats(&self) -> (usize, u64) {
+        (
+            self.open.lock().unwrap().len(),
+            self.opens.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
 pub struct ArchivedLayer {
     pub id: u64,
-    image: Image<File>,
+    meta_path: PathBuf,
+    pool: Arc<ImagePool>,
     blobs: BlobDevices,
     heads: Option<HeadCache>,
 }
@@ -109,10 +160,12 @@ impl ArchivedLayer {
         reader: Arc<MediumReader>,
         timeout: Option<std::time::Duration>,
         cache: Option<Arc<ChunkCache>>,
+        pool: Arc<ImagePool>,
     ) -> Result<ArchivedLayer, String> {
         let path = layout.layer_meta(record.id);
+        // Checked now, so that a missing or damaged meta image is named at mount.
         let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let image = Image::open(file).map_err(|e| format!("{}: {e}", path.display()))?;
+        Image::open(file).map_err(|e| format!("{}: {e}", path.display()))?;
         let blobs: HashMap<u64, _> = manifest.blobs.iter().map(|b| (b.id, b)).collect();
         let devices = record
             .devices
@@ -139,7 +192,8 @@ impl ArchivedLayer {
         };
         Ok(ArchivedLayer {
             id: record.id,
-            image,
+            meta_path: path,
+            pool,
             blobs: BlobDevices {
                 layer: record.id,
                 devices,
@@ -151,16 +205,20 @@ impl ArchivedLayer {
         })
     }
 
+    fn image(&self) -> Result<Arc<Image<File>>, Errno> {
+        self.pool.get(self.id, &self.meta_path)
+    }
+
     pub fn root(&self) -> Result<Inode, Errno> {
-        self.image.root().map_err(eio(self.id))
+        self.image()?.root().map_err(eio(self.id))
     }
 
     pub fn inode(&self, nid: u64) -> Result<Inode, Errno> {
-        self.image.inode(nid).map_err(eio(self.id))
+        self.image()?.inode(nid).map_err(eio(self.id))
     }
 
     pub fn lookup(&self, dir: &Inode, name: &[u8]) -> Result<Option<Inode>, Errno> {
-        match self.image.lookup(dir, name).map_err(eio(self.id))? {
+        match self.image()?.lookup(dir, name).map_err(eio(self.id))? {
             Some(e) => Ok(Some(self.inode(e.nid)?)),
             None => Ok(None),
         }
@@ -168,7 +226,7 @@ impl ArchivedLayer {
 
     /// Every entry of a directory except "." and "..": (name, nid, type).
     pub fn entries(&self, dir: &Inode) -> Result<Vec<(Vec<u8>, u64, FileType)>, Errno> {
-        let (list, _) = self.image.dir_entries(dir).map_err(eio(self.id))?;
+        let (list, _) = self.image()?.dir_entries(dir).map_err(eio(self.id))?;
         Ok(list
             .into_iter()
             .filter(|e| e.name != b"." && e.name != b"..")
@@ -177,7 +235,7 @@ impl ArchivedLayer {
     }
 
     pub fn ino(&self, inode: &Inode) -> Result<u64, Errno> {
-        self.image
+        self.image()?
             .spinfs_ino(inode)
             .map_err(eio(self.id))?
             .ok_or_else(|| {
@@ -196,7 +254,7 @@ impl ArchivedLayer {
             return Ok(false);
         }
         Ok(self
-            .image
+            .image()?
             .xattr(inode, REALDEV_XATTR)
             .map_err(eio(self.id))?
             .is_none())
@@ -204,20 +262,20 @@ impl ArchivedLayer {
 
     pub fn is_opaque(&self, inode: &Inode) -> Result<bool, Errno> {
         Ok(self
-            .image
+            .image()?
             .xattr(inode, OPAQUE_XATTR)
             .map_err(eio(self.id))?
             .is_some_and(|v| v == b"y"))
     }
 
     pub fn readlink(&self, inode: &Inode) -> Result<Vec<u8>, Errno> {
-        self.image.readlink(inode).map_err(eio(self.id))
+        self.image()?.readlink(inode).map_err(eio(self.id))
     }
 
     /// User-visible xattrs (markers hidden, escaped names restored).
     pub fn xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>, Errno> {
         Ok(self
-            .image
+            .image()?
             .xattrs(inode)
             .map_err(eio(self.id))?
             .into_iter()
@@ -227,7 +285,7 @@ impl ArchivedLayer {
 
     /// Raw stored xattrs (for copy-up).
     pub fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>, Errno> {
-        self.image.xattrs(inode).map_err(eio(self.id))
+        self.image()?.xattrs(inode).map_err(eio(self.id))
     }
 
     /// Reads file data; returns the bytes read (short at end of file). Reads inside the head
@@ -248,13 +306,13 @@ impl ArchivedLayer {
                 return Ok(n);
             }
         }
-        self.image
+        self.image()?
             .read_data(inode, offset, buf, &self.blobs)
             .map_err(eio(self.id))
     }
 
     fn head(&self, heads: &HeadCache, inode: &Inode) -> Option<Vec<u8>> {
-        let ino = self.image.spinfs_ino(inode).ok()??;
+        let ino = self.image().ok()?.spinfs_ino(inode).ok()??;
         match heads.get(ino) {
             Ok(h) => h,
             Err(e) => {
@@ -271,7 +329,7 @@ impl ArchivedLayer {
             return Ok(None);
         }
         let extents = self
-            .image
+            .image()?
             .map(inode, offset, inode.size - offset)
             .map_err(eio(self.id))?;
         for e in extents {

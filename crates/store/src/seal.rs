@@ -11,7 +11,7 @@ use crate::markers::{INO_XATTR, REALDEV_XATTR};
 use spinfs_erofs::{
     BlobSink, FileData, Metadata, Node, NodeId, NodeKind, Source, Tree, WriteOptions, write_image,
 };
-use spinfs_media::{ImageKind, ImageRef, Medium, MediumWriter};
+use spinfs_media::{ImageKind, ImageRef, MediaScheduler, Medium, MediumWriter};
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -186,6 +186,7 @@ pub struct Sealed {
 pub fn seal_generation(
     layout: &StoreLayout,
     medium: &Arc<Medium>,
+    sched: Option<Arc<MediaScheduler>>,
     chunk_size: u64,
     head_size: u64,
     tree_root: &Path,
@@ -199,7 +200,7 @@ pub fn seal_generation(
     }
     let media = |error| SealError::Media { generation, error };
     let image = |error| SealError::Image { generation, error };
-    let mut writer = MediumWriter::open(medium.clone(), None).map_err(media)?;
+    let mut writer = MediumWriter::open(medium.clone(), sched).map_err(media)?;
     let opts = WriteOptions {
         chunk_bits: chunk_size.trailing_zeros() as u8,
         new_blob_tag: format!("blob.{layer_id}").into_bytes(),

@@ -1,13 +1,13 @@
 //! Creating and opening a store: mkfs, the exclusive lock, config and manifest.
 
-use crate::archive::ArchivedLayer;
+use crate::archive::{ArchivedLayer, ImagePool};
 use crate::cache::ChunkCache;
 use crate::config::{ConfigError, StoreConfig};
 use crate::layout::StoreLayout;
 use crate::manifest::{FrozenGen, LayerRecord};
 use crate::manifest::{Manifest, ManifestError};
 use crate::seal;
-use spinfs_media::{BackendOptions, Medium, MediumReader};
+use spinfs_media::{BackendOptions, MediaScheduler, Medium, MediumReader};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -63,6 +63,8 @@ pub struct Store {
     medium: Option<Arc<Medium>>,
     reader: Option<Arc<MediumReader>>,
     cache: Option<Arc<ChunkCache>>,
+    pool: Option<Arc<ImagePool>>,
+    sched: Option<Arc<MediaScheduler>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,6 +134,8 @@ impl Store {
             medium: None,
             reader: None,
             cache: None,
+            pool: None,
+            sched: None,
         })
     }
 
@@ -151,14 +155,34 @@ impl Store {
         Ok(m)
     }
 
+    /// The media I/O scheduler: foreground reads before background archive writes, reads
+    /// batched per container in offset order, background bandwidth capped.
+    pub fn scheduler(&mut self) -> Result<Arc<MediaScheduler>, StoreError> {
+        if let Some(s) = &self.sched {
+            return Ok(s.clone());
+        }
+        let medium = self.medium()?;
+        let s = MediaScheduler::new(medium, self.config.media_io.sched_config());
+        self.sched = Some(s.clone());
+        Ok(s)
+    }
+
     /// The shared reader of archived data.
     pub fn reader(&mut self) -> Result<Arc<MediumReader>, StoreError> {
         if let Some(r) = &self.reader {
             return Ok(r.clone());
         }
-        let r = Arc::new(MediumReader::new(self.medium()?, None));
+        let sched = self.scheduler()?;
+        let r = Arc::new(MediumReader::new(self.medium()?, Some(sched)));
         self.reader = Some(r.clone());
         Ok(r)
+    }
+
+    /// The pool bounding open meta images.
+    pub fn image_pool(&mut self) -> Arc<ImagePool> {
+        self.pool
+            .get_or_insert_with(|| ImagePool::new(self.config.max_open_images as usize))
+            .clone()
     }
 
     /// The chunk cache of archived data (`None` when cache_size is 0).
@@ -286,10 +310,12 @@ impl Store {
     /// Seals a frozen generation into its layer, commits it, and drops the SSD copy.
     pub fn seal_frozen(&mut self, frozen: FrozenGen) -> Result<LayerRecord, StoreError> {
         let medium = self.medium()?;
+        let sched = self.scheduler()?;
         let tree = self.layout.generation_tree(frozen.generation);
         let sealed = seal::seal_generation(
             &self.layout,
             &medium,
+            Some(sched),
             self.config.chunk_size,
             self.config.head_size,
             &tree,
@@ -317,6 +343,7 @@ impl Store {
     pub fn open_layer(&mut self, id: u64) -> Result<Arc<ArchivedLayer>, StoreError> {
         let reader = self.reader()?;
         let cache = self.chunk_cache()?;
+        let pool = self.image_pool();
         let timeout = Some(self.config.media_io.request_timeout());
         let rec = self
             .manifest
@@ -325,8 +352,16 @@ impl Store {
             .find(|l| l.id == id)
             .ok_or_else(|| StoreError::Layer(format!("layer {id} is not in the manifest")))?;
         Ok(Arc::new(
-            ArchivedLayer::open(&self.layout, &self.manifest, rec, reader, timeout, cache)
-                .map_err(StoreError::Layer)?,
+            ArchivedLayer::open(
+                &self.layout,
+                &self.manifest,
+                rec,
+                reader,
+                timeout,
+                cache,
+                pool,
+            )
+            .map_err(StoreError::Layer)?,
         ))
     }
 

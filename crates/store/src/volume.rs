@@ -413,14 +413,16 @@ impl Volume {
             archived: old.archived.clone(),
         });
         {
+            // The root's placement and the stack change together: every re-resolution goes
+            // through the root, so readers see the old or the new stack, never a mix.
             let mut st = root.st.write().unwrap();
             st.place = Placement {
                 upper: Some(Arc::new(new_root)),
                 lower: stack.lower_roots()?,
             };
             st.epoch = stack.epoch;
+            *self.stack.write().unwrap() = stack;
         }
-        *self.stack.write().unwrap() = stack;
         self.upper_bytes.store(0, Ordering::Relaxed);
         for (ino, fd, parent, old_pfd, name) in old_places {
             if let Err(e) = self.move_to_new_tree(ino, &fd, parent, &old_pfd, &name) {
@@ -494,8 +496,8 @@ impl Volume {
             let mut st = root.st.write().unwrap();
             st.place.lower = stack.lower_roots()?;
             st.epoch = stack.epoch;
+            *self.stack.write().unwrap() = stack;
         }
-        *self.stack.write().unwrap() = stack;
         Ok(())
     }
 
