@@ -43,6 +43,13 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Merge archived layers now (those due by the fan-in rule, else the newest ones).
+    Merge {
+        store: PathBuf,
+        /// Return only when the merged layer is committed (always the case offline).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Work with EROFS image pairs directly (build, merge, list, cat).
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
@@ -172,6 +179,36 @@ fn archive(store: &std::path::Path, wait: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn merge(store: &std::path::Path, wait: bool) -> Result<ExitCode> {
+    if spinfs_store::store::store_in_use(store).is_some() {
+        let v = spinfs_store::control::call(
+            store,
+            &serde_json::json!({"cmd": "merge", "wait": wait}),
+            None,
+        )
+        .map_err(anyhow::Error::msg)?;
+        match v.get("merged").and_then(|m| m.as_u64()) {
+            Some(id) => println!("merged into layer {id}"),
+            None if wait => println!("nothing to merge in {}", store.display()),
+            None => println!("merge of {} requested", store.display()),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut s = Store::open(store)?;
+    s.recover()?;
+    match s.merge(true)? {
+        Some(layer) => println!(
+            "merged into layer {} (level {}, {} files, {})",
+            layer.id,
+            layer.level,
+            layer.files,
+            spinfs_store::format_size(layer.bytes)
+        ),
+        None => println!("nothing to merge in {}", store.display()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn format_medium(cfg: &StoreConfig) -> Result<()> {
     let geometry = media_cmd::geometry(cfg)?;
     if let Some(dir) = cfg.media.strip_prefix("dir:") {
@@ -211,6 +248,7 @@ fn main() -> ExitCode {
         Command::Umount { mountpoint } => daemon::umount(&mountpoint),
         Command::Status { store, json } => status::run(&store, json),
         Command::Archive { store, wait } => archive(&store, wait),
+        Command::Merge { store, wait } => merge(&store, wait),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Media(cmd) => media_cmd::run(cmd),
     };

@@ -325,3 +325,89 @@ fn descriptors_stay_valid_across_a_seal() {
     archive_now(&m);
     assert_eq!(fs::read(m.path("log")).unwrap(), b"before-seal;after-seal;");
 }
+
+/// Seals and merges at every step of a sequence of changes; the visible tree must stay the
+/// same across every seal, merge (keep-markers and bottom/strip merges), and remount.
+#[test]
+fn merges_keep_the_visible_tree() {
+    let mut m = Mounted::new(&[SMALL, &["--merge-fanin", "2"]].concat());
+    // Names, types, modes, inode numbers, sizes of non-directories (a directory's st_size is
+    // its layer's own business) and content hashes.
+    let snapshot = |m: &Mounted| {
+        let out = Command::new("find")
+            .arg(".")
+            .args(["-printf", "%p %y %m %i %s\n"])
+            .current_dir(&m.mnt)
+            .output()
+            .unwrap();
+        let mut l: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                if f[1] == "f" {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    fs::read(m.mnt.join(f[0])).unwrap().hash(&mut h);
+                    format!("{line} {:016x}", h.finish())
+                } else {
+                    f[..4].join(" ")
+                }
+            })
+            .collect();
+        l.sort();
+        l
+    };
+    type Step = Box<dyn Fn(&Mounted)>;
+    let steps: Vec<Step> = vec![
+        Box::new(|m| {
+            fs::create_dir_all(m.path("d/e")).unwrap();
+            for i in 0..5 {
+                fs::write(
+                    m.path(&format!("d/f{i}")),
+                    data(i, 10_000 * (i as usize + 1)),
+                )
+                .unwrap();
+            }
+        }),
+        Box::new(|m| {
+            fs::remove_file(m.path("d/f1")).unwrap();
+            fs::write(m.path("d/e/new"), b"new").unwrap();
+        }),
+        Box::new(|m| {
+            fs::remove_dir_all(m.path("d")).unwrap();
+            fs::create_dir(m.path("d")).unwrap();
+            fs::write(m.path("d/f2"), b"recreated").unwrap();
+        }),
+        Box::new(|m| {
+            fs::rename(m.path("d"), m.path("d2")).unwrap();
+            fs::hard_link(m.path("d2/f2"), m.path("hl")).unwrap();
+        }),
+        Box::new(|m| {
+            fs::write(m.path("d2/f2"), b"rewritten").unwrap();
+            fs::create_dir(m.path("d")).unwrap();
+        }),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        step(&m);
+        let before = snapshot(&m);
+        archive_now(&m);
+        assert_eq!(snapshot(&m), before, "after the seal of step {i}");
+        spinfs_ok(&["merge", m.store.to_str().unwrap(), "--wait"]);
+        assert_eq!(snapshot(&m), before, "after a merge at step {i}");
+        m.remount();
+        assert_eq!(snapshot(&m), before, "after remount at step {i}");
+    }
+    // Everything merged down to one bottom layer: no markers left, same tree.
+    let before = snapshot(&m);
+    for _ in 0..8 {
+        spinfs_ok(&["merge", m.store.to_str().unwrap(), "--wait"]);
+    }
+    assert_eq!(archived_layers(&m), 1, "{}", status(&m));
+    assert_eq!(snapshot(&m), before);
+    m.umount();
+    // offline merge and archive work too
+    spinfs_ok(&["merge", m.store.to_str().unwrap()]);
+    m.mount();
+    assert_eq!(snapshot(&m), before);
+}

@@ -18,6 +18,16 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 /// One archived layer, open.
+impl Drop for ArchivedLayer {
+    fn drop(&mut self) {
+        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            // The manifest no longer names this layer; recovery would delete these too.
+            let _ = std::fs::remove_file(&self.meta_path);
+            let _ = std::fs::remove_file(&self.heads_path);
+        }
+    }
+}
+
 /// Bounds the meta images held open at once (`max_open_images`): layers open their image
 /// through the pool, which closes the least recently used one beyond the bound.
 pub struct ImagePool {
@@ -68,6 +78,9 @@ impl ImagePool {
 
 pub struct ArchivedLayer {
     pub id: u64,
+    /// Set when a merge replaced this layer: its SSD files go when the last user lets go.
+    retired: std::sync::atomic::AtomicBool,
+    heads_path: PathBuf,
     meta_path: PathBuf,
     pool: Arc<ImagePool>,
     blobs: BlobDevices,
@@ -192,6 +205,8 @@ impl ArchivedLayer {
         };
         Ok(ArchivedLayer {
             id: record.id,
+            retired: std::sync::atomic::AtomicBool::new(false),
+            heads_path: heads_path.clone(),
             meta_path: path,
             pool,
             blobs: BlobDevices {
@@ -203,6 +218,12 @@ impl ArchivedLayer {
             },
             heads,
         })
+    }
+
+    /// Marks this layer as replaced by a merge (see `retired`).
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn image(&self) -> Result<Arc<Image<File>>, Errno> {

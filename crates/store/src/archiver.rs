@@ -23,6 +23,9 @@ struct State {
     sealing: bool,
     last_error: Option<String>,
     shutdown: bool,
+    merge_requested: u64,
+    merges_finished: u64,
+    merge_error: Option<String>,
 }
 
 /// Outcome of a requested seal.
@@ -42,6 +45,7 @@ pub struct Archiver {
     last: Mutex<Option<SealOutcome>>,
     /// The manifest as last committed, readable while a seal holds the store.
     snapshot: Mutex<crate::manifest::Manifest>,
+    last_merge: Mutex<Option<u64>>,
 }
 
 impl Archiver {
@@ -51,6 +55,7 @@ impl Archiver {
         let snapshot = Mutex::new(store.manifest().clone());
         let a = Arc::new(Archiver {
             snapshot,
+            last_merge: Mutex::new(None),
             store: Mutex::new(store),
             vol,
             threshold,
@@ -109,6 +114,26 @@ impl Archiver {
             .unwrap_or(SealOutcome::Empty))
     }
 
+    /// Asks for a merge of archived layers (one due by the fan-in rule, else the newest
+    /// ones); with `wait`, returns when it is committed.
+    pub fn request_merge(&self, wait: bool) -> Result<Option<u64>, String> {
+        let mut st = self.state.lock().unwrap();
+        st.merge_requested += 1;
+        let target = st.merges_finished + 1;
+        self.cv.notify_all();
+        if !wait {
+            return Ok(None);
+        }
+        while st.merges_finished < target && !st.shutdown {
+            st = self.cv.wait(st).unwrap();
+        }
+        if let Some(e) = &st.merge_error {
+            return Err(e.clone());
+        }
+        drop(st);
+        Ok(*self.last_merge.lock().unwrap())
+    }
+
     pub fn shutdown(&self) {
         self.state.lock().unwrap().shutdown = true;
         self.cv.notify_all();
@@ -121,7 +146,7 @@ impl Archiver {
                 if st.shutdown {
                     return;
                 }
-                if st.requested == 0 {
+                if st.requested == 0 && st.merge_requested == 0 {
                     st = self.cv.wait_timeout(st, TICK).unwrap().0;
                 }
                 if st.shutdown {
@@ -131,6 +156,7 @@ impl Archiver {
                 st.requested = 0;
                 asked
             };
+            self.merge_step();
             let full = self.vol.upper_bytes() >= self.threshold;
             if !asked && !full {
                 continue;
@@ -160,6 +186,58 @@ impl Archiver {
             }
             self.cv.notify_all();
         }
+    }
+
+    /// Runs the merges that are due (and one forced merge if asked for).
+    fn merge_step(&self) {
+        let forced = {
+            let mut st = self.state.lock().unwrap();
+            let f = st.merge_requested > 0;
+            st.merge_requested = 0;
+            f
+        };
+        let mut first = true;
+        loop {
+            let result = self.merge_once(forced && first);
+            first = false;
+            let done = !matches!(result, Ok(Some(_)));
+            if let Ok(Some(id)) = &result {
+                *self.last_merge.lock().unwrap() = Some(*id);
+            }
+            if forced {
+                let mut st = self.state.lock().unwrap();
+                st.merge_error = result.as_ref().err().cloned();
+                st.merges_finished += 1;
+                self.cv.notify_all();
+            }
+            if let Err(e) = &result {
+                tracing::error!("merge failed: {e}");
+            }
+            if done || forced {
+                // A forced merge answers its caller at once; due merges follow next tick.
+                return;
+            }
+        }
+    }
+
+    fn merge_once(&self, force: bool) -> Result<Option<u64>, String> {
+        let mut store = self.store.lock().unwrap();
+        let Some(run) = store.merge_candidates(force) else {
+            return Ok(None);
+        };
+        let old: Vec<u64> = store.manifest().layers[run.clone()]
+            .iter()
+            .map(|l| l.id)
+            .collect();
+        tracing::info!(layers = ?old, "merging");
+        let record = store.merge_layers(run).map_err(|e| e.to_string())?;
+        *self.snapshot.lock().unwrap() = store.manifest().clone();
+        let layer = store.open_layer(record.id).map_err(|e| e.to_string())?;
+        self.vol
+            .merged(&old, layer)
+            .map_err(|e| format!("switching to merged layer {}: {e}", record.id))?;
+        tracing::info!(layer = record.id, level = record.level, "merged");
+        Ok(Some(record.id))
     }
 
     fn seal_once(&self) -> Result<SealOutcome, String> {

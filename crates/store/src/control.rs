@@ -21,6 +21,7 @@ const MAX_REQUEST: u64 = 4096;
 pub enum Request {
     Status,
     Archive { wait: bool },
+    Merge { wait: bool },
 }
 
 /// Parses one request line; a precise message for anything else.
@@ -33,21 +34,21 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         .ok_or("bad request: no \"cmd\" string")?;
     let allowed: &[&str] = match cmd {
         "status" => &["cmd"],
-        "archive" => &["cmd", "wait"],
+        "archive" | "merge" => &["cmd", "wait"],
         other => return Err(format!("unknown command '{other}'")),
     };
     if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(format!("bad request: unexpected field '{k}'"));
     }
+    let wait = match obj.get("wait") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("bad request: \"wait\" must be a boolean".into()),
+    };
     Ok(match cmd {
         "status" => Request::Status,
-        _ => Request::Archive {
-            wait: match obj.get("wait") {
-                None => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err("bad request: \"wait\" must be a boolean".into()),
-            },
-        },
+        "merge" => Request::Merge { wait },
+        _ => Request::Archive { wait },
     })
 }
 
@@ -124,6 +125,11 @@ fn handle(conn: UnixStream, archiver: &Archiver, status: &dyn Fn() -> Value) {
                 Ok(SealOutcome::Queued) => json!({"ok": true, "queued": true}),
                 Err(e) => json!({"ok": false, "error": e}),
             },
+            Ok(Request::Merge { wait }) => match archiver.request_merge(wait) {
+                Ok(Some(layer)) => json!({"ok": true, "merged": layer}),
+                Ok(None) => json!({"ok": true, "merged": null}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
         }
     };
     let mut out = serde_json::to_vec(&answer).unwrap_or_default();
@@ -174,6 +180,10 @@ mod tests {
             parse_request(br#"{"cmd":"archive"}"#),
             Ok(Request::Archive { wait: false })
         );
+        assert_eq!(
+            parse_request(br#"{"cmd":"merge","wait":true}"#),
+            Ok(Request::Merge { wait: true })
+        );
         for bad in [
             &b""[..],
             b"[]",
@@ -182,6 +192,7 @@ mod tests {
             br#"{"cmd":"rm -rf"}"#,
             br#"{"cmd":"status","x":1}"#,
             br#"{"cmd":"archive","wait":"yes"}"#,
+            br#"{"cmd":"merge","now":true}"#,
             b"\xff\xfe",
         ] {
             assert!(

@@ -67,6 +67,9 @@ pub struct LayerRecord {
     /// Non-directory inodes and regular-file bytes (for status).
     pub files: u64,
     pub bytes: u64,
+    /// Merge level: 0 for a sealed generation, n+1 for a merge of layers of level n.
+    #[serde(default)]
+    pub level: u32,
 }
 
 /// Where an image lives on the media.

@@ -253,6 +253,7 @@ pub fn seal_generation(
             generations: vec![generation],
             files: stats.files,
             bytes: stats.bytes,
+            level: 0,
         },
         blob,
     })

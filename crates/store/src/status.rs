@@ -68,7 +68,7 @@ pub fn status_json(
     for l in manifest.layers.iter().rev() {
         layers.push(json!({
             "id": l.id, "kind": "archived", "files": l.files, "bytes": l.bytes,
-            "generations": l.generations, "blobs": l.devices,
+            "generations": l.generations, "blobs": l.devices, "level": l.level,
         }));
     }
     let images = manifest

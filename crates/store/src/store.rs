@@ -281,6 +281,8 @@ impl Store {
         let frozen = self.freeze()?;
         let layer = self.seal_frozen(frozen.clone())?;
         self.drop_generation(frozen.generation)?;
+        // Merges that are now due, as the daemon would run them.
+        while self.merge(false)?.is_some() {}
         Ok(Some(layer))
     }
 
@@ -331,6 +333,176 @@ impl Store {
         self.manifest.frozen = None;
         self.manifest.commit(&self.layout.manifest())?;
         Ok(sealed.layer)
+    }
+
+    /// The layers a merge should combine now: the oldest run of `merge_fanin` adjacent layers
+    /// of one level (levels never increase from older to newer layers, so runs are adjacent).
+    /// Indexes into `manifest.layers` (oldest first).
+    pub fn merge_candidates(&self, force: bool) -> Option<std::ops::Range<usize>> {
+        let layers = &self.manifest.layers;
+        let fanin = self.config.merge_fanin as usize;
+        let mut i = 0;
+        while i < layers.len() {
+            let level = layers[i].level;
+            let mut j = i;
+            while j < layers.len() && layers[j].level == level {
+                j += 1;
+            }
+            if j - i >= fanin {
+                return Some(i..i + fanin);
+            }
+            i = j;
+        }
+        // Forced: merge the newest fan-in layers (at least two), whatever their levels.
+        if force && layers.len() >= 2 {
+            let n = fanin.min(layers.len());
+            return Some(layers.len() - n..layers.len());
+        }
+        None
+    }
+
+    /// Merges the layers `run` (indexes into `manifest.layers`, oldest first) into one layer
+    /// whose meta references the existing blobs: no data is rewritten. The merged meta goes to
+    /// the media, then the SSD, then the manifest; the old metas stay until nothing uses them.
+    pub fn merge_layers(&mut self, run: std::ops::Range<usize>) -> Result<LayerRecord, StoreError> {
+        use spinfs_erofs::{Image, MergeMode, NodeKind, WriteOptions, merge_tree, write_image};
+        let layer_err = |m: String| StoreError::Layer(m);
+        let inputs: Vec<LayerRecord> = self.manifest.layers[run.clone()].to_vec();
+        let reaches_bottom = run.start == 0;
+        let mode = if reaches_bottom {
+            MergeMode::StripOverlay
+        } else {
+            MergeMode::KeepOverlay
+        };
+        // Newest first, as overlay order has it.
+        let mut images = Vec::new();
+        for rec in inputs.iter().rev() {
+            let path = self.layout.layer_meta(rec.id);
+            let f = File::open(&path).map_err(io_err("cannot open", &path))?;
+            images.push(Image::open(f).map_err(|e| layer_err(format!("{}: {e}", path.display())))?);
+        }
+        let (tree, devices) =
+            merge_tree(&images, mode).map_err(|e| layer_err(format!("merge: {e}")))?;
+        let newest_first: Vec<&LayerRecord> = inputs.iter().rev().collect();
+        let mut blob_ids = Vec::new();
+        let mut specs = Vec::new();
+        for d in &devices {
+            let rec = newest_first[d.layer];
+            let blob = *rec
+                .devices
+                .get(d.layer_device as usize - 1)
+                .ok_or_else(|| {
+                    layer_err(format!("layer {} has no device {}", rec.id, d.layer_device))
+                })?;
+            blob_ids.push(blob);
+            specs.push(spinfs_erofs::DeviceSpec {
+                tag: d.tag.clone(),
+                blocks: d.blocks,
+            });
+        }
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut seen = std::collections::HashSet::new();
+        for id in 0..tree.len() as u32 {
+            let n = tree.node(id);
+            match &n.kind {
+                NodeKind::Dir(_) | NodeKind::CharDev(0) => {}
+                kind => {
+                    if seen.insert(n.meta.ino) {
+                        files += 1;
+                        if let NodeKind::File(f) = kind {
+                            bytes += f.size;
+                        }
+                    }
+                }
+            }
+        }
+        let id = self.manifest.next_layer;
+        let opts = WriteOptions {
+            chunk_bits: self.config.chunk_size.trailing_zeros() as u8,
+            devices: specs,
+            volume_name: format!("spinfs.{id}").into_bytes(),
+            ..WriteOptions::default()
+        };
+        let mut meta = Vec::new();
+        write_image(&tree, &opts, &mut meta, None).map_err(|e| layer_err(format!("merge: {e}")))?;
+        // Media first, then the SSD copy, then the manifest.
+        let medium = self.medium()?;
+        let sched = self.scheduler()?;
+        let uri = self.config.media.clone();
+        let media_err = |error| StoreError::Media {
+            uri: uri.clone(),
+            error,
+        };
+        let mut writer =
+            spinfs_media::MediumWriter::open(medium, Some(sched)).map_err(media_err)?;
+        writer
+            .begin_image(spinfs_media::ImageRef {
+                id,
+                kind: spinfs_media::ImageKind::Meta,
+            })
+            .map_err(media_err)?;
+        writer.append(&meta).map_err(media_err)?;
+        let extents = writer.finish_image().map_err(media_err)?;
+        writer.commit().map_err(media_err)?;
+        seal::publish_meta(&self.layout, id, &meta)
+            .map_err(io_err("cannot write", &self.layout.layer_meta(id)))?;
+        self.merge_head_caches(&newest_first, id)?;
+        let record = LayerRecord {
+            id,
+            meta: crate::manifest::ImageRecord::from_extents(&extents),
+            devices: blob_ids,
+            generations: inputs.iter().flat_map(|l| l.generations.clone()).collect(),
+            files,
+            bytes,
+            level: inputs.iter().map(|l| l.level).max().unwrap_or(0) + 1,
+        };
+        self.manifest.next_layer += 1;
+        self.manifest.layers.splice(run, [record.clone()]);
+        self.manifest.commit(&self.layout.manifest())?;
+        Ok(record)
+    }
+
+    /// The merged layer's head cache: every input's heads (keys are inode numbers, which the
+    /// merge keeps), the newest winning.
+    fn merge_head_caches(&self, newest_first: &[&LayerRecord], id: u64) -> Result<(), StoreError> {
+        use crate::cache::{HeadCache, MergeInput, merge_heads};
+        if self.config.head_size == 0 {
+            return Ok(());
+        }
+        let mut caches = Vec::new();
+        for rec in newest_first {
+            let path = self.layout.layer_heads(rec.id);
+            if path.exists() {
+                caches.push(
+                    HeadCache::open(&path)
+                        .map_err(|e| StoreError::Layer(format!("head cache: {e}")))?,
+                );
+            }
+        }
+        let same = |k: u64| Some(k);
+        let inputs: Vec<MergeInput<'_>> = caches
+            .iter()
+            .map(|c| MergeInput {
+                cache: c,
+                key_map: &same,
+            })
+            .collect();
+        merge_heads(
+            &self.layout.layer_heads(id),
+            id,
+            self.config.head_size.min(crate::cache::MAX_HEAD_SIZE),
+            &inputs,
+        )
+        .map_err(|e| StoreError::Layer(format!("head cache: {e}")))?;
+        Ok(())
+    }
+
+    /// Merges one run of layers if one is due (or, with `force`, the newest ones).
+    pub fn merge(&mut self, force: bool) -> Result<Option<LayerRecord>, StoreError> {
+        match self.merge_candidates(force) {
+            Some(run) => self.merge_layers(run).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Deletes a sealed generation's SSD tree (after the volume stopped using it).

@@ -501,6 +501,43 @@ impl Volume {
         Ok(())
     }
 
+    /// Archived layers `old` (ids, adjacent in the stack) were merged into `layer`, which
+    /// takes their place. They are retired: their SSD files go when nothing uses them.
+    pub fn merged(&self, old: &[u64], layer: Arc<ArchivedLayer>) -> SysResult<()> {
+        let _gate = self.gate.write().unwrap();
+        let stack = self.stack();
+        let pos = stack
+            .archived
+            .iter()
+            .position(|l| old.contains(&l.id))
+            .ok_or(Errno::EINVAL)?;
+        let mut archived: Vec<Arc<ArchivedLayer>> = Vec::new();
+        for (i, l) in stack.archived.iter().enumerate() {
+            if i == pos {
+                archived.push(layer.clone());
+            }
+            if old.contains(&l.id) {
+                l.retire();
+            } else {
+                archived.push(l.clone());
+            }
+        }
+        let new = Arc::new(Stack {
+            epoch: stack.epoch + 1,
+            generation: stack.generation,
+            root_backing_ino: stack.root_backing_ino,
+            work: stack.work.clone(),
+            frozen: stack.frozen.clone(),
+            archived,
+        });
+        let root = self.node(ROOT_INO)?;
+        let mut st = root.st.write().unwrap();
+        st.place.lower = new.lower_roots()?;
+        st.epoch = new.epoch;
+        *self.stack.write().unwrap() = new;
+        Ok(())
+    }
+
     /// Whether a frozen generation is waiting to be sealed.
     pub fn frozen_generation(&self) -> Option<u64> {
         self.stack().frozen.as_ref().map(|f| f.generation)
@@ -823,6 +860,17 @@ impl Volume {
         }
         let part = st.place.lower.first().cloned().ok_or(Errno::EIO)?;
         let cname = CString::new(name.clone()).map_err(|_| Errno::EIO)?;
+        // Already copied (as part of a directory copied up whole): adopt that copy.
+        if let Ok(existing) = sys::open_path(pfd.as_fd(), &cname)
+            && tree_recorded_ino(existing.as_fd()) == Some(ino)
+        {
+            let fd = Arc::new(existing);
+            st.place.upper = Some(fd.clone());
+            if node.kind != FileKind::Directory {
+                st.place.lower.clear();
+            }
+            return Ok(fd);
+        }
         let fd = self.copy_up_part(&part, ino, pfd.as_fd(), &cname)?;
         let fd = Arc::new(fd);
         st.place.upper = Some(fd.clone());
@@ -966,7 +1014,15 @@ impl Volume {
             };
             if r.place.upper.is_none() {
                 let part = r.place.lower.first().cloned().ok_or(Errno::EIO)?;
-                self.copy_up_part(&part, r.ino, dfd.as_fd(), &cname)?;
+                let fd = Arc::new(self.copy_up_part(&part, r.ino, dfd.as_fd(), &cname)?);
+                // A node the kernel holds for it must now use the copy.
+                if let Ok(child) = self.node(r.ino) {
+                    let mut cst = child.st.write().unwrap();
+                    cst.place.upper = Some(fd);
+                    if child.kind != FileKind::Directory {
+                        cst.place.lower.clear();
+                    }
+                }
             }
             if r.kind == FileKind::Directory && !r.place.lower.is_empty() {
                 // Recurse through a temporary node so the child's lower parts come along.
@@ -1397,7 +1453,20 @@ impl Volume {
         if pplace.is_upper_only() && npplace.is_upper_only() {
             // Fast path: nothing below either directory.
             let (a, b) = (pplace.upper.unwrap(), npplace.upper.unwrap());
-            return sys::renameat2(a.as_fd(), &name, b.as_fd(), &newname, flags);
+            let ino_at = |dir: &OwnedFd, n: &CStr| -> Option<u64> {
+                let fd = sys::open_path(dir.as_fd(), n).ok()?;
+                let st = sys::fstat(fd.as_fd()).ok()?;
+                Some(self.upper_ino(fd.as_fd(), &st))
+            };
+            let src = ino_at(&a, &name);
+            let dst = if flags & libc::RENAME_EXCHANGE != 0 {
+                ino_at(&b, &newname)
+            } else {
+                None
+            };
+            sys::renameat2(a.as_fd(), &name, b.as_fd(), &newname, flags)?;
+            self.renamed(src, newparent, &newname, dst, parent, &name);
+            return Ok(());
         }
         let src = self
             .resolve(&pplace, name.to_bytes())?
@@ -1454,13 +1523,22 @@ impl Volume {
         if flags & libc::RENAME_EXCHANGE != 0 {
             let d = dst.as_ref().expect("checked above");
             bring_up(d, newparent, &newname)?;
-            return sys::renameat2(
+            sys::renameat2(
                 pfd.as_fd(),
                 &name,
                 npfd.as_fd(),
                 &newname,
                 libc::RENAME_EXCHANGE,
+            )?;
+            self.renamed(
+                Some(src.ino),
+                newparent,
+                &newname,
+                Some(d.ino),
+                parent,
+                &name,
             );
+            return Ok(());
         }
         if let Some(d) = &dst {
             if let Some(ufd) = &d.place.upper
@@ -1481,20 +1559,43 @@ impl Volume {
             }
         }
         if !src_below {
-            return sys::renameat2(pfd.as_fd(), &name, npfd.as_fd(), &newname, 0);
-        }
-        if src.kind != FileKind::Directory {
+            sys::renameat2(pfd.as_fd(), &name, npfd.as_fd(), &newname, 0)?;
+        } else if src.kind != FileKind::Directory {
             // Move and leave a whiteout in one step.
-            return sys::renameat2(
+            sys::renameat2(
                 pfd.as_fd(),
                 &name,
                 npfd.as_fd(),
                 &newname,
                 libc::RENAME_WHITEOUT,
-            );
+            )?;
+        } else {
+            sys::renameat2(pfd.as_fd(), &name, npfd.as_fd(), &newname, 0)?;
+            self.whiteout(pfd.as_fd(), &name)?;
         }
-        sys::renameat2(pfd.as_fd(), &name, npfd.as_fd(), &newname, 0)?;
-        self.whiteout(pfd.as_fd(), &name)
+        self.renamed(Some(src.ino), newparent, &newname, None, parent, &name);
+        Ok(())
+    }
+
+    /// Records new names after a rename (re-resolution after a stack change goes by name).
+    fn renamed(
+        &self,
+        src: Option<u64>,
+        newparent: u64,
+        newname: &CStr,
+        exchanged: Option<u64>,
+        parent: u64,
+        name: &CStr,
+    ) {
+        let set = |ino: Option<u64>, p: u64, n: &CStr| {
+            if let Some(node) = ino.and_then(|i| self.node(i).ok()) {
+                let mut st = node.st.write().unwrap();
+                st.parent = p;
+                st.name = n.to_bytes().to_vec();
+            }
+        };
+        set(src, newparent, newname);
+        set(exchanged, parent, name);
     }
 
     // ----- open files --------------------------------------------------------------------
