@@ -411,3 +411,45 @@ fn merges_keep_the_visible_tree() {
     m.mount();
     assert_eq!(snapshot(&m), before);
 }
+
+/// Paths longer than PATH_MAX inside the mount (pjdfstest makes them) seal and read back.
+#[test]
+fn deep_trees_longer_than_path_max_seal() {
+    let mut m = Mounted::new(SMALL);
+    let comp = "d".repeat(200);
+    let mut rel = std::path::PathBuf::new();
+    let dir = fs::File::open(&m.mnt).unwrap();
+    // Build 30 levels of 200-byte names (6000+ bytes) with *at calls.
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut cur = dir;
+    for _ in 0..30 {
+        let c = std::ffi::CString::new(comp.clone()).unwrap();
+        assert_eq!(unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), 0o755) }, 0);
+        let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        assert!(fd >= 0);
+        cur = unsafe { fs::File::from_raw_fd(fd) };
+        rel.push(&comp);
+    }
+    let c = std::ffi::CString::new("leaf").unwrap();
+    let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    assert!(fd >= 0);
+    let mut leaf = unsafe { fs::File::from_raw_fd(fd) };
+    leaf.write_all(b"deep data").unwrap();
+    drop(leaf);
+    drop(cur);
+    archive_now(&m);
+    assert_eq!(archived_layers(&m), 1, "{}", status(&m));
+    m.remount();
+    let mut cur = fs::File::open(&m.mnt).unwrap();
+    for _ in 0..30 {
+        let c = std::ffi::CString::new(comp.clone()).unwrap();
+        let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        assert!(fd >= 0, "level missing after the seal");
+        cur = unsafe { fs::File::from_raw_fd(fd) };
+    }
+    let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_RDONLY) };
+    assert!(fd >= 0);
+    let mut s = String::new();
+    unsafe { fs::File::from_raw_fd(fd) }.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "deep data");
+}

@@ -48,3 +48,54 @@ fn fsx_100k_operations_of_every_kind() {
             .arg(&nops),
     );
 }
+
+/// fsx while the tree is sealed and merged under it every few hundred milliseconds: data
+/// must stay exact whatever layer each byte lives in.
+#[test]
+fn fsx_with_seals_and_merges_mid_run() {
+    let m = Mounted::new(&[
+        "--container-size",
+        "32M",
+        "--object-size",
+        "64K",
+        "--chunk-size",
+        "64K",
+        "--archive-threshold",
+        "1M",
+        "--merge-fanin",
+        "2",
+    ]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = m.store.to_str().unwrap().to_string();
+    let bg = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seals = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cmd = if seals % 3 == 2 { "merge" } else { "archive" };
+                assert!(
+                    spinfs(&[cmd, &store, "--wait"]).status.success(),
+                    "{cmd} failed"
+                );
+                seals += 1;
+                std::thread::sleep(std::time::Duration::from_millis(150));
+            }
+            seals
+        })
+    };
+    let nops = std::env::var("SPINFS_FSX_SEAL_OPS").unwrap_or_else(|_| "30000".into());
+    let result = std::panic::catch_unwind(|| {
+        run_script(
+            Command::new(repo().join("scripts/fsx.sh"))
+                .arg(&m.mnt)
+                .arg(&nops),
+        )
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seals = bg.join().expect("sealing thread");
+    println!("{seals} seals and merges ran during fsx");
+    assert!(seals >= 3, "too few seals to mean anything: {seals}");
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -267,13 +267,23 @@ impl Archiver {
             .seal_frozen(frozen.clone())
             .map_err(|e| e.to_string())?;
         *self.snapshot.lock().unwrap() = store.manifest().clone();
-        let opened = store.open_layer(layer.id).map_err(|e| e.to_string())?;
+        let opened = match &layer {
+            Some(l) => Some(store.open_layer(l.id).map_err(|e| e.to_string())?),
+            None => None,
+        };
         self.vol
             .sealed(frozen.generation, opened)
-            .map_err(|e| format!("switching to layer {}: {e}", layer.id))?;
+            .map_err(|e| format!("switching to the sealed layer: {e}"))?;
         store
             .drop_generation(frozen.generation)
             .map_err(|e| e.to_string())?;
+        let Some(layer) = layer else {
+            tracing::info!(
+                generation = frozen.generation,
+                "frozen generation held only open files"
+            );
+            return Ok(SealOutcome::Empty);
+        };
         tracing::info!(
             layer = layer.id,
             files = layer.files,

@@ -8,15 +8,19 @@
 use crate::layout::StoreLayout;
 use crate::manifest::{ImageRecord, LayerRecord};
 use crate::markers::{INO_XATTR, REALDEV_XATTR};
+use crate::sys::{self, Errno};
+use spinfs_erofs::ReadAt;
 use spinfs_erofs::{
     BlobSink, FileData, Metadata, Node, NodeId, NodeKind, Source, Tree, WriteOptions, write_image,
 };
 use spinfs_media::{ImageKind, ImageRef, MediaScheduler, Medium, MediumWriter};
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs;
 use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -63,98 +67,165 @@ fn recorded_ino(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Option<u64> {
         .map(u64::from_le_bytes)
 }
 
+/// Reads a file of the frozen tree by directory descriptor and name, opening it for each
+/// read: paths of deep trees can exceed PATH_MAX, and a descriptor per file would not scale.
+struct TreeFile {
+    dir: Arc<OwnedFd>,
+    name: CString,
+}
+
+impl ReadAt for TreeFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let fd = sys::openat(self.dir.as_fd(), &self.name, libc::O_RDONLY, 0)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
+        std::fs::File::from(fd).read_exact_at(buf, offset)
+    }
+}
+
 /// Describes generation `generation`'s tree at `root` for the image writer. The root gets
 /// inode number 1; markers (whiteouts, opaque directories, escaped user xattrs) are kept as
-/// they are, since images use the same conventions as the SSD tree.
+/// they are, since images use the same conventions as the SSD tree. The walk goes by
+/// directory descriptors, so depth is unlimited.
 pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), SealError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |error| SealError::Io {
-            generation,
-            path,
-            error,
-        }
+    let err = |path: &Path, e: Errno| SealError::Io {
+        generation,
+        path: path.to_path_buf(),
+        error: std::io::Error::from_raw_os_error(e.0),
     };
-    let md = fs::symlink_metadata(root).map_err(io(root))?;
-    let mut root_meta = metadata_of(root, &md, generation)?;
+    let croot = CString::new(root.as_os_str().as_bytes()).map_err(|_| err(root, Errno::EINVAL))?;
+    // SAFETY: AT_FDCWD is a valid directory descriptor for *at calls.
+    let cwd = unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+    let root_fd = sys::openat(cwd, &croot, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        .map_err(|e| err(root, e))?;
+    let st = sys::fstat(root_fd.as_fd()).map_err(|e| err(root, e))?;
+    let mut root_meta = metadata_of(root_fd.as_fd(), &st, generation).map_err(|e| err(root, e))?;
     root_meta.ino = crate::volume::ROOT_INO;
     let mut tree = Tree::new(root_meta);
     let mut stats = TreeStats::default();
     let mut links: HashMap<u64, NodeId> = HashMap::new();
-    let mut stack: Vec<(PathBuf, NodeId)> = vec![(root.to_path_buf(), tree.root())];
-    while let Some((dir, id)) = stack.pop() {
-        let mut names: Vec<_> = fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(io(&dir))?;
+    let mut stack: Vec<(PathBuf, Arc<OwnedFd>, NodeId)> =
+        vec![(root.to_path_buf(), Arc::new(root_fd), tree.root())];
+    while let Some((dir_path, dir, id)) = stack.pop() {
+        let mut names = Vec::new();
+        let mut pos = 0;
+        loop {
+            let batch =
+                sys::read_dir_at(dir.as_fd(), pos, 64 * 1024).map_err(|e| err(&dir_path, e))?;
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                pos = e.off;
+                if e.name != b"." && e.name != b".." {
+                    names.push(e.name);
+                }
+            }
+        }
         names.sort();
         for name in names {
-            let path = dir.join(&name);
-            let md = fs::symlink_metadata(&path).map_err(io(&path))?;
-            if !md.is_dir()
-                && md.nlink() > 1
-                && let Some(&target) = links.get(&md.ino())
+            let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));
+            let cname = CString::new(name.clone()).map_err(|_| err(&path, Errno::EINVAL))?;
+            let st = sys::fstatat(dir.as_fd(), &cname).map_err(|e| err(&path, e))?;
+            let fmt = st.st_mode & libc::S_IFMT;
+            if fmt != libc::S_IFDIR
+                && st.st_nlink > 1
+                && let Some(&target) = links.get(&st.st_ino)
             {
-                tree.link(id, name.as_bytes(), target);
+                tree.link(id, name, target);
                 continue;
             }
-            let ft = md.file_type();
-            let meta = metadata_of(&path, &md, generation)?;
-            let kind = if ft.is_dir() {
-                NodeKind::Dir(Vec::new())
-            } else if ft.is_file() {
-                stats.bytes += md.len();
-                NodeKind::File(FileData {
-                    size: md.len(),
-                    chunk_bits: None,
-                    chunks: None,
-                    source: Some(Source::Path(path.clone())),
-                })
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&path).map_err(io(&path))?;
-                NodeKind::Symlink(target.as_os_str().as_bytes().to_vec())
-            } else if ft.is_char_device() {
-                NodeKind::CharDev(md.rdev())
-            } else if ft.is_block_device() {
-                NodeKind::BlockDev(md.rdev())
-            } else if ft.is_fifo() {
-                NodeKind::Fifo
-            } else {
-                NodeKind::Socket
+            let pfd = sys::open_path(dir.as_fd(), &cname).map_err(|e| err(&path, e))?;
+            let meta = metadata_of(pfd.as_fd(), &st, generation).map_err(|e| err(&path, e))?;
+            let kind = match fmt {
+                libc::S_IFDIR => NodeKind::Dir(Vec::new()),
+                libc::S_IFREG => {
+                    stats.bytes += st.st_size as u64;
+                    // A short path lets the writer find holes with SEEK_DATA; a long one is
+                    // read through the directory descriptor.
+                    let source = if path.as_os_str().len() < 2048 {
+                        Source::Path(path.clone())
+                    } else {
+                        Source::Reader(Arc::new(TreeFile {
+                            dir: dir.clone(),
+                            name: cname.clone(),
+                        }))
+                    };
+                    NodeKind::File(FileData {
+                        size: st.st_size as u64,
+                        chunk_bits: None,
+                        chunks: None,
+                        source: Some(source),
+                    })
+                }
+                libc::S_IFLNK => {
+                    NodeKind::Symlink(sys::readlink_fd(pfd.as_fd()).map_err(|e| err(&path, e))?)
+                }
+                libc::S_IFCHR => NodeKind::CharDev(st.st_rdev),
+                libc::S_IFBLK => NodeKind::BlockDev(st.st_rdev),
+                libc::S_IFIFO => NodeKind::Fifo,
+                _ => NodeKind::Socket,
             };
             let whiteout = matches!(kind, NodeKind::CharDev(0))
                 && !meta
                     .xattrs
                     .iter()
                     .any(|(n, _)| n.as_slice() == REALDEV_XATTR);
-            if !ft.is_dir() && !whiteout {
+            if fmt != libc::S_IFDIR && !whiteout {
                 stats.files += 1;
             }
-            let is_dir = ft.is_dir();
-            let child = tree.add(id, name.as_bytes(), Node { meta, kind });
-            if is_dir {
-                stack.push((path, child));
-            } else if md.nlink() > 1 {
-                links.insert(md.ino(), child);
+            let child = tree.add(id, name, Node { meta, kind });
+            if fmt == libc::S_IFDIR {
+                let dfd = sys::openat(dir.as_fd(), &cname, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                    .map_err(|e| err(&path, e))?;
+                stack.push((path, Arc::new(dfd), child));
+            } else if st.st_nlink > 1 {
+                links.insert(st.st_ino, child);
             }
         }
     }
     Ok((tree, stats))
 }
 
-fn metadata_of(path: &Path, md: &fs::Metadata, generation: u64) -> Result<Metadata, SealError> {
-    let mut xattrs = spinfs_erofs::fromdir::read_xattrs(path)
-        .map_err(|error| SealError::Image { generation, error })?;
+/// Every xattr of an inode (by descriptor), sorted by name.
+fn xattrs_of(fd: std::os::fd::BorrowedFd<'_>) -> Result<Vec<crate::archive::Xattr>, Errno> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let len = match sys::listxattr_fd(fd, &mut buf) {
+        Ok(n) => n,
+        Err(Errno(libc::ENOTSUP)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for name in buf[..len].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let c = CString::new(name).map_err(|_| Errno::EIO)?;
+        let n = match sys::getxattr_fd(fd, &c, &mut []) {
+            Ok(n) => n,
+            Err(Errno(libc::ENODATA)) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut v = vec![0u8; n];
+        let n = sys::getxattr_fd(fd, &c, &mut v)?;
+        v.truncate(n);
+        out.push((name.to_vec(), v));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn metadata_of(
+    fd: std::os::fd::BorrowedFd<'_>,
+    st: &libc::stat,
+    generation: u64,
+) -> Result<Metadata, Errno> {
+    let mut xattrs = xattrs_of(fd)?;
     let recorded = recorded_ino(&xattrs);
     xattrs.retain(|(n, _)| n.as_slice() != INO_XATTR);
     Ok(Metadata {
-        ino: generation_ino(generation, md.ino(), recorded),
-        perm: (md.mode() & 0o7777) as u16,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime: md.mtime(),
-        mtime_nsec: md.mtime_nsec() as u32,
+        ino: generation_ino(generation, st.st_ino, recorded),
+        perm: (st.st_mode & 0o7777) as u16,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec as u32,
         xattrs,
     })
 }
@@ -268,7 +339,6 @@ fn write_heads(
     generation: u64,
     layer_id: u64,
 ) -> Result<(), SealError> {
-    use std::os::unix::fs::FileExt;
     let cache_err = |e: crate::cache::CacheError| SealError::Io {
         generation,
         path: layout.layer_heads(layer_id),
@@ -295,21 +365,26 @@ fn write_heads(
         if !seen.insert(node.meta.ino) {
             continue;
         }
-        let Some(Source::Path(path)) = &data.source else {
-            continue;
-        };
         let want = (data.size as usize).min(buf.len());
-        let f = fs::File::open(path).map_err(|error| SealError::Io {
-            generation,
-            path: path.clone(),
-            error,
-        })?;
-        f.read_exact_at(&mut buf[..want], 0)
-            .map_err(|error| SealError::Io {
-                generation,
-                path: path.clone(),
-                error,
-            })?;
+        let read = match &data.source {
+            Some(Source::Path(path)) => fs::File::open(path)
+                .and_then(|f| f.read_exact_at(&mut buf[..want], 0))
+                .map_err(|error| SealError::Io {
+                    generation,
+                    path: path.clone(),
+                    error,
+                }),
+            Some(Source::Reader(r)) => {
+                r.read_at(&mut buf[..want], 0)
+                    .map_err(|error| SealError::Io {
+                        generation,
+                        path: layout.layer_heads(layer_id),
+                        error,
+                    })
+            }
+            None => continue,
+        };
+        read?;
         w.add(node.meta.ino, &buf[..want]).map_err(cache_err)?;
     }
     w.finish().map_err(cache_err)?;

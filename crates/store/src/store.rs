@@ -283,7 +283,7 @@ impl Store {
         self.drop_generation(frozen.generation)?;
         // Merges that are now due, as the daemon would run them.
         while self.merge(false)?.is_some() {}
-        Ok(Some(layer))
+        Ok(layer)
     }
 
     /// Freezes the writable generation: a new, empty one (with the same root attributes)
@@ -310,7 +310,19 @@ impl Store {
     }
 
     /// Seals a frozen generation into its layer, commits it, and drops the SSD copy.
-    pub fn seal_frozen(&mut self, frozen: FrozenGen) -> Result<LayerRecord, StoreError> {
+    /// `None` when the frozen tree turned out empty (its files were open for writing and
+    /// moved on to the new generation): no layer is made.
+    pub fn seal_frozen(&mut self, frozen: FrozenGen) -> Result<Option<LayerRecord>, StoreError> {
+        let tree = self.layout.generation_tree(frozen.generation);
+        let empty = fs::read_dir(&tree)
+            .map_err(io_err("cannot read", &tree))?
+            .next()
+            .is_none();
+        if empty {
+            self.manifest.frozen = None;
+            self.manifest.commit(&self.layout.manifest())?;
+            return Ok(None);
+        }
         let medium = self.medium()?;
         let sched = self.scheduler()?;
         let tree = self.layout.generation_tree(frozen.generation);
@@ -332,7 +344,7 @@ impl Store {
         self.manifest.layers.push(sealed.layer.clone());
         self.manifest.frozen = None;
         self.manifest.commit(&self.layout.manifest())?;
-        Ok(sealed.layer)
+        Ok(Some(sealed.layer))
     }
 
     /// The layers a merge should combine now: the oldest run of `merge_fanin` adjacent layers

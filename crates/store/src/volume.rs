@@ -474,14 +474,15 @@ impl Volume {
         Ok(())
     }
 
-    /// The frozen generation `generation` is sealed as `layer`: the layer takes its place.
-    pub fn sealed(&self, generation: u64, layer: Arc<ArchivedLayer>) -> SysResult<()> {
+    /// The frozen generation `generation` is sealed as `layer`: the layer takes its place
+    /// (`None`: the generation was empty and simply goes).
+    pub fn sealed(&self, generation: u64, layer: Option<Arc<ArchivedLayer>>) -> SysResult<()> {
         let _gate = self.gate.write().unwrap();
         let old = self.stack();
         if old.frozen.as_ref().map(|f| f.generation) != Some(generation) {
             return Err(Errno::EINVAL);
         }
-        let mut archived = vec![layer];
+        let mut archived: Vec<Arc<ArchivedLayer>> = layer.into_iter().collect();
         archived.extend(old.archived.iter().cloned());
         let stack = Arc::new(Stack {
             epoch: old.epoch + 1,
