@@ -424,14 +424,30 @@ fn deep_trees_longer_than_path_max_seal() {
     let mut cur = dir;
     for _ in 0..30 {
         let c = std::ffi::CString::new(comp.clone()).unwrap();
-        assert_eq!(unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), 0o755) }, 0);
-        let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        assert_eq!(
+            unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), 0o755) },
+            0
+        );
+        let fd = unsafe {
+            libc::openat(
+                cur.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )
+        };
         assert!(fd >= 0);
         cur = unsafe { fs::File::from_raw_fd(fd) };
         rel.push(&comp);
     }
     let c = std::ffi::CString::new("leaf").unwrap();
-    let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    let fd = unsafe {
+        libc::openat(
+            cur.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
     assert!(fd >= 0);
     let mut leaf = unsafe { fs::File::from_raw_fd(fd) };
     leaf.write_all(b"deep data").unwrap();
@@ -443,13 +459,21 @@ fn deep_trees_longer_than_path_max_seal() {
     let mut cur = fs::File::open(&m.mnt).unwrap();
     for _ in 0..30 {
         let c = std::ffi::CString::new(comp.clone()).unwrap();
-        let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        let fd = unsafe {
+            libc::openat(
+                cur.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )
+        };
         assert!(fd >= 0, "level missing after the seal");
         cur = unsafe { fs::File::from_raw_fd(fd) };
     }
     let fd = unsafe { libc::openat(cur.as_raw_fd(), c.as_ptr(), libc::O_RDONLY) };
     assert!(fd >= 0);
     let mut s = String::new();
-    unsafe { fs::File::from_raw_fd(fd) }.read_to_string(&mut s).unwrap();
+    unsafe { fs::File::from_raw_fd(fd) }
+        .read_to_string(&mut s)
+        .unwrap();
     assert_eq!(s, "deep data");
 }

@@ -202,7 +202,10 @@ impl LowerPart {
                     blksize: 4096,
                 }
             }
-            LowerPart::Tree { st, .. } => {
+            LowerPart::Tree { st, fd, .. } => {
+                // Live, not the stat taken at lookup: a file moved on to the writable tree
+                // keeps changing while a node may still know it by this instance.
+                let st = sys::fstat(fd.as_fd()).unwrap_or(*st);
                 let ts = |sec: i64, nsec: i64| Timestamp {
                     sec,
                     nsec: nsec as u32,

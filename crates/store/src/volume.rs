@@ -246,6 +246,13 @@ impl Stack {
         self.frozen.is_some() || !self.archived.is_empty()
     }
 
+    /// Whether entries of the writable tree may carry a recorded inode number: copy-ups
+    /// (which need lower layers) and files moved on from a frozen generation (so any
+    /// generation after the first one).
+    fn may_have_recorded(&self) -> bool {
+        self.has_lowers() || self.generation > 1
+    }
+
     fn lower_roots(&self) -> SysResult<Vec<LowerPart>> {
         let mut out = Vec::new();
         // Overlayfs ignores opaque markers on layer roots: every root merges.
@@ -271,6 +278,23 @@ pub struct Volume {
     /// Held shared by every operation that changes the writable tree, exclusively while a
     /// generation is frozen: nothing can land in a tree after it was frozen.
     gate: RwLock<()>,
+}
+
+thread_local! {
+    /// How many gate guards this thread holds (the gate is not re-entrant by itself).
+    static GATE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A held gate (shared or exclusive), counted per thread.
+enum GateGuard<'a> {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        GATE_DEPTH.with(|d| d.set(d.get() - 1));
+    }
 }
 
 fn at_cwd() -> BorrowedFd<'static> {
@@ -340,6 +364,18 @@ impl Volume {
         })
     }
 
+    fn shared_gate(&self) -> GateGuard<'_> {
+        let g = GateGuard::Shared(self.gate.read().unwrap());
+        GATE_DEPTH.with(|d| d.set(d.get() + 1));
+        g
+    }
+
+    fn exclusive_gate(&self) -> GateGuard<'_> {
+        let g = GateGuard::Exclusive(self.gate.write().unwrap());
+        GATE_DEPTH.with(|d| d.set(d.get() + 1));
+        g
+    }
+
     fn stack(&self) -> Arc<Stack> {
         self.stack.read().unwrap().clone()
     }
@@ -362,7 +398,7 @@ impl Volume {
         let new_root = open_dir_path(new_tree)?;
         let new_work = make_work_dir(new_work)?;
         let new_root_ino = sys::fstat(new_root.as_fd())?.st_ino;
-        let _gate = self.gate.write().unwrap();
+        let _gate = self.exclusive_gate();
         let root = self.node(ROOT_INO)?;
         let old = self.stack();
         if old.frozen.is_some() {
@@ -477,7 +513,7 @@ impl Volume {
     /// The frozen generation `generation` is sealed as `layer`: the layer takes its place
     /// (`None`: the generation was empty and simply goes).
     pub fn sealed(&self, generation: u64, layer: Option<Arc<ArchivedLayer>>) -> SysResult<()> {
-        let _gate = self.gate.write().unwrap();
+        let _gate = self.exclusive_gate();
         let old = self.stack();
         if old.frozen.as_ref().map(|f| f.generation) != Some(generation) {
             return Err(Errno::EINVAL);
@@ -505,7 +541,7 @@ impl Volume {
     /// Archived layers `old` (ids, adjacent in the stack) were merged into `layer`, which
     /// takes their place. They are retired: their SSD files go when nothing uses them.
     pub fn merged(&self, old: &[u64], layer: Arc<ArchivedLayer>) -> SysResult<()> {
-        let _gate = self.gate.write().unwrap();
+        let _gate = self.exclusive_gate();
         let stack = self.stack();
         let pos = stack
             .archived
@@ -547,6 +583,21 @@ impl Volume {
     /// The current placement of a node, re-resolved from its parent by name when the stack
     /// changed since it was last resolved.
     fn place(&self, ino: u64, node: &Node) -> SysResult<Placement> {
+        let stack = self.stack();
+        {
+            let st = node.st.read().unwrap();
+            if st.epoch == stack.epoch {
+                return Ok(st.place.clone());
+            }
+        }
+        // Not while a freeze is moving files: a half-moved tree would resolve wrongly. (The
+        // gate is re-entrant for readers here: callers holding it shared are not blocked, as
+        // a freeze waits for them before it takes it.)
+        let _gate = if GATE_DEPTH.with(|d| d.get()) > 0 {
+            None
+        } else {
+            Some(self.shared_gate())
+        };
         let stack = self.stack();
         {
             let st = node.st.read().unwrap();
@@ -609,8 +660,8 @@ impl Volume {
         if st.st_ino == stack.root_backing_ino {
             return ROOT_INO;
         }
-        // Copy-ups record the number of what they copied; only possible with lower layers.
-        let recorded = if stack.has_lowers() {
+        // Copy-ups and moved files record their number.
+        let recorded = if stack.may_have_recorded() {
             tree_recorded_ino(fd)
         } else {
             None
@@ -1046,7 +1097,7 @@ impl Volume {
     // ----- attributes --------------------------------------------------------------------
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: &SetAttr) -> SysResult<Attr> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let handle = fh.and_then(|fh| self.handle(fh).ok());
         let handle_fd = handle.as_ref().and_then(|h| h.fd().ok());
         let upper = match handle_fd {
@@ -1206,7 +1257,7 @@ impl Volume {
         rdev: u64,
         caller: &Caller,
     ) -> SysResult<Attr> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let name = sys::cname(name)?;
         let (p, pfd, place, _) = self.prepare_create(parent, &name)?;
         let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
@@ -1230,7 +1281,7 @@ impl Volume {
         umask: u32,
         caller: &Caller,
     ) -> SysResult<Attr> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let name = sys::cname(name)?;
         let (p, pfd, place, below) = self.prepare_create(parent, &name)?;
         let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
@@ -1252,7 +1303,7 @@ impl Volume {
         target: &OsStr,
         caller: &Caller,
     ) -> SysResult<Attr> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let name = sys::cname(name)?;
         let target = CString::new(target.as_bytes()).map_err(|_| Errno::EINVAL)?;
         let (_, pfd, place, _) = self.prepare_create(parent, &name)?;
@@ -1263,7 +1314,7 @@ impl Volume {
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> SysResult<Attr> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let fd = self.copy_up(ino)?;
         let name = sys::cname(newname)?;
         let (_, pfd, place, _) = self.prepare_create(newparent, &name)?;
@@ -1297,7 +1348,7 @@ impl Volume {
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> SysResult<()> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let p = self.node(parent)?;
         let name = sys::cname(name)?;
         let place = self.place(parent, &p)?;
@@ -1404,7 +1455,7 @@ impl Volume {
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> SysResult<()> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let p = self.node(parent)?;
         let name = sys::cname(name)?;
         let place = self.place(parent, &p)?;
@@ -1441,7 +1492,7 @@ impl Volume {
         newname: &OsStr,
         flags: u32,
     ) -> SysResult<()> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         const SUPPORTED: u32 = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
         if flags & !SUPPORTED != 0 {
             return Err(Errno::EINVAL);
@@ -1657,7 +1708,7 @@ impl Volume {
 
     /// Opens a file; returns the handle number.
     pub fn open(&self, ino: u64, flags: i32) -> SysResult<(u64, Arc<Handle>)> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let n = self.node(ino)?;
         let place = self.place(ino, &n)?;
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
@@ -1683,7 +1734,7 @@ impl Volume {
         flags: i32,
         caller: &Caller,
     ) -> SysResult<(Attr, u64, Arc<Handle>)> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let cname = sys::cname(name)?;
         let (p, pfd, place, _) = self.prepare_create(parent, &cname)?;
         let mode = Self::create_mode(&p, pfd.as_fd(), mode, umask);
@@ -1866,7 +1917,7 @@ impl Volume {
                 h.ino
             } else if e.ino == stack.root_backing_ino {
                 ROOT_INO
-            } else if !stack.has_lowers() || e.name == b".." {
+            } else if !stack.may_have_recorded() || e.name == b".." {
                 crate::seal::generation_ino(stack.generation, e.ino, None)
             } else {
                 // Copy-ups carry their number; read it.
@@ -1919,7 +1970,7 @@ impl Volume {
     // ----- xattrs ------------------------------------------------------------------------
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let n = self.node(ino)?;
         let fd = self.copy_up(ino)?;
         if name.as_bytes() == DEFAULT_ACL_XATTR {
@@ -1998,7 +2049,7 @@ impl Volume {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> SysResult<()> {
-        let _gate = self.gate.read().unwrap();
+        let _gate = self.shared_gate();
         let n = self.node(ino)?;
         let fd = self.copy_up(ino)?;
         if name.as_bytes() == DEFAULT_ACL_XATTR {
