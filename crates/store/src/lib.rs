@@ -6,6 +6,7 @@ pub mod archiver;
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod export;
 pub mod layout;
 pub mod lower;
 pub mod manifest;
