@@ -7,7 +7,7 @@ use crate::layout::StoreLayout;
 use crate::manifest::{FrozenGen, LayerRecord};
 use crate::manifest::{Manifest, ManifestError};
 use crate::seal;
-use spinfs_media::{BackendOptions, Medium, MediumReader};
+use spinfs_media::{BackendOptions, Device, MediaScheduler, Medium, MediumReader, ModelDevice};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -62,6 +62,7 @@ pub struct Store {
     lock: File,
     medium: Option<Arc<Medium>>,
     reader: Option<Arc<MediumReader>>,
+    model: Option<Arc<ModelDevice>>,
     cache: Option<Arc<ChunkCache>>,
 }
 
@@ -131,6 +132,7 @@ impl Store {
             lock,
             medium: None,
             reader: None,
+            model: None,
             cache: None,
         })
     }
@@ -151,14 +153,30 @@ impl Store {
         Ok(m)
     }
 
-    /// The shared reader of archived data.
+    /// The shared reader of archived data. With a `[media_model]`, its reads go through a
+    /// scheduler in front of the model in front of the medium.
     pub fn reader(&mut self) -> Result<Arc<MediumReader>, StoreError> {
         if let Some(r) = &self.reader {
             return Ok(r.clone());
         }
-        let r = Arc::new(MediumReader::new(self.medium()?, None));
+        let medium = self.medium()?;
+        let sched = self.config.media_model.as_ref().map(|m| {
+            let model = Arc::new(ModelDevice::new(
+                m.params(),
+                Some(medium.clone() as Arc<dyn Device>),
+                1.0,
+            ));
+            self.model = Some(model.clone());
+            MediaScheduler::new(model, self.config.media_io.sched_config())
+        });
+        let r = Arc::new(MediumReader::new(medium, sched));
         self.reader = Some(r.clone());
         Ok(r)
+    }
+
+    /// The media model archived reads go through (`[media_model]`), once the reader exists.
+    pub fn media_model(&self) -> Option<Arc<ModelDevice>> {
+        self.model.clone()
     }
 
     /// The chunk cache of archived data (`None` when cache_size is 0).
