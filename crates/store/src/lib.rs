@@ -16,6 +16,7 @@ pub mod size;
 pub mod status;
 pub mod store;
 pub mod sys;
+pub mod units;
 pub mod volume;
 
 pub use config::{ConfigError, StoreConfig};

@@ -7,6 +7,7 @@ use crate::layout::StoreLayout;
 use crate::manifest::{FrozenGen, LayerRecord};
 use crate::manifest::{Manifest, ManifestError};
 use crate::seal;
+use crate::units::UnitCache;
 use spinfs_media::{BackendOptions, Device, MediaScheduler, Medium, MediumReader, ModelDevice};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -64,6 +65,7 @@ pub struct Store {
     reader: Option<Arc<MediumReader>>,
     model: Option<Arc<ModelDevice>>,
     cache: Option<Arc<ChunkCache>>,
+    units: Option<Arc<UnitCache>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -134,6 +136,7 @@ impl Store {
             reader: None,
             model: None,
             cache: None,
+            units: None,
         })
     }
 
@@ -197,6 +200,19 @@ impl Store {
         );
         self.cache = Some(c.clone());
         Ok(Some(c))
+    }
+
+    /// The read path in front of the chunk cache (`None` when cache_size is 0).
+    pub fn unit_cache(&mut self) -> Result<Option<Arc<UnitCache>>, StoreError> {
+        if let Some(u) = &self.units {
+            return Ok(Some(u.clone()));
+        }
+        let Some(chunks) = self.chunk_cache()? else {
+            return Ok(None);
+        };
+        let u = UnitCache::new(chunks);
+        self.units = Some(u.clone());
+        Ok(Some(u))
     }
 
     /// Counters of archived reads: (media reader, chunk cache).
@@ -334,7 +350,7 @@ impl Store {
     /// Opens one archived layer of the manifest.
     pub fn open_layer(&mut self, id: u64) -> Result<Arc<ArchivedLayer>, StoreError> {
         let reader = self.reader()?;
-        let cache = self.chunk_cache()?;
+        let cache = self.unit_cache()?;
         let timeout = Some(self.config.media_io.request_timeout());
         let rec = self
             .manifest
