@@ -51,6 +51,30 @@ fn archived_reads_go_through_the_model() {
         "read took {took:.2} s, the model says {sim:.2} s"
     );
 
+    // Random small reads fetch only the objects covering them (no read-ahead), sequential
+    // ones few large media reads.
+    let seq_reads = s["media"]["reads"].as_u64().unwrap();
+    assert!(
+        seq_reads <= 20,
+        "sequential 6 MiB in {seq_reads} media reads: {s}"
+    );
+    m.umount();
+    fs::remove_dir_all(m.store.join("cache")).unwrap();
+    m.mount();
+    let f = fs::File::open(m.path("f")).unwrap();
+    let mut b = [0u8; 4096];
+    for (i, at) in [5u64 << 20, 1 << 20, 3 << 20, 2 << 20].iter().enumerate() {
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, *at).unwrap();
+        assert!(b[..] == body[*at as usize..*at as usize + 4096], "read {i}");
+    }
+    let s = status(&m);
+    let objects = s["media"]["objects_read"].as_u64().unwrap();
+    assert!(
+        objects <= 4 * 2 + 1,
+        "4 random reads fetched {objects} objects: {s}"
+    );
+    drop(f);
+
     // A bad section is refused at mount with a one-line error.
     m.umount();
     let cfg = m.store.join("spinfs.toml");

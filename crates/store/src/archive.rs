@@ -62,7 +62,7 @@ impl DeviceReader for BlobDevices {
             let start = pos - pos % unit;
             let within = (pos - start) as usize;
             let want = (buf.len() - done).min(unit as usize - within);
-            let data = cache.get(src, start)?;
+            let data = cache.get(src, start, done == 0)?;
             let end = within + want;
             if end > data.len() {
                 return Err(std::io::Error::new(

@@ -116,8 +116,15 @@ impl UnitCache {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The unit of `src` starting at `start` (a multiple of the unit), whole.
-    pub fn get(self: &Arc<Self>, src: &BlobSource, start: u64) -> std::io::Result<Arc<Vec<u8>>> {
+    /// The unit of `src` starting at `start` (a multiple of the unit), whole. `first` says
+    /// whether it is the first unit of a request: only a request that starts where an earlier
+    /// one left off makes the reader sequential (a large random request does not).
+    pub fn get(
+        self: &Arc<Self>,
+        src: &BlobSource,
+        start: u64,
+        first: bool,
+    ) -> std::io::Result<Arc<Vec<u8>>> {
         let blob = src.extents.image.id;
         let key = (blob, start);
         let len = self.unit.min(src.extents.length.saturating_sub(start));
@@ -146,7 +153,7 @@ impl UnitCache {
             st.inflight.insert(key);
         }
         // A reader that goes on from the unit before gets read-ahead.
-        let sequential = {
+        let sequential = first && {
             let st = self.lock();
             let prev = (blob, start.wrapping_sub(self.unit));
             start >= self.unit && (st.units.contains_key(&prev) || st.inflight.contains(&prev))
