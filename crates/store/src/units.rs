@@ -5,17 +5,19 @@
 //!   for in several FUSE requests is read from the SSD (and CRC-checked) or fetched from the
 //!   media once;
 //! - single-flight fetches: concurrent requests for a unit being fetched wait for that fetch;
-//! - sequential read-ahead: a miss right after the unit before it (a sequential reader)
+//! - sequential read-ahead: a request starting right after units held or in flight
 //!   queues `AHEAD_RUNS` runs of units in the background (each from the SSD cache while it has
 //!   them, the rest from the media in one read), and reaching a read-ahead run queues one
 //!   more, so the SSD and the media stay busy while the reader consumes what arrived. Any
 //!   other miss loads its unit only (from the media: only the objects covering it);
 //! - SSD cache writes (each an fdatasync'ed file) on a background thread, off the read path.
-//!   Units wait in memory until written; when the writer falls behind, fetches wait for it.
+//!   Units wait in memory until written; when the writer falls behind, read-ahead pauses and
+//!   fetches wait for it, so memory stays bounded.
 
 use crate::cache::ChunkCache;
 use spinfs_media::{ImageExtents, MediumReader, ReadOptions};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -25,6 +27,8 @@ use std::time::Duration;
 const RUN_BYTES: u64 = 8 << 20;
 /// Read-ahead runs kept in flight ahead of a sequential reader.
 const AHEAD_RUNS: u64 = 2;
+/// A request whose first unit follows one of this many units held or in flight is sequential.
+const SEQUENTIAL_WINDOW: u64 = 4;
 /// Memory given to recently used units (shared by all layers).
 const MEMORY_BYTES: u64 = 64 << 20;
 /// Unit writes waiting for the SSD cache.
@@ -52,6 +56,8 @@ pub struct UnitCache {
     st: Mutex<State>,
     cv: Condvar,
     puts: Mutex<Option<SyncSender<Put>>>,
+    /// Units handed to the writer and not written yet: read-ahead pauses while it is high.
+    pending_puts: Arc<AtomicUsize>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -80,6 +86,8 @@ impl UnitCache {
         let unit = chunks.unit().max(1);
         let (tx, rx) = sync_channel::<Put>(PUT_QUEUE);
         let writer_chunks = chunks.clone();
+        let pending_puts = Arc::new(AtomicUsize::new(0));
+        let pending = pending_puts.clone();
         let writer = std::thread::Builder::new()
             .name("spinfs-cache-put".into())
             .spawn(move || {
@@ -87,6 +95,7 @@ impl UnitCache {
                     if let Err(e) = writer_chunks.put(blob, offset, &data) {
                         tracing::warn!("chunk cache: {e}");
                     }
+                    pending.fetch_sub(1, Ordering::Relaxed);
                 }
             })
             .ok();
@@ -104,6 +113,7 @@ impl UnitCache {
             }),
             cv: Condvar::new(),
             puts: Mutex::new(writer.as_ref().map(|_| tx)),
+            pending_puts,
             writer: Mutex::new(writer),
         })
     }
@@ -153,10 +163,13 @@ impl UnitCache {
             st.inflight.insert(key);
         }
         // A reader that goes on from the unit before gets read-ahead.
+        // The kernel's read-ahead requests arrive out of order on several threads: one of the
+        // few units before this one is enough.
         let sequential = first && {
             let st = self.lock();
-            let prev = (blob, start.wrapping_sub(self.unit));
-            start >= self.unit && (st.units.contains_key(&prev) || st.inflight.contains(&prev))
+            (1..=SEQUENTIAL_WINDOW)
+                .filter_map(|i| start.checked_sub(i * self.unit))
+                .any(|at| st.units.contains_key(&(blob, at)) || st.inflight.contains(&(blob, at)))
         };
         let data = self.load_run(src, start, 1)?;
         if sequential {
@@ -192,6 +205,13 @@ impl UnitCache {
             i += 1;
         }
         if i < run {
+            // Fetching faster than the SSD cache takes the data would only pile it up in
+            // memory: wait for the writer first.
+            while self.pending_puts.load(Ordering::Relaxed) as u64
+                >= PUT_QUEUE as u64 + self.run_units
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let data = self.fetch_run(src, start + i * self.unit, run - i)?;
             first.get_or_insert(data);
         }
@@ -257,11 +277,15 @@ impl UnitCache {
         if let Some(tx) = self.puts.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             // Waits when the writer is behind: fetching faster than the SSD cache takes the
             // data would only fetch it again later.
+            let mut left = puts.len();
+            self.pending_puts.fetch_add(left, Ordering::Relaxed);
             for p in puts {
                 if tx.send(p).is_err() {
                     break;
                 }
+                left -= 1;
             }
+            self.pending_puts.fetch_sub(left, Ordering::Relaxed);
         }
         first.ok_or_else(|| {
             std::io::Error::new(
@@ -275,6 +299,10 @@ impl UnitCache {
     /// it that nobody has or fetches, unless that is more than `AHEAD_RUNS` + 1 runs ahead.
     fn read_ahead(self: &Arc<Self>, src: &BlobSource, from: u64) {
         let blob = src.extents.image.id;
+        // Fetching faster than the SSD cache takes the data would only pile it up in memory.
+        if self.pending_puts.load(Ordering::Relaxed) as u64 >= PUT_QUEUE as u64 + self.run_units {
+            return;
+        }
         let limit = from + (AHEAD_RUNS + 1) * self.run_units * self.unit;
         let (start, run) = {
             let mut st = self.lock();
