@@ -132,6 +132,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     let config = store.config().clone();
     let reader = store.reader()?;
     let cache = store.chunk_cache()?;
+    let model = store.media_model();
     let archiver = Archiver::start(store, vol.clone());
     let status_fn = {
         let archiver = archiver.clone();
@@ -151,6 +152,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
                 frozen,
                 reader.stats(),
                 cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
+                model.as_ref().map(|m| m.counters()),
             )
         })
     };

@@ -50,6 +50,15 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Write archived layer ID as a kernel-mountable EROFS pair: DIR/meta.ID, DIR/blob.N.
+    Export {
+        store: PathBuf,
+        /// The archived layer (see `spinfs status`).
+        #[arg(long)]
+        layer: u64,
+        /// Directory to write into (created when missing; must be empty).
+        dir: PathBuf,
+    },
     /// Work with EROFS image pairs directly (build, merge, list, cat).
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
@@ -209,6 +218,20 @@ fn merge(store: &std::path::Path, wait: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn export(store: &std::path::Path, layer: u64, dir: &std::path::Path) -> Result<ExitCode> {
+    let e = spinfs_store::export::export_layer(store, layer, dir)?;
+    let devices: Vec<String> = e.blobs.iter().map(|b| b.display().to_string()).collect();
+    println!(
+        "exported layer {} ({}): {} with {} device(s) {}",
+        e.layer,
+        spinfs_store::format_size(e.bytes),
+        e.meta.display(),
+        devices.len(),
+        devices.join(" ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn format_medium(cfg: &StoreConfig) -> Result<()> {
     let geometry = media_cmd::geometry(cfg)?;
     if let Some(dir) = cfg.media.strip_prefix("dir:") {
@@ -249,6 +272,7 @@ fn main() -> ExitCode {
         Command::Status { store, json } => status::run(&store, json),
         Command::Archive { store, wait } => archive(&store, wait),
         Command::Merge { store, wait } => merge(&store, wait),
+        Command::Export { store, layer, dir } => export(&store, layer, &dir),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Media(cmd) => media_cmd::run(cmd),
     };

@@ -34,6 +34,7 @@ pub fn run(store: &Path, json: bool) -> Result<ExitCode> {
             frozen,
             Default::default(),
             Default::default(),
+            None,
         )
     };
     if json {

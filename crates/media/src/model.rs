@@ -103,7 +103,7 @@ pub struct ModelDevice {
 }
 
 impl ModelDevice {
-    /// `time_scale` > 0 makes each access also sleep its simulated time times the scale.
+    /// `time_scale` > 0 makes each access take (at least) its simulated time times the scale.
     pub fn new(params: ModelParams, inner: Option<Arc<dyn Device>>, time_scale: f64) -> Self {
         let uri = match &inner {
             Some(d) => format!("model:{}", d.uri()),
@@ -124,15 +124,12 @@ impl ModelDevice {
             .counters()
     }
 
-    fn account(&self, container: u64, offset: u64, len: u64, write: bool) {
-        let t = self
-            .model
+    fn account(&self, container: u64, offset: u64, len: u64, write: bool) -> Duration {
+        self.model
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .access(container, offset, len, write);
-        if self.time_scale > 0.0 {
-            std::thread::sleep(t.mul_f64(self.time_scale));
-        }
+            .access(container, offset, len, write)
+            .mul_f64(self.time_scale.max(0.0))
     }
 }
 
@@ -140,15 +137,20 @@ impl Device for ModelDevice {
     fn uri(&self) -> &str {
         &self.uri
     }
+    /// The access takes the modelled time: the real device's time is part of it, not added
+    /// to it (the real device stands in for a slower one), unless it is longer.
     fn read(&self, container: u64, offset: u64, len: u64) -> Result<AlignedBuf> {
-        self.account(container, offset, len, false);
-        match &self.inner {
+        let started = std::time::Instant::now();
+        let t = self.account(container, offset, len, false);
+        let r = match &self.inner {
             Some(d) => d.read(container, offset, len),
             None => Ok(AlignedBuf::zeroed(len as usize)),
-        }
+        };
+        std::thread::sleep(t.saturating_sub(started.elapsed()));
+        r
     }
     fn granting_write(&self, container: u64, offset: u64, len: u64) {
-        self.account(container, offset, len, true);
+        std::thread::sleep(self.account(container, offset, len, true));
         if let Some(d) = &self.inner {
             d.granting_write(container, offset, len);
         }

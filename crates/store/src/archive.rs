@@ -1,7 +1,7 @@
 //! Archived layers as the volume reads them: a meta image on the SSD and blob devices on the
 //! media, read through the media reader (only the objects a range needs).
 
-use crate::cache::{ChunkCache, HeadCache};
+use crate::cache::HeadCache;
 use crate::layout::StoreLayout;
 use crate::manifest::{LayerRecord, Manifest};
 use crate::markers::{OPAQUE_XATTR, REALDEV_XATTR, unescape_xattr};
@@ -10,7 +10,8 @@ use spinfs_erofs::{DeviceReader, FileType, Image, Inode};
 
 /// An extended attribute: full name and value.
 pub type Xattr = (Vec<u8>, Vec<u8>);
-use spinfs_media::{ImageExtents, ImageKind, MediumReader, ReadOptions};
+use crate::units::{BlobSource, UnitCache};
+use spinfs_media::{ImageKind, MediumReader, ReadOptions};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -89,27 +90,13 @@ pub struct ArchivedLayer {
 
 struct BlobDevices {
     layer: u64,
-    devices: Vec<ImageExtents>,
-    reader: Arc<MediumReader>,
-    timeout: Option<std::time::Duration>,
-    cache: Option<Arc<ChunkCache>>,
-}
-
-impl BlobDevices {
-    fn fetch(&self, extents: &ImageExtents, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let opts = ReadOptions {
-            timeout: self.timeout,
-            ..ReadOptions::default()
-        };
-        self.reader
-            .read(extents, offset, len, opts)
-            .map_err(std::io::Error::other)
-    }
+    devices: Vec<BlobSource>,
+    cache: Option<Arc<UnitCache>>,
 }
 
 impl DeviceReader for BlobDevices {
     fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let Some(extents) = (device as usize)
+        let Some(src) = (device as usize)
             .checked_sub(1)
             .and_then(|i| self.devices.get(i))
         else {
@@ -119,39 +106,35 @@ impl DeviceReader for BlobDevices {
             )));
         };
         let Some(cache) = &self.cache else {
-            let data = self.fetch(extents, offset, buf.len() as u64)?;
+            let opts = ReadOptions {
+                timeout: src.timeout,
+                ..ReadOptions::default()
+            };
+            let data = src
+                .reader
+                .read(&src.extents, offset, buf.len() as u64, opts)
+                .map_err(std::io::Error::other)?;
             buf.copy_from_slice(&data);
             return Ok(());
         };
-        // Unit by unit through the chunk cache: hits from the SSD, misses fetched whole
-        // (only the objects covering the unit) and kept.
+        // Unit by unit: from memory, the SSD cache, or the media (see `units`).
         let unit = cache.unit();
-        let blob = extents.image.id;
+        let blob = src.extents.image.id;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let start = pos - pos % unit;
-            let within = pos - start;
-            let want = (buf.len() - done).min((unit - within) as usize);
-            let part = &mut buf[done..done + want];
-            match cache.read(blob, start, within, part) {
-                Ok(Some(n)) if n == want => {}
-                _ => {
-                    let len = unit.min(extents.length.saturating_sub(start));
-                    let data = self.fetch(extents, start, len)?;
-                    let end = within as usize + want;
-                    if end > data.len() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!("layer {}: read past the end of blob {blob}", self.layer),
-                        ));
-                    }
-                    part.copy_from_slice(&data[within as usize..end]);
-                    if let Err(e) = cache.put(blob, start, &data) {
-                        tracing::warn!("chunk cache: {e}");
-                    }
-                }
+            let within = (pos - start) as usize;
+            let want = (buf.len() - done).min(unit as usize - within);
+            let data = cache.get(src, start, done == 0)?;
+            let end = within + want;
+            if end > data.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("layer {}: read past the end of blob {blob}", self.layer),
+                ));
             }
+            buf[done..done + want].copy_from_slice(&data[within..end]);
             done += want;
         }
         Ok(())
@@ -172,7 +155,7 @@ impl ArchivedLayer {
         record: &LayerRecord,
         reader: Arc<MediumReader>,
         timeout: Option<std::time::Duration>,
-        cache: Option<Arc<ChunkCache>>,
+        cache: Option<Arc<UnitCache>>,
         pool: Arc<ImagePool>,
     ) -> Result<ArchivedLayer, String> {
         let path = layout.layer_meta(record.id);
@@ -186,7 +169,11 @@ impl ArchivedLayer {
             .map(|id| {
                 blobs
                     .get(id)
-                    .map(|b| b.to_extents(ImageKind::Blob))
+                    .map(|b| BlobSource {
+                        extents: b.to_extents(ImageKind::Blob),
+                        reader: reader.clone(),
+                        timeout,
+                    })
                     .ok_or_else(|| format!("layer {}: blob {id} is not in the manifest", record.id))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -212,8 +199,6 @@ impl ArchivedLayer {
             blobs: BlobDevices {
                 layer: record.id,
                 devices,
-                reader,
-                timeout,
                 cache,
             },
             heads,

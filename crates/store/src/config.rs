@@ -45,6 +45,50 @@ pub struct StoreConfig {
     /// Media I/O scheduler tunables (`[media_io]`; absent in older files = defaults).
     #[serde(default)]
     pub media_io: MediaIoConfig,
+    /// Simulated slow media for tests and benchmarks (`[media_model]`; absent = none):
+    /// archived reads pay its switch, seek and transfer times on top of the real I/O.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_model: Option<MediaModelConfig>,
+}
+
+/// A media model in the read path of archived data (see `spinfs_media::ModelDevice`):
+/// every media read sleeps the time the modelled library would take for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaModelConfig {
+    /// Time to unload the loaded container and load another, in milliseconds.
+    #[serde(default)]
+    pub switch_ms: u64,
+    /// Time to move to a non-contiguous offset, in milliseconds.
+    #[serde(default)]
+    pub seek_ms: u64,
+    /// Transfer rate in bytes per second.
+    pub bandwidth: u64,
+}
+
+impl MediaModelConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.bandwidth < KIB {
+            return bad(format!(
+                "media_model.bandwidth {} must be at least 1 KiB/s",
+                self.bandwidth
+            ));
+        }
+        if self.switch_ms > 3_600_000 || self.seek_ms > 3_600_000 {
+            return bad("media_model latencies must be at most one hour".into());
+        }
+        Ok(())
+    }
+
+    /// The model's parameters.
+    pub fn params(&self) -> spinfs_media::ModelParams {
+        spinfs_media::ModelParams {
+            switch: std::time::Duration::from_millis(self.switch_ms),
+            seek: std::time::Duration::from_millis(self.seek_ms),
+            bandwidth: self.bandwidth,
+        }
+    }
 }
 
 /// Tunables of the media I/O scheduler (see `spinfs_media::SchedConfig`). Times in
@@ -151,6 +195,7 @@ impl Default for StoreConfig {
             head_size: 64 * KIB,
             max_open_images: 64,
             media_io: MediaIoConfig::default(),
+            media_model: None,
         }
     }
 }
@@ -300,6 +345,9 @@ impl StoreConfig {
             ));
         }
         self.media_io.validate()?;
+        if let Some(m) = &self.media_model {
+            m.validate()?;
+        }
         Ok(())
     }
 
@@ -431,6 +479,21 @@ mod tests {
         assert_eq!(t.media_io.sched_config().bg_write_rate, 50 << 20);
         let unknown = text.replace("[media_io]", "[media_io]\nbogus = 1");
         assert!(StoreConfig::parse(&unknown, Path::new("x")).is_err());
+        // [media_model] is optional, checked, and survives a round trip.
+        let model =
+            format!("{text}\n[media_model]\nswitch_ms = 5\nseek_ms = 1\nbandwidth = 200000000\n");
+        let m = StoreConfig::parse(&model, Path::new("x")).unwrap();
+        let mm = m.media_model.clone().unwrap();
+        assert_eq!(
+            (mm.switch_ms, mm.seek_ms, mm.bandwidth),
+            (5, 1, 200_000_000)
+        );
+        assert_eq!(StoreConfig::parse(&m.to_toml(), Path::new("x")).unwrap(), m);
+        assert!(!text.contains("media_model"));
+        let slow = model.replace("bandwidth = 200000000", "bandwidth = 0");
+        assert!(StoreConfig::parse(&slow, Path::new("x")).is_err());
+        let nobw = model.replace("bandwidth = 200000000", "");
+        assert!(StoreConfig::parse(&nobw, Path::new("x")).is_err());
         let newer = text.replace("version = 1", "version = 99");
         let e = StoreConfig::parse(&newer, Path::new("x")).unwrap_err();
         assert!(e.to_string().contains("version 99"), "{e}");

@@ -6,6 +6,7 @@ pub mod archiver;
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod export;
 pub mod layout;
 pub mod lower;
 pub mod manifest;
@@ -15,6 +16,7 @@ pub mod size;
 pub mod status;
 pub mod store;
 pub mod sys;
+pub mod units;
 pub mod volume;
 
 pub use config::{ConfigError, StoreConfig};

@@ -4,6 +4,7 @@ use crate::cache::CacheStats;
 use crate::config::StoreConfig;
 use crate::manifest::Manifest;
 use serde_json::{Value, json};
+use spinfs_media::ModelCounters;
 use spinfs_media::reader::ReaderStats;
 
 /// Files and bytes of the writable (or a frozen) tree.
@@ -47,6 +48,7 @@ pub fn tree_usage(root: &std::path::Path) -> std::io::Result<TreeUsage> {
 }
 
 /// Builds the status object. `upper` is the writable tree, `frozen` a generation being sealed.
+#[allow(clippy::too_many_arguments)]
 pub fn status_json(
     manifest: &Manifest,
     config: &StoreConfig,
@@ -55,6 +57,7 @@ pub fn status_json(
     frozen: Option<TreeUsage>,
     reads: ReaderStats,
     cache: CacheStats,
+    model: Option<ModelCounters>,
 ) -> Value {
     let mut layers = vec![json!({
         "id": manifest.upper_gen, "kind": "upper", "files": upper.files, "bytes": upper.bytes,
@@ -84,19 +87,30 @@ pub fn status_json(
             containers.insert(e.0);
         }
     }
+    let mut media = json!({
+        "containers_used": containers.len(),
+        "bytes_written": written,
+        "reads": reads.reads,
+        "bytes_read": reads.bytes_fetched,
+        "objects_read": reads.objects_fetched,
+    });
+    if let Some(m) = model {
+        media["model"] = json!({
+            "switches": m.switches,
+            "seeks": m.seeks,
+            "ops": m.ops,
+            "bytes_read": m.bytes_read,
+            "bytes_written": m.bytes_written,
+            "sim_time_ms": m.sim_time.as_millis() as u64,
+        });
+    }
     json!({
         "store_id": manifest.store_id,
         "mounted": mounted,
         "media_uri": config.media,
         "archive_threshold": config.archive_threshold,
         "layers": layers,
-        "media": {
-            "containers_used": containers.len(),
-            "bytes_written": written,
-            "reads": reads.reads,
-            "bytes_read": reads.bytes_fetched,
-            "objects_read": reads.objects_fetched,
-        },
+        "media": media,
         "cache": {
             "hits": cache.hits,
             "misses": cache.misses,

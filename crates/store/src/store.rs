@@ -7,7 +7,8 @@ use crate::layout::StoreLayout;
 use crate::manifest::{FrozenGen, LayerRecord};
 use crate::manifest::{Manifest, ManifestError};
 use crate::seal;
-use spinfs_media::{BackendOptions, MediaScheduler, Medium, MediumReader};
+use crate::units::UnitCache;
+use spinfs_media::{BackendOptions, Device, MediaScheduler, Medium, MediumReader, ModelDevice};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -62,9 +63,11 @@ pub struct Store {
     lock: File,
     medium: Option<Arc<Medium>>,
     reader: Option<Arc<MediumReader>>,
+    model: Option<Arc<ModelDevice>>,
     cache: Option<Arc<ChunkCache>>,
     pool: Option<Arc<ImagePool>>,
     sched: Option<Arc<MediaScheduler>>,
+    units: Option<Arc<UnitCache>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -133,9 +136,11 @@ impl Store {
             lock,
             medium: None,
             reader: None,
+            model: None,
             cache: None,
             pool: None,
             sched: None,
+            units: None,
         })
     }
 
@@ -167,13 +172,26 @@ impl Store {
         Ok(s)
     }
 
-    /// The shared reader of archived data.
+    /// The shared reader of archived data. With a `[media_model]`, its reads go through a
+    /// scheduler in front of the model in front of the medium.
     pub fn reader(&mut self) -> Result<Arc<MediumReader>, StoreError> {
         if let Some(r) = &self.reader {
             return Ok(r.clone());
         }
-        let sched = self.scheduler()?;
-        let r = Arc::new(MediumReader::new(self.medium()?, Some(sched)));
+        let medium = self.medium()?;
+        let sched = match &self.config.media_model {
+            Some(m) => {
+                let model = Arc::new(ModelDevice::new(
+                    m.params(),
+                    Some(medium.clone() as Arc<dyn Device>),
+                    1.0,
+                ));
+                self.model = Some(model.clone());
+                MediaScheduler::new(model, self.config.media_io.sched_config())
+            }
+            None => self.scheduler()?,
+        };
+        let r = Arc::new(MediumReader::new(medium, Some(sched)));
         self.reader = Some(r.clone());
         Ok(r)
     }
@@ -183,6 +201,11 @@ impl Store {
         self.pool
             .get_or_insert_with(|| ImagePool::new(self.config.max_open_images as usize))
             .clone()
+    }
+
+    /// The media model archived reads go through (`[media_model]`), once the reader exists.
+    pub fn media_model(&self) -> Option<Arc<ModelDevice>> {
+        self.model.clone()
     }
 
     /// The chunk cache of archived data (`None` when cache_size is 0).
@@ -203,6 +226,19 @@ impl Store {
         );
         self.cache = Some(c.clone());
         Ok(Some(c))
+    }
+
+    /// The read path in front of the chunk cache (`None` when cache_size is 0).
+    pub fn unit_cache(&mut self) -> Result<Option<Arc<UnitCache>>, StoreError> {
+        if let Some(u) = &self.units {
+            return Ok(Some(u.clone()));
+        }
+        let Some(chunks) = self.chunk_cache()? else {
+            return Ok(None);
+        };
+        let u = UnitCache::new(chunks);
+        self.units = Some(u.clone());
+        Ok(Some(u))
     }
 
     /// Counters of archived reads: (media reader, chunk cache).
@@ -526,7 +562,7 @@ impl Store {
     /// Opens one archived layer of the manifest.
     pub fn open_layer(&mut self, id: u64) -> Result<Arc<ArchivedLayer>, StoreError> {
         let reader = self.reader()?;
-        let cache = self.chunk_cache()?;
+        let cache = self.unit_cache()?;
         let pool = self.image_pool();
         let timeout = Some(self.config.media_io.request_timeout());
         let rec = self
