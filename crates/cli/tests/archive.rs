@@ -325,3 +325,59 @@ fn descriptors_stay_valid_across_a_seal() {
     archive_now(&m);
     assert_eq!(fs::read(m.path("log")).unwrap(), b"before-seal;after-seal;");
 }
+
+/// A tree deeper than PATH_MAX (as pjdfstest's ENAMETOOLONG cases leave behind) is sealed:
+/// the seal must not use whole paths (it failed with ENAMETOOLONG, left the generation frozen
+/// and `archive --wait` hanging), and the deep file reads back after a remount.
+#[test]
+fn a_tree_deeper_than_path_max_is_sealed() {
+    let mut m = Mounted::new(SMALL);
+    let name = "d".repeat(250);
+    // 20 levels of 251 bytes: ~5000 bytes below the mount, more than PATH_MAX (4096).
+    let script = format!(
+        "set -e; cd \"$1\"; for i in $(seq 20); do mkdir {name}; cd {name}; done; \
+         printf deep-data > f; ln -s f link"
+    );
+    let mnt = m.mnt.clone();
+    let walk = |cmd: &str| {
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                &format!("{script_cd}{cmd}", script_cd = cd_chain(&name)),
+                "x",
+            ])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {}", stderr(&out));
+        out.stdout
+    };
+    let out = Command::new("bash")
+        .args(["-c", &script, "x"])
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = spinfs(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "seal failed: {}", stderr(&out));
+    let s = status(&m);
+    assert!(
+        s["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["kind"] != "sealing"),
+        "{s}"
+    );
+    assert_eq!(archived_layers(&m), 1, "{s}");
+    m.remount();
+    assert_eq!(walk("cat f"), b"deep-data");
+    assert_eq!(walk("readlink link"), b"f\n");
+    fs::write(m.path("top"), b"x").unwrap();
+    archive_now(&m);
+    assert_eq!(archived_layers(&m), 2);
+}
+
+fn cd_chain(name: &str) -> String {
+    format!("set -e; cd \"$1\"; for i in $(seq 20); do cd {name}; done; ")
+}

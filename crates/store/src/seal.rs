@@ -63,10 +63,53 @@ fn recorded_ino(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Option<u64> {
         .map(u64::from_le_bytes)
 }
 
+/// Paths this long are not handed to the kernel whole: a tree may be deeper than PATH_MAX
+/// (4096 bytes, ENAMETOOLONG), so such directories are reached through `/proc/self/fd/N`
+/// of a descriptor opened relative to their parent.
+const SHORTEN_AT: usize = 2048;
+
+/// Descriptors that keep `/proc/self/fd/N` paths of a built tree valid; drop after writing.
+#[derive(Default)]
+pub struct PathAnchors(Vec<std::os::fd::OwnedFd>);
+
+/// `dir` as a path the kernel accepts: itself when short, else `/proc/self/fd/N` of a
+/// descriptor of it, opened through its (already short) parent path.
+fn anchor(dir: PathBuf, anchors: &mut PathAnchors) -> std::io::Result<PathBuf> {
+    if dir.as_os_str().len() < SHORTEN_AT {
+        return Ok(dir);
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid C string; the descriptor returned is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let path = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    ));
+    anchors.0.push(fd);
+    Ok(path)
+}
+
 /// Describes generation `generation`'s tree at `root` for the image writer. The root gets
 /// inode number 1; markers (whiteouts, opaque directories, escaped user xattrs) are kept as
-/// they are, since images use the same conventions as the SSD tree.
-pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), SealError> {
+/// they are, since images use the same conventions as the SSD tree. File sources below very
+/// deep directories are reached through the returned descriptors: keep them until the image
+/// is written.
+pub fn build_tree(
+    root: &Path,
+    generation: u64,
+) -> Result<(Tree, TreeStats, PathAnchors), SealError> {
+    let mut anchors = PathAnchors::default();
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |error| SealError::Io {
@@ -134,13 +177,14 @@ pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), Sea
             let is_dir = ft.is_dir();
             let child = tree.add(id, name.as_bytes(), Node { meta, kind });
             if is_dir {
+                let path = anchor(path.clone(), &mut anchors).map_err(io(&path))?;
                 stack.push((path, child));
             } else if md.nlink() > 1 {
                 links.insert(md.ino(), child);
             }
         }
     }
-    Ok((tree, stats))
+    Ok((tree, stats, anchors))
 }
 
 fn metadata_of(path: &Path, md: &fs::Metadata, generation: u64) -> Result<Metadata, SealError> {
@@ -192,7 +236,7 @@ pub fn seal_generation(
     generation: u64,
     layer_id: u64,
 ) -> Result<Sealed, SealError> {
-    let (tree, stats) = build_tree(tree_root, generation)?;
+    let (tree, stats, _anchors) = build_tree(tree_root, generation)?;
     // The heads first: they come from the SSD tree, which is still there.
     if head_size > 0 {
         write_heads(layout, &tree, head_size, generation, layer_id)?;
