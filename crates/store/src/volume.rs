@@ -750,11 +750,20 @@ impl Volume {
             return Err(Errno::ENOTDIR);
         }
         let name = sys::cname(name)?;
-        let place = self.place(parent, &p)?;
-        let r = self
-            .resolve(&place, name.to_bytes())?
-            .ok_or(Errno::ENOENT)?;
-        self.remember(parent, name.to_bytes(), r)
+        // Lookups do not hold the gate. When a freeze or a seal swaps the stack between
+        // placing the parent and resolving the name, the entry was found in one stack and
+        // numbered in the other (an entry of the frozen tree got the new generation's
+        // number), or looked for in a frozen tree that is being deleted (ENOENT): resolve
+        // again in the new stack.
+        loop {
+            let epoch = self.stack().epoch;
+            let place = self.place(parent, &p)?;
+            let r = self.resolve(&place, name.to_bytes());
+            if self.stack().epoch == epoch {
+                let r = r?.ok_or(Errno::ENOENT)?;
+                return self.remember(parent, name.to_bytes(), r);
+            }
+        }
     }
 
     /// The kernel dropped `n` references to `ino`.
