@@ -1802,7 +1802,22 @@ impl Volume {
     }
 
     pub fn fsyncdir(&self, fh: u64, datasync: bool) -> SysResult<()> {
-        self.fsync(fh, datasync)
+        let h = self.handle(fh)?;
+        match &h.kind {
+            HandleKind::Merged(_) => {
+                // A directory with lower parts: its changes (new names, whiteouts) are in
+                // its upper part, which must be synced like any directory.
+                let node = self.node(h.ino)?;
+                match self.place(h.ino, &node)?.upper {
+                    Some(fd) => {
+                        let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                        sys::fsync(dir.as_fd(), datasync)
+                    }
+                    None => Ok(()), // never changed since it was archived
+                }
+            }
+            _ => self.fsync(fh, datasync),
+        }
     }
 
     pub fn statfs(&self) -> SysResult<FsStats> {
