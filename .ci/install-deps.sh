@@ -20,13 +20,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages. Runtime: fuse3 (fusermount3, /etc/fuse.conf), erofs-utils (mkfs/fsck.erofs),
-# fio (benchmarks), attr/acl (getfattr/setfacl; acl also for pjdfstest), ffmpeg (ffprobe),
+# fio (benchmarks), attr/acl (getfattr/setfacl; acl also for pjdfstest), ffmpeg (ffprobe), file,
 # kmod (modprobe), mount + util-linux (mount, findmnt, mountpoint, losetup), procps, python3
 # (runner helpers), time (/usr/bin/time).
 # Build: build-essential + pkg-config for the cargo tools, libacl1-dev (pjdfstest links libacl
 # through the exacl crate), ca-certificates for crates.io over TLS.
 APT_PACKAGES=(
-    fuse3 erofs-utils fio attr acl libacl1-dev ffmpeg
+    fuse3 erofs-utils fio attr acl libacl1-dev ffmpeg file
     build-essential pkg-config ca-certificates
     kmod mount util-linux procps python3 time
 )

@@ -19,16 +19,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 /// One archived layer, open.
-impl Drop for ArchivedLayer {
-    fn drop(&mut self) {
-        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
-            // The manifest no longer names this layer; recovery would delete these too.
-            let _ = std::fs::remove_file(&self.meta_path);
-            let _ = std::fs::remove_file(&self.heads_path);
-        }
-    }
-}
-
 /// Bounds the meta images held open at once (`max_open_images`): layers open their image
 /// through the pool, which closes the least recently used one beyond the bound.
 pub struct ImagePool {
@@ -79,8 +69,10 @@ impl ImagePool {
 
 pub struct ArchivedLayer {
     pub id: u64,
-    /// Set when a merge replaced this layer: its SSD files go when the last user lets go.
+    /// Set when a merge replaced this layer (see `retire`).
     retired: std::sync::atomic::AtomicBool,
+    /// The open image of a retired layer (its file is gone).
+    pinned: Mutex<Option<Arc<Image<File>>>>,
     heads_path: PathBuf,
     meta_path: PathBuf,
     pool: Arc<ImagePool>,
@@ -193,6 +185,7 @@ impl ArchivedLayer {
         Ok(ArchivedLayer {
             id: record.id,
             retired: std::sync::atomic::AtomicBool::new(false),
+            pinned: Mutex::new(None),
             heads_path: heads_path.clone(),
             meta_path: path,
             pool,
@@ -205,13 +198,22 @@ impl ArchivedLayer {
         })
     }
 
-    /// Marks this layer as replaced by a merge (see `retired`).
+    /// Marks this layer as replaced by a merge: its image stays open for whoever still reads
+    /// through it (open files, nodes not yet re-resolved), and its SSD files go at once.
     pub fn retire(&self) {
+        if let Ok(img) = self.pool.get(self.id, &self.meta_path) {
+            *self.pinned.lock().unwrap() = Some(img);
+        }
         self.retired
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.meta_path);
+        let _ = std::fs::remove_file(&self.heads_path);
     }
 
     fn image(&self) -> Result<Arc<Image<File>>, Errno> {
+        if let Some(img) = self.pinned.lock().unwrap().as_ref() {
+            return Ok(img.clone());
+        }
         self.pool.get(self.id, &self.meta_path)
     }
 

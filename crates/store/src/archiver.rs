@@ -178,7 +178,9 @@ impl Archiver {
                 Err(e) => {
                     tracing::error!("seal failed: {e}");
                     st.last_error = Some(e);
-                    // Do not spin on a persistent failure: wait a while before trying again.
+                    // Waiters get the error now; then do not spin on a persistent failure:
+                    // wait a while before trying again.
+                    self.cv.notify_all();
                     drop(st);
                     std::thread::sleep(Duration::from_secs(5));
                     continue;
@@ -242,6 +244,13 @@ impl Archiver {
 
     fn seal_once(&self) -> Result<SealOutcome, String> {
         let mut store = self.store.lock().unwrap();
+        if let Some(frozen) = store.manifest().frozen.clone() {
+            // An earlier seal failed after the freeze: seal that generation again. Freezing
+            // once more would overwrite the manifest's record of it while the volume still
+            // writes into the tree the manifest would then call frozen (and the next mount
+            // would delete the forgotten generation's tree as a leftover).
+            return self.seal_frozen(&mut store, frozen);
+        }
         let upper = store.layout().generation_tree(store.manifest().upper_gen);
         let empty = std::fs::read_dir(&upper)
             .map_err(|e| format!("{}: {e}", upper.display()))?
@@ -258,6 +267,15 @@ impl Archiver {
         self.vol
             .freeze(new_gen, &tree, &work)
             .map_err(|e| format!("freezing generation {}: {e}", frozen.generation))?;
+        self.seal_frozen(&mut store, frozen)
+    }
+
+    /// Seals the frozen generation, swaps its layer into the volume, drops its tree.
+    fn seal_frozen(
+        &self,
+        store: &mut Store,
+        frozen: crate::manifest::FrozenGen,
+    ) -> Result<SealOutcome, String> {
         tracing::info!(
             generation = frozen.generation,
             layer = frozen.layer,

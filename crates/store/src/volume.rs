@@ -539,7 +539,7 @@ impl Volume {
     }
 
     /// Archived layers `old` (ids, adjacent in the stack) were merged into `layer`, which
-    /// takes their place. They are retired: their SSD files go when nothing uses them.
+    /// takes their place. They are retired (see `ArchivedLayer::retire`).
     pub fn merged(&self, old: &[u64], layer: Arc<ArchivedLayer>) -> SysResult<()> {
         let _gate = self.exclusive_gate();
         let stack = self.stack();
@@ -841,11 +841,20 @@ impl Volume {
             return Err(Errno::ENOTDIR);
         }
         let name = sys::cname(name)?;
-        let place = self.place(parent, &p)?;
-        let r = self
-            .resolve(&place, name.to_bytes())?
-            .ok_or(Errno::ENOENT)?;
-        self.remember(parent, name.to_bytes(), r)
+        // Lookups do not hold the gate. When a freeze or a seal swaps the stack between
+        // placing the parent and resolving the name, the entry was found in one stack and
+        // numbered in the other (an entry of the frozen tree got the new generation's
+        // number), or looked for in a frozen tree that is being deleted (ENOENT): resolve
+        // again in the new stack.
+        loop {
+            let epoch = self.stack().epoch;
+            let place = self.place(parent, &p)?;
+            let r = self.resolve(&place, name.to_bytes());
+            if self.stack().epoch == epoch {
+                let r = r?.ok_or(Errno::ENOENT)?;
+                return self.remember(parent, name.to_bytes(), r);
+            }
+        }
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -1948,7 +1957,22 @@ impl Volume {
     }
 
     pub fn fsyncdir(&self, fh: u64, datasync: bool) -> SysResult<()> {
-        self.fsync(fh, datasync)
+        let h = self.handle(fh)?;
+        match &h.kind {
+            HandleKind::Merged(_) => {
+                // A directory with lower parts: its changes (new names, whiteouts) are in
+                // its upper part, which must be synced like any directory.
+                let node = self.node(h.ino)?;
+                match self.place(h.ino, &node)?.upper {
+                    Some(fd) => {
+                        let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                        sys::fsync(dir.as_fd(), datasync)
+                    }
+                    None => Ok(()), // never changed since it was archived
+                }
+            }
+            _ => self.fsync(fh, datasync),
+        }
     }
 
     pub fn statfs(&self) -> SysResult<FsStats> {
