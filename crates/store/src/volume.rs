@@ -1088,6 +1088,9 @@ impl Volume {
                 res?;
             }
         }
+        // Opaque and without lower parts, the directory is listed straight from the writable
+        // tree from now on: whiteouts that hid lower entries must go, or they would be listed.
+        self.clear_whiteouts(dfd.as_fd())?;
         sys::setxattr_fd(dfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
         let mut st = node.st.write().unwrap();
         st.place.lower.clear();
