@@ -1290,3 +1290,17 @@ fn regression_whiteout_listed_after_directory_copy_up() {
     regression("m:c;m:c/b;m:a;m:c/b/a;w:b:1082:84515:485940;S;n:c/b/a:a/c:1;n:b:c:2");
     regression("m:c;m:c/b;m:c/b/a;S;r:c/b/a;n:c:d:0");
 }
+
+/// An archived file with two names, copied up through one of them (write, append, chmod,
+/// rename, or a directory moved whole), left the other name on the old lower instance: the
+/// same st_ino with a different content and link count; unlinking one archived name left
+/// nlink 2 on the other.
+#[test]
+fn regression_archived_hard_links_copy_up_together() {
+    regression("w:c:7318:189681:243256;l:c:b;S;w:b:182951:29:627908");
+    regression("w:c:0:100:1;l:c:b;S;w:b:50:10:2;R");
+    regression("w:b:210044:189958:580463;l:b:c;S;u:c");
+    regression("m:a;w:a/a:0:10:1;l:a/a:a/b;S;n:a:c:0;w:c/b:0:5:2");
+    regression("m:a;w:a/a:0:10:1;l:a/a:b;S;n:a:c:0;w:b:0:5:2;R");
+    regression("w:a:0:10:1;l:a:b;w:c:0:3:3;S;n:c:b:0;R");
+}

@@ -929,7 +929,85 @@ impl Volume {
         if node.kind != FileKind::Directory {
             st.place.lower.clear();
         }
+        drop(st);
+        if node.kind != FileKind::Directory && part.attr(ino).nlink > 1 {
+            self.link_up_aliases(ino, fd.as_fd())?;
+        }
         Ok(fd)
+    }
+
+    /// Before a name of a lower-only file with several names goes away, the file is copied up
+    /// with all its names, so that the names that remain count one link less.
+    fn up_if_linked_below(&self, parent: u64, name: &CStr, r: &Resolved) -> SysResult<()> {
+        let linked = r.kind != FileKind::Directory
+            && r.place.upper.is_none()
+            && r.place.lower.first().is_some_and(|p| p.attr(r.ino).nlink > 1);
+        if !linked {
+            return Ok(());
+        }
+        let again = Resolved {
+            ino: r.ino,
+            kind: r.kind,
+            place: r.place.clone(),
+        };
+        self.remember(parent, name.to_bytes(), again)?;
+        let res = self.copy_up(r.ino).map(drop);
+        self.forget(r.ino, 1);
+        res
+    }
+
+    /// A lower file with several names was copied up by one of them: its other visible
+    /// names become hard links of the copy, or they would go on showing the old lower
+    /// instance (its data and its link count) under the same inode number.
+    fn link_up_aliases(&self, ino: u64, copy: BorrowedFd<'_>) -> SysResult<()> {
+        // Every visible lower-only name of `ino`, as a path of names from the root.
+        let mut aliases: Vec<Vec<Vec<u8>>> = Vec::new();
+        let root = self.node(ROOT_INO)?;
+        let mut stack = vec![(Vec::<Vec<u8>>::new(), self.place(ROOT_INO, &root)?)];
+        while let Some((path, place)) = stack.pop() {
+            for (name, cino, kind) in self.merged_names(&place)? {
+                if kind != FileKind::Directory && cino != ino {
+                    continue;
+                }
+                let Some(r) = self.resolve(&place, &name)? else {
+                    continue;
+                };
+                let mut p = path.clone();
+                p.push(name);
+                if r.kind == FileKind::Directory {
+                    stack.push((p, r.place));
+                } else if r.ino == ino && r.place.upper.is_none() {
+                    aliases.push(p);
+                }
+            }
+        }
+        for path in aliases {
+            // Walk down, registering the directories on the way so they can be copied up.
+            let mut held = Vec::new();
+            let mut parent = ROOT_INO;
+            let res = (|| -> SysResult<()> {
+                for comp in &path[..path.len() - 1] {
+                    let pnode = self.node(parent)?;
+                    let pplace = self.place(parent, &pnode)?;
+                    let r = self.resolve(&pplace, comp)?.ok_or(Errno::ENOENT)?;
+                    let child = r.ino;
+                    self.remember(parent, comp, r)?;
+                    held.push(child);
+                    parent = child;
+                }
+                let pfd = self.copy_up(parent)?;
+                let name = CString::new(path.last().unwrap().clone()).map_err(|_| Errno::EIO)?;
+                match sys::link_fd(copy, pfd.as_fd(), &name) {
+                    Ok(()) | Err(Errno(libc::EEXIST)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })();
+            for h in held {
+                self.forget(h, 1);
+            }
+            res?;
+        }
+        Ok(())
     }
 
     /// Copies one lower object into `dir/name` of the writable tree: prepared in the work
@@ -1070,10 +1148,13 @@ impl Volume {
                 // A node the kernel holds for it must now use the copy.
                 if let Ok(child) = self.node(r.ino) {
                     let mut cst = child.st.write().unwrap();
-                    cst.place.upper = Some(fd);
+                    cst.place.upper = Some(fd.clone());
                     if child.kind != FileKind::Directory {
                         cst.place.lower.clear();
                     }
+                }
+                if r.kind != FileKind::Directory && part.attr(r.ino).nlink > 1 {
+                    self.link_up_aliases(r.ino, fd.as_fd())?;
                 }
             }
             if r.kind == FileKind::Directory && !r.place.lower.is_empty() {
@@ -1372,6 +1453,7 @@ impl Volume {
             let pfd = place.upper.ok_or(Errno::EIO)?;
             return sys::unlinkat(pfd.as_fd(), &name, 0);
         }
+        self.up_if_linked_below(parent, &name, &r)?;
         let pfd = self.copy_up(parent)?;
         self.whiteout(pfd.as_fd(), &name)
     }
@@ -1596,6 +1678,7 @@ impl Volume {
             return Ok(());
         }
         if let Some(d) = &dst {
+            self.up_if_linked_below(newparent, &newname, d)?;
             if let Some(ufd) = &d.place.upper
                 && d.kind == FileKind::Directory
             {
