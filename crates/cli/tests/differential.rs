@@ -1304,3 +1304,12 @@ fn regression_archived_hard_links_copy_up_together() {
     regression("m:a;w:a/a:0:10:1;l:a/a:b;S;n:a:c:0;w:b:0:5:2;R");
     regression("w:a:0:10:1;l:a:b;w:c:0:3:3;S;n:c:b:0;R");
 }
+
+/// A node is re-resolved by the name it was last reached by; once that name was unlinked
+/// (another hard link remaining), a seal left its placement on the dropped frozen instance:
+/// `stat c` said nlink 0.
+#[test]
+fn regression_hard_link_found_by_another_name_after_seal() {
+    regression("w:c:260424:51:881699;l:c:a;u:a;S");
+    regression("w:c:0:9:1;l:c:a;S;u:a;S;M;R");
+}

@@ -619,14 +619,48 @@ impl Volume {
             let pplace = self.place(parent, &pnode)?;
             self.resolve(&pplace, &name)?
         };
+        let fresh = match fresh {
+            Some(r) if r.ino == ino => Some((parent, name, r.place)),
+            // The name it was known by is gone; a file may still have other names (hard
+            // links): look for one, or its placement would stay on a dropped instance.
+            _ if node.kind != FileKind::Directory => self.find_name(ino)?,
+            _ => None,
+        };
         let mut st = node.st.write().unwrap();
-        match fresh {
-            Some(r) if r.ino == ino => st.place = r.place,
-            // Renamed away or removed meanwhile: keep what we had (an orphan still reads).
-            _ => {}
+        if let Some((p, n, place)) = fresh {
+            st.place = place;
+            if self.node(p).is_ok() {
+                st.parent = p;
+                st.name = n;
+            }
         }
+        // Otherwise renamed away or removed meanwhile: keep what we had (an orphan still
+        // reads).
         st.epoch = stack.epoch;
         Ok(st.place.clone())
+    }
+
+    /// Some visible name of a non-directory `ino`: (parent directory, name, placement), by
+    /// walking the merged namespace.
+    fn find_name(&self, ino: u64) -> SysResult<Option<(u64, Vec<u8>, Placement)>> {
+        let root = self.node(ROOT_INO)?;
+        let mut stack = vec![(ROOT_INO, self.place(ROOT_INO, &root)?)];
+        while let Some((dino, place)) = stack.pop() {
+            for (name, cino, kind) in self.merged_names(&place)? {
+                if kind != FileKind::Directory && cino != ino {
+                    continue;
+                }
+                let Some(r) = self.resolve(&place, &name)? else {
+                    continue;
+                };
+                if r.kind == FileKind::Directory {
+                    stack.push((r.ino, r.place));
+                } else if r.ino == ino {
+                    return Ok(Some((dino, name, r.place)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Number of archived layers below the writable tree.
