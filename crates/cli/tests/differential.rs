@@ -1313,3 +1313,12 @@ fn regression_hard_link_found_by_another_name_after_seal() {
     regression("w:c:260424:51:881699;l:c:a;u:a;S");
     regression("w:c:0:9:1;l:c:a;S;u:a;S;M;R");
 }
+
+/// A directory moved to a name with archived entries below (RENAME_EXCHANGE with an archived
+/// directory, or rename onto the whiteout of a removed archived directory) was not made
+/// opaque: after a remount the old archived children showed through it.
+#[test]
+fn regression_moved_directory_hides_lower_entries() {
+    regression("m:c;w:c/a:0:5:1;S;m:b;n:b:c:2;R");
+    regression("m:n;m:n/x;S;r:n/x;r:n;m:y;n:y:n:0;R");
+}

@@ -1694,6 +1694,14 @@ impl Volume {
         if flags & libc::RENAME_EXCHANGE != 0 {
             let d = dst.as_ref().expect("checked above");
             bring_up(d, newparent, &newname)?;
+            // Each directory arrives at the other's name, where lower entries may lie: it
+            // must hide them (its whole content is in the writable tree by now).
+            for (r, dir, n) in [(&src, &npfd, &newname), (d, &pfd, &name)] {
+                if r.kind == FileKind::Directory {
+                    let fd = sys::open_path(dir.as_fd(), n)?;
+                    sys::setxattr_fd(fd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+                }
+            }
             sys::renameat2(
                 pfd.as_fd(),
                 &name,
@@ -1722,6 +1730,19 @@ impl Volume {
                 // The moved directory must hide the replaced one's lower entries.
                 let sfd = self.copy_up(src.ino)?;
                 sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            }
+        } else if src.kind == FileKind::Directory
+            && Self::exists_below(&npplace, newname.to_bytes())?
+        {
+            // A removed lower entry (now a whiteout) lies below the new name: the moved
+            // directory replaces the whiteout and must hide what the whiteout hid.
+            let sfd = self.copy_up(src.ino)?;
+            sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            if let Ok(fd) = sys::open_path(npfd.as_fd(), &newname) {
+                let st = sys::fstat(fd.as_fd())?;
+                if Self::upper_is_whiteout(fd.as_fd(), &st) {
+                    sys::unlinkat(npfd.as_fd(), &newname, 0)?;
+                }
             }
         } else if let Ok(fd) = sys::open_path(npfd.as_fd(), &newname) {
             // A whiteout holds the destination name: rename replaces it, except for dirs.
