@@ -1057,6 +1057,9 @@ fn compare(m: &Model, seen: &BTreeMap<String, Seen>, idents: &mut Idents) -> Vec
 // ---------------------------------------------------------------------------------------------
 // A sequence
 
+/// How many steps of each kind ran, by expected result ("n ENOTEMPTY(39)": 12).
+type Stats = BTreeMap<String, usize>;
+
 struct Failure {
     /// The steps up to and including the one that failed.
     ops: Vec<Op>,
@@ -1077,7 +1080,7 @@ fn spinfs_try(args: &[&str]) -> Result<(), String> {
 }
 
 /// Runs `steps` (replay) or `nops` generated steps from `seed`, checking after every step.
-fn run_sequence(seed: u64, steps: Option<&[Op]>, nops: usize) -> Result<usize, Failure> {
+fn run_sequence(seed: u64, steps: Option<&[Op]>, nops: usize) -> Result<Stats, Failure> {
     let mut done: Vec<Op> = Vec::new();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run_inner(seed, steps, nops, &mut done)
@@ -1104,7 +1107,7 @@ fn run_inner(
     steps: Option<&[Op]>,
     nops: usize,
     done: &mut Vec<Op>,
-) -> Result<usize, String> {
+) -> Result<Stats, String> {
     let mut mnt = Mounted::new(MKFS);
     let plain = tempfile::Builder::new()
         .prefix("plain")
@@ -1114,6 +1117,7 @@ fn run_inner(
     let mut rng = Rng::new(seed);
     let (mut id_spinfs, mut id_plain) = (Idents::new(), Idents::new());
     let total = steps.map_or(nops, |s| s.len());
+    let mut stats = Stats::new();
     for i in 0..total {
         let op = match steps {
             Some(s) => s[i].clone(),
@@ -1121,6 +1125,10 @@ fn run_inner(
         };
         done.push(op.clone());
         let want = model.apply(&op);
+        let kind = op.to_string().split(':').next().unwrap().to_string();
+        *stats
+            .entry(format!("{kind} {}", errname(want)))
+            .or_default() += 1;
         let got_plain = exec(plain.path(), &op);
         let got = exec(&mnt.mnt, &op);
         match op {
@@ -1172,7 +1180,7 @@ fn run_inner(
             diffs.join("\n  ")
         ));
     }
-    Ok(total)
+    Ok(stats)
 }
 
 /// Shrinks a failing step list: drops chunks, then single steps, while it still fails.
@@ -1253,15 +1261,25 @@ fn differential_random_sequences() {
     let first = env_num("SPINFS_DIFF_SEED", 1);
     let start = Instant::now();
     let mut total = 0;
+    let mut all = Stats::new();
     for seed in first..first + n {
         match run_sequence(seed, None, nops) {
-            Ok(k) => total += k,
+            Ok(st) => {
+                for (k, v) in st {
+                    total += v;
+                    *all.entry(k).or_default() += v;
+                }
+            }
             Err(f) => panic!("{}", report(seed, f)),
         }
     }
     eprintln!(
-        "{n} sequences, {total} steps, no divergence ({:.1}s)",
-        start.elapsed().as_secs_f64()
+        "{n} sequences, {total} steps, no divergence ({:.1}s)\nsteps by expected result: {}",
+        start.elapsed().as_secs_f64(),
+        all.iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 }
 
