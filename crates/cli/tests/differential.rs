@@ -28,6 +28,7 @@ use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::Path;
@@ -107,8 +108,25 @@ enum Op {
         p: String,
         name: String,
     },
+    /// Open `p` read-write (no create) and keep the descriptor in `slot` (closing what it held).
+    Open {
+        slot: usize,
+        p: String,
+    },
+    /// pwrite through the descriptor held in `slot`.
+    FdWrite {
+        slot: usize,
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    /// Close the descriptor held in `slot`.
+    Close {
+        slot: usize,
+    },
     Seal,
     Merge,
+    /// Closes every held descriptor, unmounts and mounts again.
     Remount,
 }
 
@@ -127,6 +145,14 @@ impl fmt::Display for Op {
             Op::Chmod { p, mode } => write!(f, "c:{p}:{mode:o}"),
             Op::SetX { p, name, seed } => write!(f, "x:{p}:{name}:{seed}"),
             Op::RmX { p, name } => write!(f, "X:{p}:{name}"),
+            Op::Open { slot, p } => write!(f, "o:{slot}:{p}"),
+            Op::FdWrite {
+                slot,
+                off,
+                len,
+                seed,
+            } => write!(f, "f:{slot}:{off}:{len}:{seed}"),
+            Op::Close { slot } => write!(f, "k:{slot}"),
             Op::Seal => write!(f, "S"),
             Op::Merge => write!(f, "M"),
             Op::Remount => write!(f, "R"),
@@ -179,6 +205,19 @@ fn parse_op(s: &str) -> Op {
         "X" => Op::RmX {
             p: st(1),
             name: st(2),
+        },
+        "o" => Op::Open {
+            slot: n(1) as usize,
+            p: st(2),
+        },
+        "f" => Op::FdWrite {
+            slot: n(1) as usize,
+            off: n(2),
+            len: n(3),
+            seed: n(4),
+        },
+        "k" => Op::Close {
+            slot: n(1) as usize,
         },
         "S" => Op::Seal,
         "M" => Op::Merge,
@@ -256,7 +295,11 @@ struct Node {
 struct Model {
     nodes: HashMap<usize, Node>,
     next: usize,
+    /// Nodes held open by descriptor slots (an unlinked file lives on while open).
+    slots: [Option<usize>; SLOTS],
 }
+
+const SLOTS: usize = 2;
 
 type Errno = i32;
 
@@ -286,7 +329,11 @@ impl Model {
                 xattrs: BTreeMap::new(),
             },
         );
-        Model { nodes, next: 1 }
+        Model {
+            nodes,
+            next: 1,
+            slots: [None; SLOTS],
+        }
     }
 
     fn children(&self, dir: usize) -> &BTreeMap<String, usize> {
@@ -349,9 +396,17 @@ impl Model {
         let id = self.children_mut(dir).remove(name).unwrap();
         let n = self.nodes.get_mut(&id).unwrap();
         n.nlink -= 1;
-        if n.nlink == 0 || matches!(n.kind, Kind::Dir(_)) {
+        if (n.nlink == 0 && !self.slots.contains(&Some(id))) || matches!(n.kind, Kind::Dir(_)) {
             self.nodes.remove(&id);
         }
+    }
+
+    fn close(&mut self, slot: usize) -> Result<(), Errno> {
+        let id = self.slots[slot].take().ok_or(libc::EBADF)?;
+        if self.nodes[&id].nlink == 0 && !self.slots.contains(&Some(id)) {
+            self.nodes.remove(&id);
+        }
+        Ok(())
     }
 
     fn file_mut(&mut self, id: usize) -> &mut Vec<u8> {
@@ -492,7 +547,41 @@ impl Model {
                 }
             }
             Op::Rename { a, b, flags } => self.rename(a, b, *flags),
-            Op::Seal | Op::Merge | Op::Remount => Ok(()),
+            Op::Open { slot, p } => {
+                let _ = self.close(*slot);
+                let id = self.resolve(p)?.child.ok_or(libc::ENOENT)?;
+                match self.nodes[&id].kind {
+                    Kind::Dir(_) => Err(libc::EISDIR),
+                    Kind::Symlink(_) => Err(libc::ELOOP),
+                    Kind::File(_) => {
+                        self.slots[*slot] = Some(id);
+                        Ok(())
+                    }
+                }
+            }
+            Op::FdWrite {
+                slot,
+                off,
+                len,
+                seed,
+            } => {
+                let id = self.slots[*slot].ok_or(libc::EBADF)?;
+                let (off, len) = (*off as usize, *len as usize);
+                let d = self.file_mut(id);
+                if d.len() < off + len {
+                    d.resize(off + len, 0);
+                }
+                d[off..off + len].copy_from_slice(&data(*seed, len));
+                Ok(())
+            }
+            Op::Close { slot } => self.close(*slot),
+            Op::Remount => {
+                for slot in 0..SLOTS {
+                    let _ = self.close(slot);
+                }
+                Ok(())
+            }
+            Op::Seal | Op::Merge => Ok(()),
         }
     }
 
@@ -641,7 +730,29 @@ fn gen_op(rng: &mut Rng, m: &Model) -> Op {
         2 => (rng.below(4) * 65536).saturating_sub(rng.below(100)),
         _ => rng.below(300_000),
     };
-    match rng.below(100) {
+    match rng.below(112) {
+        100..=103 => Op::Open {
+            slot: rng.below(SLOTS as u64) as usize,
+            p: pick_path(rng, m, Some(false)),
+        },
+        104..=109 => {
+            let open: Vec<usize> = (0..SLOTS).filter(|&i| m.slots[i].is_some()).collect();
+            match open.is_empty() {
+                true => Op::Open {
+                    slot: rng.below(SLOTS as u64) as usize,
+                    p: pick_path(rng, m, Some(false)),
+                },
+                false => Op::FdWrite {
+                    slot: *rng.pick(&open),
+                    off: off(rng),
+                    len: len(rng),
+                    seed: rng.below(1 << 20),
+                },
+            }
+        }
+        110..=111 => Op::Close {
+            slot: rng.below(SLOTS as u64) as usize,
+        },
         0..=13 => {
             let p = if rng.below(2) == 0 {
                 pick_path(rng, m, Some(false))
@@ -773,7 +884,71 @@ fn write_at(root: &Path, p: &str, flags: i32, off: Option<u64>, buf: &[u8]) -> R
 }
 
 /// Runs a namespace/data operation under `root` and returns its errno.
-fn exec(root: &Path, op: &Op) -> Result<(), Errno> {
+/// Descriptors held by the slots of `Op::Open`.
+type Fds = [Option<OwnedFd>; SLOTS];
+
+fn pwrite_all(fd: BorrowedFd<'_>, off: u64, buf: &[u8]) -> Result<(), Errno> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if n <= 0 {
+            return Err(if n < 0 { errno() } else { libc::EIO });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Runs an operation under `root` (with the descriptors held there) and returns its errno.
+fn exec(root: &Path, fds: &mut Fds, op: &Op) -> Result<(), Errno> {
+    match op {
+        Op::Open { slot, p } => {
+            fds[*slot] = None;
+            let c = cpath(root, p);
+            // SAFETY: a NUL-terminated path.
+            let fd = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(errno());
+            }
+            // SAFETY: a descriptor we just opened and own.
+            fds[*slot] = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            return Ok(());
+        }
+        Op::FdWrite {
+            slot,
+            off,
+            len,
+            seed,
+        } => {
+            let fd = fds[*slot].as_ref().ok_or(libc::EBADF)?;
+            return pwrite_all(fd.as_fd(), *off, &data(*seed, *len as usize));
+        }
+        Op::Close { slot } => {
+            let fd = fds[*slot].take().ok_or(libc::EBADF)?;
+            // SAFETY: we own the descriptor and give it up here.
+            return check(unsafe { libc::close(fd.into_raw_fd()) });
+        }
+        Op::Remount => {
+            for fd in fds.iter_mut() {
+                *fd = None;
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     // SAFETY: plain system calls on NUL-terminated paths that live across the call.
     unsafe {
         match op {
@@ -827,7 +1002,7 @@ fn exec(root: &Path, op: &Op) -> Result<(), Errno> {
                 let n = CString::new(name.as_str()).unwrap();
                 check(libc::lremovexattr(cpath(root, p).as_ptr(), n.as_ptr()))
             }
-            Op::Seal | Op::Merge | Op::Remount => Ok(()),
+            _ => Ok(()),
         }
     }
 }
@@ -1054,6 +1229,62 @@ fn compare(m: &Model, seen: &BTreeMap<String, Seen>, idents: &mut Idents) -> Vec
     diffs
 }
 
+/// Files held open: attributes by descriptor (fstat: getattr with a file handle) and the
+/// whole content by pread, also for files unlinked meanwhile.
+fn compare_fds(m: &Model, fds: &Fds, idents: &mut Idents) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (slot, id) in m.slots.iter().enumerate() {
+        let Some(id) = *id else { continue };
+        let Some(fd) = &fds[slot] else {
+            diffs.push(format!("slot {slot}: no descriptor held"));
+            continue;
+        };
+        let Kind::File(want) = &m.nodes[&id].kind else {
+            unreachable!()
+        };
+        let f = std::fs::File::from(fd.try_clone().unwrap());
+        let md = match f.metadata() {
+            Ok(md) => md,
+            Err(e) => {
+                diffs.push(format!("slot {slot}: fstat: {e}"));
+                continue;
+            }
+        };
+        let mut got = vec![0u8; md.len() as usize];
+        use std::os::unix::fs::FileExt;
+        if let Err(e) = f.read_exact_at(&mut got, 0) {
+            diffs.push(format!("slot {slot}: pread of {} bytes: {e}", md.len()));
+            continue;
+        }
+        if got != *want {
+            let first = got.iter().zip(want.iter()).position(|(x, y)| x != y);
+            diffs.push(format!(
+                "slot {slot}: content by descriptor differs: size {} expected {}, first \
+                 differing byte at {first:?}",
+                got.len(),
+                want.len()
+            ));
+        }
+        if md.nlink() != m.nodes[&id].nlink as u64 {
+            diffs.push(format!(
+                "slot {slot}: fstat nlink {} expected {}",
+                md.nlink(),
+                m.nodes[&id].nlink
+            ));
+        }
+        match idents.get(&id) {
+            Some(&ino) if ino != md.ino() => diffs.push(format!(
+                "slot {slot}: fstat st_ino {} but this node had st_ino {ino}",
+                md.ino()
+            )),
+            _ => {
+                idents.insert(id, md.ino());
+            }
+        }
+    }
+    diffs
+}
+
 // ---------------------------------------------------------------------------------------------
 // A sequence
 
@@ -1118,6 +1349,8 @@ fn run_inner(
     let (mut id_spinfs, mut id_plain) = (Idents::new(), Idents::new());
     let total = steps.map_or(nops, |s| s.len());
     let mut stats = Stats::new();
+    let mut fds_plain: Fds = Default::default();
+    let mut fds_spinfs: Fds = Default::default();
     for i in 0..total {
         let op = match steps {
             Some(s) => s[i].clone(),
@@ -1129,8 +1362,8 @@ fn run_inner(
         *stats
             .entry(format!("{kind} {}", errname(want)))
             .or_default() += 1;
-        let got_plain = exec(plain.path(), &op);
-        let got = exec(&mnt.mnt, &op);
+        let got_plain = exec(plain.path(), &mut fds_plain, &op);
+        let got = exec(&mnt.mnt, &mut fds_spinfs, &op);
         match op {
             Op::Seal => spinfs_try(&["archive", mnt.store.to_str().unwrap(), "--wait"])?,
             Op::Merge => spinfs_try(&["merge", mnt.store.to_str().unwrap(), "--wait"])?,
@@ -1160,15 +1393,21 @@ fn run_inner(
             }
             Err(e) => diffs.push(format!("MODEL BUG? ext4 walk: {e}")),
         }
+        for d in compare_fds(&model, &fds_plain, &mut id_plain) {
+            diffs.push(format!("MODEL BUG (ext4 differs): {d}"));
+        }
         match observe(&mnt.mnt) {
             Ok(seen) => diffs.extend(compare(&model, &seen, &mut id_spinfs)),
             Err(e) => diffs.push(format!("spinfs walk: {e}")),
         }
+        diffs.extend(compare_fds(&model, &fds_spinfs, &mut id_spinfs));
         if !diffs.is_empty() {
             return Err(format!("step {i} `{op}`:\n  {}", diffs.join("\n  ")));
         }
     }
     // A final remount must show the same tree.
+    fds_spinfs = Default::default();
+    drop(fds_spinfs);
     mnt.remount();
     let seen =
         observe(&mnt.mnt).map_err(|e| format!("after the final remount: spinfs walk: {e}"))?;
