@@ -1579,3 +1579,15 @@ fn regression_moved_directory_hides_lower_entries() {
     regression("m:c;w:c/a:0:5:1;S;m:b;n:b:c:2;R");
     regression("m:n;m:n/x;S;r:n/x;r:n;m:y;n:y:n:0;R");
 }
+
+/// A file open for writing is moved out of a generation being frozen, by the name it was
+/// last reached by only: its other hard links were sealed apart from it (both names then
+/// nlink 1), and when that name had been unlinked it stayed in the frozen generation, where a
+/// new open of its remaining name (now leading to the sealed layer) failed with EIO (the
+/// kernel refuses to mix passthrough and daemon-served opens of one inode).
+#[test]
+fn regression_open_hard_linked_file_moves_with_all_names_at_freeze() {
+    regression("m:c;w:c/b:4639:65683:502799;l:c/b:c/c;n:c/b:b:0;o:1:b;S");
+    regression("m:c;w:c/b:4639:65683:502799;l:c/b:c/c;n:c/b:b:0;o:1:b;u:b;S");
+    regression("m:c;w:c/b:4639:65683:502799;l:c/b:c/c;n:c/b:b:0;o:1:b;S;f:1:0:10:3;S;M;u:b;S;R");
+}

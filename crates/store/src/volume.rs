@@ -485,20 +485,28 @@ impl Volume {
             return Ok(()); // unlinked: lives on through its descriptors only
         }
         let cname = CString::new(name).map_err(|_| Errno::EIO)?;
-        let at_name = sys::fstatat(old_pfd.as_fd(), &cname)?;
-        if at_name.st_ino != st.st_ino {
-            return Err(Errno::ENOENT);
-        }
+        // The name it was last reached by may be gone while others remain (hard links).
+        let at_name = sys::fstatat(old_pfd.as_fd(), &cname).is_ok_and(|a| a.st_ino == st.st_ino);
         // It keeps its number in the new generation.
         sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
-        let new_pfd = self.copy_up(parent)?;
-        sys::renameat2(
-            old_pfd.as_fd(),
-            &cname,
-            new_pfd.as_fd(),
-            &cname,
-            libc::RENAME_NOREPLACE,
-        )?;
+        if at_name {
+            let new_pfd = self.copy_up(parent)?;
+            sys::renameat2(
+                old_pfd.as_fd(),
+                &cname,
+                new_pfd.as_fd(),
+                &cname,
+                libc::RENAME_NOREPLACE,
+            )?;
+        }
+        if !at_name || st.st_nlink > 1 {
+            // Its other names move along, or they would be sealed apart from it (and a
+            // file left open for writing in the frozen generation cannot be reopened once
+            // its names lead to the sealed layer).
+            let stack = self.stack();
+            let froot = stack.frozen.as_ref().ok_or(Errno::EIO)?.root.clone();
+            self.bring_up_aliases(ino, fd.as_fd(), Some((froot.as_fd(), st.st_ino)))?;
+        }
         let node = self.node(ino)?;
         let mut ns = node.st.write().unwrap();
         ns.place = Placement {
@@ -506,6 +514,7 @@ impl Volume {
             lower: Vec::new(),
         };
         ns.epoch = self.stack().epoch;
+        drop(ns);
         self.upper_bytes.fetch_add(st.st_size, Ordering::Relaxed);
         Ok(())
     }
@@ -994,6 +1003,18 @@ impl Volume {
     /// names become hard links of the copy, or they would go on showing the old lower
     /// instance (its data and its link count) under the same inode number.
     fn link_up_aliases(&self, ino: u64, copy: BorrowedFd<'_>) -> SysResult<()> {
+        self.bring_up_aliases(ino, copy, None)
+    }
+
+    /// Links `copy` at every other visible lower-only name of `ino`; with `frozen` (the frozen
+    /// tree's root and the backing inode number of a file being moved out of it), names of
+    /// that same backing file are moved from the frozen tree instead.
+    fn bring_up_aliases(
+        &self,
+        ino: u64,
+        copy: BorrowedFd<'_>,
+        frozen: Option<(BorrowedFd<'_>, u64)>,
+    ) -> SysResult<()> {
         // Every visible lower-only name of `ino`, as a path of names from the root.
         let mut aliases: Vec<Vec<Vec<u8>>> = Vec::new();
         let root = self.node(ROOT_INO)?;
@@ -1031,6 +1052,22 @@ impl Volume {
                 }
                 let pfd = self.copy_up(parent)?;
                 let name = CString::new(path.last().unwrap().clone()).map_err(|_| Errno::EIO)?;
+                if let Some((froot, backing)) = frozen {
+                    let mut dir = sys::open_path(froot, c".")?;
+                    for comp in &path[..path.len() - 1] {
+                        let c = CString::new(comp.clone()).map_err(|_| Errno::EIO)?;
+                        dir = sys::open_path(dir.as_fd(), &c)?;
+                    }
+                    if sys::fstatat(dir.as_fd(), &name)?.st_ino == backing {
+                        return sys::renameat2(
+                            dir.as_fd(),
+                            &name,
+                            pfd.as_fd(),
+                            &name,
+                            libc::RENAME_NOREPLACE,
+                        );
+                    }
+                }
                 match sys::link_fd(copy, pfd.as_fd(), &name) {
                     Ok(()) | Err(Errno(libc::EEXIST)) => Ok(()),
                     Err(e) => Err(e),
