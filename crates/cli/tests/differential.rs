@@ -3,8 +3,11 @@
 //! A seeded generator produces sequences of operations over a small namespace (three names,
 //! depth up to three, so names collide and get reused): writes at random offsets, appends,
 //! truncates, unlink, mkdir, rmdir, renames (plain, RENAME_NOREPLACE, RENAME_EXCHANGE), symlinks,
-//! hard links, chmod, user xattrs, and, interleaved at random points, forced seals
-//! (`spinfs archive --wait`), forced merges (`spinfs merge --wait`) and remounts.
+//! hard links, chmod, user xattrs, descriptors held open across steps (pwrite through them,
+//! unlinked files living on), and, interleaved at random points, forced seals
+//! (`spinfs archive --wait`), forced merges (`spinfs merge --wait`) and remounts (which close
+//! the held descriptors). Writes reach up to ~500 KiB per file against a 1 MiB archive
+//! threshold and 64 KiB chunks, so threshold seals can also start in the background.
 //!
 //! The reference is an in-memory model of POSIX semantics with inode identity. Every operation
 //! runs on the spinfs mount and on a plain directory on the test disk (ext4); the errno of
@@ -12,15 +15,26 @@
 //! match the model: names, types, modes, sizes and contents of regular files, symlink targets,
 //! user xattrs, nlink of regular files, readdir d_ino == st_ino, names the model calls hard
 //! links share one st_ino, and a model node keeps its st_ino across seals, merges and
-//! remounts. A disagreement between the model and ext4 is a model bug and reported as such.
+//! remounts; held descriptors are checked by fstat and pread. A disagreement between the
+//! model and ext4 is a model bug and reported as such. Each sequence also ends with a remount
+//! and a last comparison. A failing sequence is minimised (steps dropped while it still
+//! fails) and printed in both forms as `SPINFS_DIFF_REPLAY='...'`.
 //!
 //! Not compared (known limitations): st_size and nlink of directories, atime/ctime/mtime.
 //!
 //! Environment:
-//! - `SPINFS_DIFF_SEQUENCES` (default 60), `SPINFS_DIFF_OPS` (default 40 per sequence),
+//! - `SPINFS_DIFF_SEQUENCES` (default 150), `SPINFS_DIFF_OPS` (default 40 per sequence),
 //!   `SPINFS_DIFF_SEED` (first seed, default 1; sequence i uses seed + i).
 //! - `SPINFS_DIFF_REPLAY='...'`: run exactly this step list (printed on failure) instead.
 //! - `SPINFS_DIFF_NO_SHRINK=1`: report a failure without minimising it.
+//! - `SPINFS_DIFF_NO_LINKS=1`: generate no hard links (a debugging aid only).
+//!
+//! Step syntax (`;`-separated): `w:PATH:OFF:LEN:SEED` write (O_CREAT), `a:PATH:LEN:SEED`
+//! append, `t:PATH:LEN` truncate(2), `u:PATH` unlink, `m:PATH` mkdir, `r:PATH` rmdir,
+//! `n:FROM:TO:FLAGS` renameat2 (1 NOREPLACE, 2 EXCHANGE), `s:TARGET:PATH` symlink,
+//! `l:FROM:TO` link, `c:PATH:OCTAL` chmod, `x:PATH:NAME:SEED` lsetxattr, `X:PATH:NAME`
+//! lremovexattr, `o:SLOT:PATH` open O_RDWR into a slot, `f:SLOT:OFF:LEN:SEED` pwrite through
+//! it, `k:SLOT` close, `S` seal, `M` merge, `R` remount. `scripts/diff-soak.sh` runs many more.
 
 mod common;
 
@@ -750,9 +764,15 @@ fn gen_op(rng: &mut Rng, m: &Model) -> Op {
                 },
             }
         }
-        110..=111 => Op::Close {
-            slot: rng.below(SLOTS as u64) as usize,
-        },
+        110..=111 => {
+            // Mostly a slot that holds something.
+            let open: Vec<usize> = (0..SLOTS).filter(|&i| m.slots[i].is_some()).collect();
+            let slot = match open.is_empty() || rng.below(4) == 0 {
+                true => rng.below(SLOTS as u64) as usize,
+                false => *rng.pick(&open),
+            };
+            Op::Close { slot }
+        }
         0..=13 => {
             let p = if rng.below(2) == 0 {
                 pick_path(rng, m, Some(false))
@@ -1023,6 +1043,7 @@ fn errname(e: Result<(), Errno>) -> String {
                 libc::ENODATA => "ENODATA",
                 libc::EXDEV => "EXDEV",
                 libc::EIO => "EIO",
+                libc::EBADF => "EBADF",
                 _ => "",
             };
             format!("{n}({e})")
@@ -1495,7 +1516,7 @@ fn differential_random_sequences() {
         eprintln!("replay of {} steps: no divergence", ops.len());
         return;
     }
-    let n = env_num("SPINFS_DIFF_SEQUENCES", 60);
+    let n = env_num("SPINFS_DIFF_SEQUENCES", 150);
     let nops = env_num("SPINFS_DIFF_OPS", 40) as usize;
     let first = env_num("SPINFS_DIFF_SEED", 1);
     let start = Instant::now();
