@@ -1612,3 +1612,11 @@ fn regression_open_hard_linked_file_moves_with_all_names_at_freeze() {
     regression("m:c;w:c/b:4639:65683:502799;l:c/b:c/c;n:c/b:b:0;o:1:b;u:b;S");
     regression("m:c;w:c/b:4639:65683:502799;l:c/b:c/c;n:c/b:b:0;o:1:b;S;f:1:0:10:3;S;M;u:b;S;R");
 }
+
+/// A hard-linked file last reached through a directory that was then emptied and removed:
+/// after a seal, re-resolving it went through the forgotten directory node and failed, so
+/// `stat b` said ENOENT while `ls` listed b.
+#[test]
+fn regression_hard_link_reached_through_removed_directory() {
+    regression("m:c;w:b:9010:79149:96395;l:b:c/a;u:c/a;r:c;S");
+}

@@ -624,9 +624,14 @@ impl Volume {
             st.epoch = stack.epoch;
             return Ok(st.place.clone());
         } else {
-            let pnode = self.node(parent)?;
-            let pplace = self.place(parent, &pnode)?;
-            self.resolve(&pplace, &name)?
+            match self.node(parent) {
+                Ok(pnode) => {
+                    let pplace = self.place(parent, &pnode)?;
+                    self.resolve(&pplace, &name)?
+                }
+                // The directory it was reached in is gone (removed, and forgotten).
+                Err(_) => None,
+            }
         };
         let fresh = match fresh {
             Some(r) if r.ino == ino => Some((parent, name, r.place)),
