@@ -989,7 +989,10 @@ impl Volume {
     fn up_if_linked_below(&self, parent: u64, name: &CStr, r: &Resolved) -> SysResult<()> {
         let linked = r.kind != FileKind::Directory
             && r.place.upper.is_none()
-            && r.place.lower.first().is_some_and(|p| p.attr(r.ino).nlink > 1);
+            && r.place
+                .lower
+                .first()
+                .is_some_and(|p| p.attr(r.ino).nlink > 1);
         if !linked {
             return Ok(());
         }
