@@ -485,20 +485,28 @@ impl Volume {
             return Ok(()); // unlinked: lives on through its descriptors only
         }
         let cname = CString::new(name).map_err(|_| Errno::EIO)?;
-        let at_name = sys::fstatat(old_pfd.as_fd(), &cname)?;
-        if at_name.st_ino != st.st_ino {
-            return Err(Errno::ENOENT);
-        }
+        // The name it was last reached by may be gone while others remain (hard links).
+        let at_name = sys::fstatat(old_pfd.as_fd(), &cname).is_ok_and(|a| a.st_ino == st.st_ino);
         // It keeps its number in the new generation.
         sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
-        let new_pfd = self.copy_up(parent)?;
-        sys::renameat2(
-            old_pfd.as_fd(),
-            &cname,
-            new_pfd.as_fd(),
-            &cname,
-            libc::RENAME_NOREPLACE,
-        )?;
+        if at_name {
+            let new_pfd = self.copy_up(parent)?;
+            sys::renameat2(
+                old_pfd.as_fd(),
+                &cname,
+                new_pfd.as_fd(),
+                &cname,
+                libc::RENAME_NOREPLACE,
+            )?;
+        }
+        if !at_name || st.st_nlink > 1 {
+            // Its other names move along, or they would be sealed apart from it (and a
+            // file left open for writing in the frozen generation cannot be reopened once
+            // its names lead to the sealed layer).
+            let stack = self.stack();
+            let froot = stack.frozen.as_ref().ok_or(Errno::EIO)?.root.clone();
+            self.bring_up_aliases(ino, fd.as_fd(), Some((froot.as_fd(), st.st_ino)))?;
+        }
         let node = self.node(ino)?;
         let mut ns = node.st.write().unwrap();
         ns.place = Placement {
@@ -506,6 +514,7 @@ impl Volume {
             lower: Vec::new(),
         };
         ns.epoch = self.stack().epoch;
+        drop(ns);
         self.upper_bytes.fetch_add(st.st_size, Ordering::Relaxed);
         Ok(())
     }
@@ -615,18 +624,57 @@ impl Volume {
             st.epoch = stack.epoch;
             return Ok(st.place.clone());
         } else {
-            let pnode = self.node(parent)?;
-            let pplace = self.place(parent, &pnode)?;
-            self.resolve(&pplace, &name)?
+            match self.node(parent) {
+                Ok(pnode) => {
+                    let pplace = self.place(parent, &pnode)?;
+                    self.resolve(&pplace, &name)?
+                }
+                // The directory it was reached in is gone (removed, and forgotten).
+                Err(_) => None,
+            }
+        };
+        let fresh = match fresh {
+            Some(r) if r.ino == ino => Some((parent, name, r.place)),
+            // The name it was known by is gone; a file may still have other names (hard
+            // links): look for one, or its placement would stay on a dropped instance.
+            _ if node.kind != FileKind::Directory => self.find_name(ino)?,
+            _ => None,
         };
         let mut st = node.st.write().unwrap();
-        match fresh {
-            Some(r) if r.ino == ino => st.place = r.place,
-            // Renamed away or removed meanwhile: keep what we had (an orphan still reads).
-            _ => {}
+        if let Some((p, n, place)) = fresh {
+            st.place = place;
+            if self.node(p).is_ok() {
+                st.parent = p;
+                st.name = n;
+            }
         }
+        // Otherwise renamed away or removed meanwhile: keep what we had (an orphan still
+        // reads).
         st.epoch = stack.epoch;
         Ok(st.place.clone())
+    }
+
+    /// Some visible name of a non-directory `ino`: (parent directory, name, placement), by
+    /// walking the merged namespace.
+    fn find_name(&self, ino: u64) -> SysResult<Option<(u64, Vec<u8>, Placement)>> {
+        let root = self.node(ROOT_INO)?;
+        let mut stack = vec![(ROOT_INO, self.place(ROOT_INO, &root)?)];
+        while let Some((dino, place)) = stack.pop() {
+            for (name, cino, kind) in self.merged_names(&place)? {
+                if kind != FileKind::Directory && cino != ino {
+                    continue;
+                }
+                let Some(r) = self.resolve(&place, &name)? else {
+                    continue;
+                };
+                if r.kind == FileKind::Directory {
+                    stack.push((r.ino, r.place));
+                } else if r.ino == ino {
+                    return Ok(Some((dino, name, r.place)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Number of archived layers below the writable tree.
@@ -938,7 +986,116 @@ impl Volume {
         if node.kind != FileKind::Directory {
             st.place.lower.clear();
         }
+        drop(st);
+        if node.kind != FileKind::Directory && part.attr(ino).nlink > 1 {
+            self.link_up_aliases(ino, fd.as_fd())?;
+        }
         Ok(fd)
+    }
+
+    /// Before a name of a lower-only file with several names goes away, the file is copied up
+    /// with all its names, so that the names that remain count one link less.
+    fn up_if_linked_below(&self, parent: u64, name: &CStr, r: &Resolved) -> SysResult<()> {
+        let linked = r.kind != FileKind::Directory
+            && r.place.upper.is_none()
+            && r.place
+                .lower
+                .first()
+                .is_some_and(|p| p.attr(r.ino).nlink > 1);
+        if !linked {
+            return Ok(());
+        }
+        let again = Resolved {
+            ino: r.ino,
+            kind: r.kind,
+            place: r.place.clone(),
+        };
+        self.remember(parent, name.to_bytes(), again)?;
+        let res = self.copy_up(r.ino).map(drop);
+        self.forget(r.ino, 1);
+        res
+    }
+
+    /// A lower file with several names was copied up by one of them: its other visible
+    /// names become hard links of the copy, or they would go on showing the old lower
+    /// instance (its data and its link count) under the same inode number.
+    fn link_up_aliases(&self, ino: u64, copy: BorrowedFd<'_>) -> SysResult<()> {
+        self.bring_up_aliases(ino, copy, None)
+    }
+
+    /// Links `copy` at every other visible lower-only name of `ino`; with `frozen` (the frozen
+    /// tree's root and the backing inode number of a file being moved out of it), names of
+    /// that same backing file are moved from the frozen tree instead.
+    fn bring_up_aliases(
+        &self,
+        ino: u64,
+        copy: BorrowedFd<'_>,
+        frozen: Option<(BorrowedFd<'_>, u64)>,
+    ) -> SysResult<()> {
+        // Every visible lower-only name of `ino`, as a path of names from the root.
+        let mut aliases: Vec<Vec<Vec<u8>>> = Vec::new();
+        let root = self.node(ROOT_INO)?;
+        let mut stack = vec![(Vec::<Vec<u8>>::new(), self.place(ROOT_INO, &root)?)];
+        while let Some((path, place)) = stack.pop() {
+            for (name, cino, kind) in self.merged_names(&place)? {
+                if kind != FileKind::Directory && cino != ino {
+                    continue;
+                }
+                let Some(r) = self.resolve(&place, &name)? else {
+                    continue;
+                };
+                let mut p = path.clone();
+                p.push(name);
+                if r.kind == FileKind::Directory {
+                    stack.push((p, r.place));
+                } else if r.ino == ino && r.place.upper.is_none() {
+                    aliases.push(p);
+                }
+            }
+        }
+        for path in aliases {
+            // Walk down, registering the directories on the way so they can be copied up.
+            let mut held = Vec::new();
+            let mut parent = ROOT_INO;
+            let res = (|| -> SysResult<()> {
+                for comp in &path[..path.len() - 1] {
+                    let pnode = self.node(parent)?;
+                    let pplace = self.place(parent, &pnode)?;
+                    let r = self.resolve(&pplace, comp)?.ok_or(Errno::ENOENT)?;
+                    let child = r.ino;
+                    self.remember(parent, comp, r)?;
+                    held.push(child);
+                    parent = child;
+                }
+                let pfd = self.copy_up(parent)?;
+                let name = CString::new(path.last().unwrap().clone()).map_err(|_| Errno::EIO)?;
+                if let Some((froot, backing)) = frozen {
+                    let mut dir = sys::open_path(froot, c".")?;
+                    for comp in &path[..path.len() - 1] {
+                        let c = CString::new(comp.clone()).map_err(|_| Errno::EIO)?;
+                        dir = sys::open_path(dir.as_fd(), &c)?;
+                    }
+                    if sys::fstatat(dir.as_fd(), &name)?.st_ino == backing {
+                        return sys::renameat2(
+                            dir.as_fd(),
+                            &name,
+                            pfd.as_fd(),
+                            &name,
+                            libc::RENAME_NOREPLACE,
+                        );
+                    }
+                }
+                match sys::link_fd(copy, pfd.as_fd(), &name) {
+                    Ok(()) | Err(Errno(libc::EEXIST)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })();
+            for h in held {
+                self.forget(h, 1);
+            }
+            res?;
+        }
+        Ok(())
     }
 
     /// Copies one lower object into `dir/name` of the writable tree: prepared in the work
@@ -1079,10 +1236,13 @@ impl Volume {
                 // A node the kernel holds for it must now use the copy.
                 if let Ok(child) = self.node(r.ino) {
                     let mut cst = child.st.write().unwrap();
-                    cst.place.upper = Some(fd);
+                    cst.place.upper = Some(fd.clone());
                     if child.kind != FileKind::Directory {
                         cst.place.lower.clear();
                     }
+                }
+                if r.kind != FileKind::Directory && part.attr(r.ino).nlink > 1 {
+                    self.link_up_aliases(r.ino, fd.as_fd())?;
                 }
             }
             if r.kind == FileKind::Directory && !r.place.lower.is_empty() {
@@ -1097,6 +1257,9 @@ impl Volume {
                 res?;
             }
         }
+        // Opaque and without lower parts, the directory is listed straight from the writable
+        // tree from now on: whiteouts that hid lower entries must go, or they would be listed.
+        self.clear_whiteouts(dfd.as_fd())?;
         sys::setxattr_fd(dfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
         let mut st = node.st.write().unwrap();
         st.place.lower.clear();
@@ -1378,6 +1541,7 @@ impl Volume {
             let pfd = place.upper.ok_or(Errno::EIO)?;
             return sys::unlinkat(pfd.as_fd(), &name, 0);
         }
+        self.up_if_linked_below(parent, &name, &r)?;
         let pfd = self.copy_up(parent)?;
         self.whiteout(pfd.as_fd(), &name)
     }
@@ -1584,6 +1748,14 @@ impl Volume {
         if flags & libc::RENAME_EXCHANGE != 0 {
             let d = dst.as_ref().expect("checked above");
             bring_up(d, newparent, &newname)?;
+            // Each directory arrives at the other's name, where lower entries may lie: it
+            // must hide them (its whole content is in the writable tree by now).
+            for (r, dir, n) in [(&src, &npfd, &newname), (d, &pfd, &name)] {
+                if r.kind == FileKind::Directory {
+                    let fd = sys::open_path(dir.as_fd(), n)?;
+                    sys::setxattr_fd(fd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+                }
+            }
             sys::renameat2(
                 pfd.as_fd(),
                 &name,
@@ -1602,6 +1774,7 @@ impl Volume {
             return Ok(());
         }
         if let Some(d) = &dst {
+            self.up_if_linked_below(newparent, &newname, d)?;
             if let Some(ufd) = &d.place.upper
                 && d.kind == FileKind::Directory
             {
@@ -1611,6 +1784,19 @@ impl Volume {
                 // The moved directory must hide the replaced one's lower entries.
                 let sfd = self.copy_up(src.ino)?;
                 sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            }
+        } else if src.kind == FileKind::Directory
+            && Self::exists_below(&npplace, newname.to_bytes())?
+        {
+            // A removed lower entry (now a whiteout) lies below the new name: the moved
+            // directory replaces the whiteout and must hide what the whiteout hid.
+            let sfd = self.copy_up(src.ino)?;
+            sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            if let Ok(fd) = sys::open_path(npfd.as_fd(), &newname) {
+                let st = sys::fstat(fd.as_fd())?;
+                if Self::upper_is_whiteout(fd.as_fd(), &st) {
+                    sys::unlinkat(npfd.as_fd(), &newname, 0)?;
+                }
             }
         } else if let Ok(fd) = sys::open_path(npfd.as_fd(), &newname) {
             // A whiteout holds the destination name: rename replaces it, except for dirs.
