@@ -540,8 +540,6 @@ fn cd_chain(name: &str) -> String {
 /// the other name keeps nlink 2 and its archived ctime: the unlink only whites out one name
 /// in the writable layer and the lower inode behind the other name is never touched.
 #[test]
-#[ignore = "known bug: unlink/link of one name of an archived hard-linked inode does not \
-            update nlink/ctime of the other names (needs copy-up of every name of the inode)"]
 fn hard_links_of_an_archived_inode_follow_unlink() {
     let m = Mounted::new(SMALL);
     for kind in ["file", "fifo"] {

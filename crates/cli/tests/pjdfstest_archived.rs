@@ -24,8 +24,6 @@ fn repo() -> PathBuf {
 /// keeps nlink 2 and its old ctime (unlink::update_ctime_success::*,
 /// rename::to_multiply_linked::*). Run it with `--run-ignored all`.
 #[test]
-#[ignore = "intermittent: archived hard links keep nlink/ctime after unlink of another name \
-            (known bug, see hard_links_of_an_archived_inode_follow_unlink)"]
 fn pjdfstest_while_the_tree_is_archived_under_it() {
     let m = Mounted::new(&[
         "--container-size",

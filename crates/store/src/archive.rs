@@ -276,6 +276,18 @@ impl ArchivedLayer {
             .is_some_and(|v| v == b"y"))
     }
 
+    /// The ctime recorded at seal time, if any.
+    pub fn ctime(&self, inode: &Inode) -> Option<(i64, u32)> {
+        let v = self
+            .image()
+            .ok()?
+            .xattr(inode, crate::markers::CTIME_XATTR)
+            .ok()??;
+        let sec = i64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+        let nsec = u32::from_le_bytes(v.get(8..12)?.try_into().ok()?);
+        (nsec < 1_000_000_000).then_some((sec, nsec))
+    }
+
     pub fn readlink(&self, inode: &Inode) -> Result<Vec<u8>, Errno> {
         self.image()?.readlink(inode).map_err(eio(self.id))
     }

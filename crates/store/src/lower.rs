@@ -181,18 +181,21 @@ impl LowerPart {
 
     pub fn attr(&self, ino: u64) -> Attr {
         match self {
-            LowerPart::Image { inode: i, .. } => {
+            LowerPart::Image { inode: i, layer } => {
                 let t = Timestamp {
                     sec: i.mtime,
                     nsec: i.mtime_nsec,
                 };
+                let ctime = layer
+                    .ctime(i)
+                    .map_or(t, |(sec, nsec)| Timestamp { sec, nsec });
                 Attr {
                     ino,
                     size: i.size,
                     blocks: i.size.div_ceil(512),
                     atime: t,
                     mtime: t,
-                    ctime: t,
+                    ctime,
                     kind: kind_of_type(i.file_type),
                     perm: i.mode & 0o7777,
                     nlink: i.nlink,

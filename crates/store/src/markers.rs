@@ -11,6 +11,9 @@
 pub const INO_XATTR: &[u8] = spinfs_erofs::tree::SPINFS_INO_XATTR;
 /// Opaque directory: lower layers' entries of this directory are hidden.
 pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+/// ctime of an archived inode (EROFS keeps only mtime): 8-byte seconds + 4-byte nanoseconds,
+/// little-endian.
+pub const CTIME_XATTR: &[u8] = b"trusted.overlay.spinfs.ctime";
 /// On a character device 0/0 that a user made: it is a device, not a whiteout.
 pub const REALDEV_XATTR: &[u8] = b"trusted.overlay.spinfs.realdev";
 /// Prefix of the reserved namespace.
@@ -54,5 +57,6 @@ mod tests {
         assert_eq!(unescape_xattr(OPAQUE_XATTR), None);
         assert_eq!(unescape_xattr(INO_XATTR), None);
         assert_eq!(unescape_xattr(REALDEV_XATTR), None);
+        assert_eq!(unescape_xattr(CTIME_XATTR), None);
     }
 }

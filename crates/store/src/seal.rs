@@ -7,7 +7,7 @@
 
 use crate::layout::StoreLayout;
 use crate::manifest::{ImageRecord, LayerRecord};
-use crate::markers::{INO_XATTR, REALDEV_XATTR};
+use crate::markers::{CTIME_XATTR, INO_XATTR, REALDEV_XATTR};
 use crate::sys::{self, Errno};
 use spinfs_erofs::ReadAt;
 use spinfs_erofs::{
@@ -218,7 +218,12 @@ fn metadata_of(
 ) -> Result<Metadata, Errno> {
     let mut xattrs = xattrs_of(fd)?;
     let recorded = recorded_ino(&xattrs);
-    xattrs.retain(|(n, _)| n.as_slice() != INO_XATTR);
+    xattrs.retain(|(n, _)| n.as_slice() != INO_XATTR && n.as_slice() != CTIME_XATTR);
+    // EROFS inodes keep only mtime: ctime travels in a marker so it does not move at a seal.
+    let mut ctime = (st.st_ctime as i64).to_le_bytes().to_vec();
+    ctime.extend_from_slice(&(st.st_ctime_nsec as u32).to_le_bytes());
+    xattrs.push((CTIME_XATTR.to_vec(), ctime));
+    xattrs.sort();
     Ok(Metadata {
         ino: generation_ino(generation, st.st_ino, recorded),
         perm: (st.st_mode & 0o7777) as u16,
