@@ -220,7 +220,7 @@ fn metadata_of(
     let recorded = recorded_ino(&xattrs);
     xattrs.retain(|(n, _)| n.as_slice() != INO_XATTR && n.as_slice() != CTIME_XATTR);
     // EROFS inodes keep only mtime: ctime travels in a marker so it does not move at a seal.
-    let mut ctime = (st.st_ctime as i64).to_le_bytes().to_vec();
+    let mut ctime = st.st_ctime.to_le_bytes().to_vec();
     ctime.extend_from_slice(&(st.st_ctime_nsec as u32).to_le_bytes());
     xattrs.push((CTIME_XATTR.to_vec(), ctime));
     xattrs.sort();
