@@ -209,25 +209,7 @@ impl LowerPart {
                 // Live, not the stat taken at lookup: a file moved on to the writable tree
                 // keeps changing while a node may still know it by this instance.
                 let st = sys::fstat(fd.as_fd()).unwrap_or(*st);
-                let ts = |sec: i64, nsec: i64| Timestamp {
-                    sec,
-                    nsec: nsec as u32,
-                };
-                Attr {
-                    ino,
-                    size: st.st_size as u64,
-                    blocks: st.st_blocks as u64,
-                    atime: ts(st.st_atime, st.st_atime_nsec),
-                    mtime: ts(st.st_mtime, st.st_mtime_nsec),
-                    ctime: ts(st.st_ctime, st.st_ctime_nsec),
-                    kind: FileKind::from_mode(st.st_mode),
-                    perm: (st.st_mode & 0o7777) as u16,
-                    nlink: st.st_nlink as u32,
-                    uid: st.st_uid,
-                    gid: st.st_gid,
-                    rdev: st.st_rdev,
-                    blksize: st.st_blksize as u32,
-                }
+                Attr::from_stat(&st, ino)
             }
         }
     }

@@ -93,6 +93,31 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+impl Attr {
+    /// The attributes a backing-filesystem stat reports, under inode number `ino`.
+    pub fn from_stat(st: &libc::stat, ino: u64) -> Attr {
+        let ts = |sec: i64, nsec: i64| Timestamp {
+            sec,
+            nsec: nsec as u32,
+        };
+        Attr {
+            ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: ts(st.st_atime, st.st_atime_nsec),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec),
+            kind: FileKind::from_mode(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            blksize: st.st_blksize as u32,
+        }
+    }
+}
+
 /// A time to set: now, or a given instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetTime {
@@ -718,25 +743,7 @@ impl Volume {
     }
 
     fn upper_attr(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> Attr {
-        let ts = |sec: i64, nsec: i64| Timestamp {
-            sec,
-            nsec: nsec as u32,
-        };
-        Attr {
-            ino: self.upper_ino(fd, st),
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            atime: ts(st.st_atime, st.st_atime_nsec),
-            mtime: ts(st.st_mtime, st.st_mtime_nsec),
-            ctime: ts(st.st_ctime, st.st_ctime_nsec),
-            kind: FileKind::from_mode(st.st_mode),
-            perm: (st.st_mode & 0o7777) as u16,
-            nlink: st.st_nlink as u32,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            rdev: st.st_rdev,
-            blksize: st.st_blksize as u32,
-        }
+        Attr::from_stat(st, self.upper_ino(fd, st))
     }
 
     fn attr_of(&self, ino: u64, place: &Placement) -> SysResult<Attr> {
