@@ -21,48 +21,6 @@ const SMALL: &[&str] = &[
     "1M",
 ];
 
-fn status(m: &Mounted) -> serde_json::Value {
-    let out = spinfs_ok(&["status", m.store.to_str().unwrap(), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn archived_layers(m: &Mounted) -> usize {
-    status(m)["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["kind"] == "archived")
-        .count()
-}
-
-fn media_reads(m: &Mounted) -> u64 {
-    status(m)["media"]["reads"].as_u64().unwrap()
-}
-
-fn archive_now(m: &Mounted) {
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
-}
-
-/// Deterministic pseudo-random content.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn names(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect()
-}
-
 /// Waits until the writable layer is below the threshold and no seal runs: the seals the
 /// threshold calls for have happened, as they did synchronously in the original system.
 fn settle(m: &Mounted) {

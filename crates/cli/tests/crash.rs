@@ -37,23 +37,6 @@ impl Rng {
     }
 }
 
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
-    (0..len).map(|_| r.next() as u8).collect()
-}
-
-fn status(store: &Path) -> serde_json::Value {
-    let out = spinfs_ok(&["status", store.to_str().unwrap(), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn names(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect()
-}
-
 /// Writes a file and makes it durable: data, then the directory entry.
 fn write_durable(dir: &Path, name: &str, content: &[u8]) {
     let mut f = fs::File::create(dir.join(name)).unwrap();
@@ -354,7 +337,7 @@ fn kill_9_during_writes_and_seals_loses_nothing_durable() {
         assert!(!probe.exists(), "{ctx}");
         // 6. quiesce (one seal after recovery; nothing writes now) and check the store
         spinfs_ok(&["archive", store.to_str().unwrap(), "--wait"]);
-        let s = status(&store);
+        let s = status_of(&store);
         let layers = s["layers"].as_array().unwrap();
         assert!(
             layers.iter().all(|l| l["kind"] != "sealing"),

@@ -255,19 +255,6 @@ fn parse_ops(s: &str) -> Vec<Op> {
         .collect()
 }
 
-/// Deterministic content of a write.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 struct Rng(u64);
 
 impl Rng {

@@ -22,18 +22,6 @@ const SMALL: &[&str] = &[
     "1M",
 ];
 
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -292,7 +280,7 @@ fn populate(m: &Mounted) {
 fn exported_layer_mounts_in_the_kernel_and_matches_the_mount() {
     let mut m = Mounted::new(SMALL);
     populate(&m);
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    archive_now(&m);
     let ours = snapshot(&m.mnt);
     assert!(ours.len() >= 14, "{ours:?}");
 
@@ -335,7 +323,7 @@ fn exported_layer_mounts_in_the_kernel_and_matches_the_mount() {
     fs::remove_dir_all(m.path("d/e")).unwrap();
     fs::create_dir(m.path("d/e")).unwrap();
     fs::write(m.path("d/e/new"), b"new").unwrap();
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    archive_now(&m);
     let dir3 = work.path().join("x3");
     let out = export(&m.store, 2, &dir3);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -366,7 +354,7 @@ fn exported_layer_mounts_in_the_kernel_and_matches_the_mount() {
 fn export_refuses_bad_arguments_with_one_line() {
     let m = Mounted::new(SMALL);
     fs::write(m.path("f"), b"x").unwrap();
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    archive_now(&m);
     let work = tempfile::tempdir_in(test_root()).unwrap();
 
     let one_line = |o: &std::process::Output, want: &str| {

@@ -8,11 +8,6 @@ use std::fs;
 use std::io::Write;
 use std::time::Instant;
 
-fn status(m: &Mounted) -> serde_json::Value {
-    let out = spinfs_ok(&["status", m.store.to_str().unwrap(), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn archived_reads_go_through_the_model() {
     let mut m = Mounted::new(&[
@@ -25,7 +20,7 @@ fn archived_reads_go_through_the_model() {
     ]);
     let body: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
     fs::write(m.path("f"), &body).unwrap();
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    archive_now(&m);
     m.umount();
     // 8 MB/s: the 6 MiB file cannot come back in less than ~0.75 s.
     fs::OpenOptions::new()

@@ -24,15 +24,6 @@ const SMALL: &[&str] = &[
 /// serves ffprobe from the SSD alone. 1M leaves a margin.
 const PROBE_HEAD: &str = "1M";
 
-fn status(m: &Mounted) -> serde_json::Value {
-    let out = spinfs_ok(&["status", m.store.to_str().unwrap(), "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn media_reads(m: &Mounted) -> u64 {
-    status(m)["media"]["reads"].as_u64().unwrap()
-}
-
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -116,7 +107,7 @@ fn archived_video_is_probed_from_the_head_cache_and_plays_from_the_mount() {
     std::fs::create_dir(m.path("videos")).unwrap();
     let mounted = m.path("videos/video.mp4");
     std::fs::copy(&original, &mounted).unwrap();
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    archive_now(&m);
     m.remount(); // cold: nothing of the file in the page cache or the kernel's caches
     let s = status(&m);
     let layers = s["layers"].as_array().unwrap();
@@ -193,7 +184,7 @@ fn file_sniffs_an_archived_video_without_the_media() {
     let mut m = Mounted::new(&[SMALL, &["--head-size", "64K"]].concat());
     let mounted = m.path("video.mp4");
     std::fs::copy(&original, &mounted).unwrap();
-    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
+    archive_now(&m);
     m.remount();
     let before = media_reads(&m);
     let out = run(Command::new("file").arg("-b").arg(&mounted));

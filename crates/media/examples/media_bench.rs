@@ -44,6 +44,7 @@ fn append_run(dir: &Path, engine: EngineChoice, total: u64, buf: &[u8]) -> (f64,
     let opts = BackendOptions {
         engine,
         direct: true,
+        read_only: false,
     };
     let m = Medium::open(&uri, geometry(), opts).expect("open medium");
     let direct = m.backend().direct_io();

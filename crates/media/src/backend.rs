@@ -92,6 +92,9 @@ pub struct BackendOptions {
     pub engine: EngineChoice,
     /// Try O_DIRECT (falls back to buffered I/O where the filesystem refuses it).
     pub direct: bool,
+    /// Only read: nothing is created, container files are opened read-only and every write
+    /// is refused, so a reader cannot disturb a daemon writing the same medium.
+    pub read_only: bool,
 }
 
 impl Default for BackendOptions {
@@ -99,6 +102,7 @@ impl Default for BackendOptions {
         BackendOptions {
             engine: EngineChoice::Auto,
             direct: true,
+            read_only: false,
         }
     }
 }
@@ -162,6 +166,7 @@ pub struct FileBackend {
     place: Place,
     container_size: u64,
     direct: bool,
+    read_only: bool,
     files: Mutex<HashMap<u64, Arc<File>>>,
     engine: Engine,
 }
@@ -217,6 +222,36 @@ impl FileBackend {
         let path = PathBuf::from(path);
         let io = |what: String, e| MediaError::io(uri, what, e);
         let (place, direct) = match scheme {
+            "dir" if opts.read_only => {
+                if !path.is_dir() {
+                    return Err(bad("no such media directory"));
+                }
+                (Place::Dir(path), false)
+            }
+            "file" if opts.read_only => {
+                let (file, _) = open_rw(&path, false, false, false)
+                    .map_err(|e| io(format!("cannot open {}", path.display()), e))?;
+                let meta = file
+                    .metadata()
+                    .map_err(|e| io(format!("cannot stat {}", path.display()), e))?;
+                let capacity = if meta.file_type().is_block_device() {
+                    use std::io::{Seek, SeekFrom};
+                    let mut f = &file;
+                    let len = f
+                        .seek(SeekFrom::End(0))
+                        .map_err(|e| io(format!("cannot size {}", path.display()), e))?;
+                    Some(len / container_size)
+                } else {
+                    None
+                };
+                (
+                    Place::File {
+                        file: Arc::new(file),
+                        capacity,
+                    },
+                    false,
+                )
+            }
             "dir" => {
                 std::fs::create_dir_all(&path)
                     .map_err(|e| io(format!("cannot create directory {}", path.display()), e))?;
@@ -300,6 +335,7 @@ impl FileBackend {
             place,
             container_size,
             direct,
+            read_only: opts.read_only,
             files: Mutex::new(HashMap::new()),
             engine,
         })
@@ -309,8 +345,21 @@ impl FileBackend {
         dir.join(format!("c{index:08}.spc"))
     }
 
+    fn refuse_write(&self) -> Result<()> {
+        if self.read_only {
+            return Err(MediaError::Misuse {
+                medium: self.uri.clone(),
+                reason: "opened read-only".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The file holding `container` and the byte offset of the container in it.
     fn locate(&self, container: u64, create: bool) -> Result<(Arc<File>, u64)> {
+        if create {
+            self.refuse_write()?;
+        }
         match &self.place {
             Place::File { file, capacity } => {
                 if let Some(cap) = capacity
@@ -336,7 +385,12 @@ impl FileBackend {
                     return Ok((f.clone(), 0));
                 }
                 let path = Self::container_path(dir, container);
-                let (f, _) = open_maybe_direct(&path, create, self.direct).map_err(|e| {
+                let opened = if self.read_only {
+                    open_rw(&path, false, false, false)
+                } else {
+                    open_maybe_direct(&path, create, self.direct)
+                };
+                let (f, _) = opened.map_err(|e| {
                     MediaError::io(
                         &self.uri,
                         format!("container {container}: cannot open {}", path.display()),
@@ -504,6 +558,7 @@ impl Backend for FileBackend {
     }
 
     fn write_batch(&self, ops: &[WriteOp<'_>]) -> Result<()> {
+        self.refuse_write()?;
         if let Engine::Pwrite = self.engine {
             for r in coalesce(ops) {
                 let (f, base) = self.locate(r.container, false)?;
@@ -519,6 +574,7 @@ impl Backend for FileBackend {
     }
 
     unsafe fn start_writes(&self, ops: &[WriteOp<'_>]) -> Result<WriteTicket> {
+        self.refuse_write()?;
         let Engine::Uring(uring) = &self.engine else {
             self.write_batch(ops)?;
             return Ok(WriteTicket(u64::MAX));
@@ -635,6 +691,7 @@ impl Backend for FileBackend {
     }
 
     fn erase_container(&self, index: u64) -> Result<()> {
+        self.refuse_write()?;
         match &self.place {
             Place::Dir(dir) => {
                 self.files

@@ -17,6 +17,7 @@ fn opts(engine: EngineChoice) -> BackendOptions {
     BackendOptions {
         engine,
         direct: true,
+        read_only: false,
     }
 }
 

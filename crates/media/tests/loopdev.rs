@@ -44,6 +44,7 @@ fn file_backend_on_loop_device() {
     let opts = BackendOptions {
         engine: EngineChoice::Uring,
         direct: true,
+        read_only: false,
     };
     let m = Medium::open(&uri, g, opts).unwrap();
     assert!(m.backend().direct_io(), "a block device takes O_DIRECT");
@@ -80,6 +81,7 @@ fn file_backend_on_loop_device() {
         BackendOptions {
             engine: EngineChoice::Pwrite,
             direct: true,
+            read_only: false,
         },
     )
     .unwrap();

@@ -38,6 +38,7 @@ proptest! {
         let opts = BackendOptions {
             engine: if pwrite { EngineChoice::Pwrite } else { EngineChoice::Auto },
             direct: true,
+            read_only: false,
         };
         let m = Medium::open(&uri, g, opts).unwrap();
         let mut w = MediumWriter::open(m.clone(), None).unwrap();

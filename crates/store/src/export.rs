@@ -13,13 +13,12 @@
 use crate::config::{ConfigError, StoreConfig};
 use crate::layout::StoreLayout;
 use crate::manifest::{ImageRecord, Manifest, ManifestError};
-use spinfs_media::{Backend, ImageKind, Medium, MediumReader, ReadOptions, backend::WriteOp};
+use spinfs_media::{BackendOptions, ImageKind, Medium, MediumReader, ReadOptions};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 /// Bytes read from the media per request while copying a blob.
 const COPY_UNIT: u64 = 8 << 20;
@@ -250,8 +249,11 @@ impl Media {
             error,
         };
         let geometry = config.geometry().map_err(err)?;
-        let backend = Arc::new(ReadOnlyBackend::open(&uri, config.container_size).map_err(err)?);
-        let medium = Medium::with_backend(backend, geometry).map_err(err)?;
+        let opts = BackendOptions {
+            read_only: true,
+            ..BackendOptions::default()
+        };
+        let medium = Medium::open(&uri, geometry, opts).map_err(err)?;
         Ok(Media {
             uri: uri.clone(),
             reader: MediumReader::new(medium, None),
@@ -294,201 +296,5 @@ impl Media {
             });
         }
         Ok(blob.length)
-    }
-}
-
-/// A backend over the store's `dir:`/`file:` medium that only reads: container files are
-/// opened read-only and nothing is ever created, so an export cannot disturb a daemon that
-/// is writing the same medium.
-struct ReadOnlyBackend {
-    uri: String,
-    place: Place,
-    container_size: u64,
-    files: Mutex<HashMap<u64, Option<Arc<File>>>>,
-}
-
-enum Place {
-    Dir(PathBuf),
-    File(Arc<File>),
-}
-
-type MediaResult<T> = spinfs_media::Result<T>;
-
-fn media_io(
-    medium: &str,
-    what: impl Into<String>,
-    source: std::io::Error,
-) -> spinfs_media::MediaError {
-    spinfs_media::MediaError::Io {
-        medium: medium.to_string(),
-        what: what.into(),
-        source,
-    }
-}
-
-impl ReadOnlyBackend {
-    fn open(uri: &str, container_size: u64) -> MediaResult<ReadOnlyBackend> {
-        let bad = |reason: &str| spinfs_media::MediaError::BadUri {
-            uri: uri.to_string(),
-            reason: reason.to_string(),
-        };
-        let place = if let Some(p) = uri.strip_prefix("dir:") {
-            let path = PathBuf::from(p);
-            if !path.is_dir() {
-                return Err(media_io(
-                    uri,
-                    format!("cannot open media directory {p}"),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                ));
-            }
-            Place::Dir(path)
-        } else if let Some(p) = uri.strip_prefix("file:") {
-            let f = File::open(p).map_err(|e| media_io(uri, format!("cannot open {p}"), e))?;
-            Place::File(Arc::new(f))
-        } else {
-            return Err(bad("expected dir:PATH or file:PATH"));
-        };
-        if container_size == 0 {
-            return Err(bad("container size 0"));
-        }
-        Ok(ReadOnlyBackend {
-            uri: uri.to_string(),
-            place,
-            container_size,
-            files: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn container_path(dir: &Path, index: u64) -> PathBuf {
-        dir.join(format!("c{index:08}.spc"))
-    }
-
-    /// The file holding `container` and its base offset; None when it does not exist.
-    fn locate(&self, container: u64) -> MediaResult<Option<(Arc<File>, u64)>> {
-        match &self.place {
-            Place::File(f) => {
-                let base = container.checked_mul(self.container_size).ok_or_else(|| {
-                    spinfs_media::MediaError::Full {
-                        medium: self.uri.clone(),
-                        container,
-                    }
-                })?;
-                Ok(Some((f.clone(), base)))
-            }
-            Place::Dir(dir) => {
-                let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(Some(f)) = files.get(&container) {
-                    return Ok(Some((f.clone(), 0)));
-                }
-                let path = Self::container_path(dir, container);
-                match File::open(&path) {
-                    Ok(f) => {
-                        let f = Arc::new(f);
-                        files.insert(container, Some(f.clone()));
-                        Ok(Some((f, 0)))
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(media_io(
-                        &self.uri,
-                        format!("cannot open {}", path.display()),
-                        e,
-                    )),
-                }
-            }
-        }
-    }
-
-    fn read_only(&self) -> spinfs_media::MediaError {
-        spinfs_media::MediaError::Misuse {
-            medium: self.uri.clone(),
-            reason: "opened read-only for an export".into(),
-        }
-    }
-}
-
-impl Backend for ReadOnlyBackend {
-    fn uri(&self) -> &str {
-        &self.uri
-    }
-
-    fn container_slots(&self) -> MediaResult<u64> {
-        match &self.place {
-            Place::File(f) => {
-                let len = f
-                    .metadata()
-                    .map_err(|e| media_io(&self.uri, "cannot stat", e))?
-                    .len();
-                Ok(len.div_ceil(self.container_size))
-            }
-            Place::Dir(dir) => {
-                let rd = fs::read_dir(dir).map_err(|e| {
-                    media_io(&self.uri, format!("cannot list {}", dir.display()), e)
-                })?;
-                let mut n = 0;
-                for entry in rd.flatten() {
-                    let name = entry.file_name();
-                    let Some(name) = name.to_str() else { continue };
-                    if let Some(num) = name.strip_prefix('c').and_then(|r| r.strip_suffix(".spc"))
-                        && num.len() == 8
-                        && let Ok(i) = num.parse::<u64>()
-                    {
-                        n = n.max(i + 1);
-                    }
-                }
-                Ok(n)
-            }
-        }
-    }
-
-    fn prepare_container(&self, _index: u64) -> MediaResult<()> {
-        Err(self.read_only())
-    }
-
-    fn read_at(&self, container: u64, offset: u64, buf: &mut [u8]) -> MediaResult<usize> {
-        if offset.saturating_add(buf.len() as u64) > self.container_size {
-            return Err(spinfs_media::MediaError::OutOfRange {
-                medium: self.uri.clone(),
-                reason: format!("container {container}: read past its end at {offset}"),
-            });
-        }
-        let Some((file, base)) = self.locate(container)? else {
-            return Ok(0);
-        };
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], base + offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(media_io(
-                        &self.uri,
-                        format!("container {container}: read at {}", offset + done as u64),
-                        e,
-                    ));
-                }
-            }
-        }
-        Ok(done)
-    }
-
-    fn write_batch(&self, _ops: &[WriteOp<'_>]) -> MediaResult<()> {
-        Err(self.read_only())
-    }
-
-    fn sync(&self, _containers: &[u64]) -> MediaResult<()> {
-        Err(self.read_only())
-    }
-
-    fn erase_container(&self, _index: u64) -> MediaResult<()> {
-        Err(self.read_only())
-    }
-
-    fn engine_name(&self) -> &'static str {
-        "pread (read-only)"
-    }
-
-    fn direct_io(&self) -> bool {
-        false
     }
 }

@@ -322,6 +322,11 @@ impl Drop for GateGuard<'_> {
     }
 }
 
+/// Marks a directory of the writable tree opaque: lower layers' entries stay hidden below it.
+fn set_opaque(dir: BorrowedFd<'_>) -> SysResult<()> {
+    sys::setxattr_fd(dir, &cstr(markers::OPAQUE_XATTR), b"y", 0)
+}
+
 fn at_cwd() -> BorrowedFd<'static> {
     // SAFETY: AT_FDCWD is a valid directory descriptor for *at calls.
     unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
@@ -1267,7 +1272,7 @@ impl Volume {
         // Opaque and without lower parts, the directory is listed straight from the writable
         // tree from now on: whiteouts that hid lower entries must go, or they would be listed.
         self.clear_whiteouts(dfd.as_fd())?;
-        sys::setxattr_fd(dfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+        set_opaque(dfd.as_fd())?;
         let mut st = node.st.write().unwrap();
         st.place.lower.clear();
         Ok(dfd)
@@ -1469,8 +1474,7 @@ impl Volume {
         })?;
         if below {
             // A new directory over a removed one must not show the old one's entries.
-            let fd = sys::open_path(pfd.as_fd(), &name)?;
-            sys::setxattr_fd(fd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            set_opaque(sys::open_path(pfd.as_fd(), &name)?.as_fd())?;
         }
         self.remember_upper(parent, &place, &name)
     }
@@ -1759,8 +1763,7 @@ impl Volume {
             // must hide them (its whole content is in the writable tree by now).
             for (r, dir, n) in [(&src, &npfd, &newname), (d, &pfd, &name)] {
                 if r.kind == FileKind::Directory {
-                    let fd = sys::open_path(dir.as_fd(), n)?;
-                    sys::setxattr_fd(fd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+                    set_opaque(sys::open_path(dir.as_fd(), n)?.as_fd())?;
                 }
             }
             sys::renameat2(
@@ -1790,7 +1793,7 @@ impl Volume {
             if d.kind == FileKind::Directory && !d.place.lower.is_empty() {
                 // The moved directory must hide the replaced one's lower entries.
                 let sfd = self.copy_up(src.ino)?;
-                sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+                set_opaque(sfd.as_fd())?;
             }
         } else if src.kind == FileKind::Directory
             && Self::exists_below(&npplace, newname.to_bytes())?
@@ -1798,7 +1801,7 @@ impl Volume {
             // A removed lower entry (now a whiteout) lies below the new name: the moved
             // directory replaces the whiteout and must hide what the whiteout hid.
             let sfd = self.copy_up(src.ino)?;
-            sys::setxattr_fd(sfd.as_fd(), &cstr(markers::OPAQUE_XATTR), b"y", 0)?;
+            set_opaque(sfd.as_fd())?;
             if let Ok(fd) = sys::open_path(npfd.as_fd(), &newname) {
                 let st = sys::fstat(fd.as_fd())?;
                 if Self::upper_is_whiteout(fd.as_fd(), &st) {

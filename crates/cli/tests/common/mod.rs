@@ -1,6 +1,7 @@
 //! Shared helpers for tests that run the real `spinfs` binary against a real FUSE mount.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -128,4 +129,53 @@ pub fn as_user(uid: u32, gid: u32, cmd: &[&str]) -> Output {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random content (xorshift64 seeded from `seed`).
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The names in a directory.
+pub fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+/// `spinfs status STORE --json`.
+pub fn status_of(store: &Path) -> serde_json::Value {
+    let out = spinfs_ok(&["status", store.to_str().unwrap(), "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn status(m: &Mounted) -> serde_json::Value {
+    status_of(&m.store)
+}
+
+pub fn archived_layers(m: &Mounted) -> usize {
+    status(m)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "archived")
+        .count()
+}
+
+pub fn media_reads(m: &Mounted) -> u64 {
+    status(m)["media"]["reads"].as_u64().unwrap()
+}
+
+/// `spinfs archive STORE --wait`: seals the writable layer and returns once it is durable.
+pub fn archive_now(m: &Mounted) {
+    spinfs_ok(&["archive", m.store.to_str().unwrap(), "--wait"]);
 }
