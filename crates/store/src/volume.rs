@@ -232,6 +232,42 @@ pub struct Handle {
     counted: AtomicU64,
     /// Serialises getdents on directory handles (the position is the descriptor's).
     dir_lock: Mutex<()>,
+    /// How entries of the tree an upper directory handle reads are numbered: that of the
+    /// stack it was opened in, which stays right when a freeze makes that tree the frozen
+    /// generation before the handle is read.
+    numbering: TreeNumbering,
+}
+
+/// How the entries of one SSD tree are numbered (see `Volume::upper_ino`).
+#[derive(Clone, Copy)]
+struct TreeNumbering {
+    generation: u64,
+    root_backing_ino: u64,
+    may_have_recorded: bool,
+}
+
+impl TreeNumbering {
+    fn of(stack: &Stack) -> TreeNumbering {
+        TreeNumbering {
+            generation: stack.generation,
+            root_backing_ino: stack.root_backing_ino,
+            may_have_recorded: stack.may_have_recorded(),
+        }
+    }
+
+    /// The inode number of an entry of this tree.
+    fn ino(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> u64 {
+        if st.st_ino == self.root_backing_ino {
+            return ROOT_INO;
+        }
+        // Copy-ups and moved files record their number.
+        let recorded = if self.may_have_recorded {
+            tree_recorded_ino(fd)
+        } else {
+            None
+        };
+        crate::seal::generation_ino(self.generation, st.st_ino, recorded)
+    }
 }
 
 impl Handle {
@@ -733,18 +769,10 @@ impl Volume {
     // ----- identity and attributes -------------------------------------------------------
 
     /// The inode number of an entry of the writable tree.
+    /// Callers must know that `fd` is in the current stack's writable tree (they hold the
+    /// gate, or check that the stack's epoch did not move meanwhile).
     fn upper_ino(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> u64 {
-        let stack = self.stack();
-        if st.st_ino == stack.root_backing_ino {
-            return ROOT_INO;
-        }
-        // Copy-ups and moved files record their number.
-        let recorded = if stack.may_have_recorded() {
-            tree_recorded_ino(fd)
-        } else {
-            None
-        };
-        crate::seal::generation_ino(stack.generation, st.st_ino, recorded)
+        TreeNumbering::of(&self.stack()).ino(fd, st)
     }
 
     fn upper_attr(&self, fd: BorrowedFd<'_>, st: &libc::stat) -> Attr {
@@ -1858,6 +1886,17 @@ impl Volume {
     // ----- open files --------------------------------------------------------------------
 
     fn add_handle(&self, ino: u64, kind: HandleKind, writable: bool) -> u64 {
+        let numbering = TreeNumbering::of(&self.stack());
+        self.add_handle_numbered(ino, kind, writable, numbering)
+    }
+
+    fn add_handle_numbered(
+        &self,
+        ino: u64,
+        kind: HandleKind,
+        writable: bool,
+        numbering: TreeNumbering,
+    ) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let counted = match (&kind, writable) {
             (HandleKind::Upper(fd), true) => {
@@ -1873,6 +1912,7 @@ impl Volume {
                 writable,
                 counted: AtomicU64::new(counted),
                 dir_lock: Mutex::new(()),
+                numbering,
             }),
         );
         fh
@@ -2065,11 +2105,29 @@ impl Volume {
 
     pub fn opendir(&self, ino: u64) -> SysResult<u64> {
         let n = self.node(ino)?;
-        let place = self.place(ino, &n)?;
+        // Like lookups, opendir does not hold the gate: when a freeze or a seal swaps the
+        // stack meanwhile, the placement (or listing) came from one stack and the numbers
+        // from the other (entries of the just-frozen tree got the new generation's numbers),
+        // so it starts again in the new stack.
+        loop {
+            let stack = self.stack();
+            let res = self.opendir_in(ino, &n, &stack);
+            if self.stack().epoch == stack.epoch {
+                return res;
+            }
+            if let Ok(fh) = res {
+                self.release(fh);
+            }
+        }
+    }
+
+    fn opendir_in(&self, ino: u64, n: &Node, stack: &Stack) -> SysResult<u64> {
+        let place = self.place(ino, n)?;
+        let numbering = TreeNumbering::of(stack);
         if place.is_upper_only() {
             let fd = place.upper.unwrap();
             let dfd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-            return Ok(self.add_handle(ino, HandleKind::Upper(dfd), false));
+            return Ok(self.add_handle_numbered(ino, HandleKind::Upper(dfd), false, numbering));
         }
         // A merged directory: list it once, so offsets stay stable for seekdir/telldir.
         let parent = n.st.read().unwrap().parent;
@@ -2096,7 +2154,7 @@ impl Volume {
                 name,
             });
         }
-        Ok(self.add_handle(ino, HandleKind::Merged(list), false))
+        Ok(self.add_handle_numbered(ino, HandleKind::Merged(list), false, numbering))
     }
 
     /// Entries of an open directory from position cookie `pos` (0 = start), "." and ".."
@@ -2112,7 +2170,8 @@ impl Volume {
             HandleKind::Lower(_) => return Err(Errno::ENOTDIR),
         };
         let _guard = h.dir_lock.lock().unwrap();
-        let stack = self.stack();
+        // Numbered as the tree the handle reads (it may have been frozen since opendir).
+        let tree = h.numbering;
         let raw = sys::read_dir_at(fd.as_fd(), pos, 32 * 1024)?;
         let mut out = Vec::with_capacity(raw.len());
         for e in raw {
@@ -2120,17 +2179,17 @@ impl Volume {
                 ROOT_INO
             } else if e.name == b"." {
                 h.ino
-            } else if e.ino == stack.root_backing_ino {
+            } else if e.ino == tree.root_backing_ino {
                 ROOT_INO
-            } else if !stack.may_have_recorded() || e.name == b".." {
-                crate::seal::generation_ino(stack.generation, e.ino, None)
+            } else if !tree.may_have_recorded || e.name == b".." {
+                crate::seal::generation_ino(tree.generation, e.ino, None)
             } else {
                 // Copy-ups carry their number; read it.
                 let name = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
                 match sys::open_path(fd.as_fd(), &name) {
                     Ok(cfd) => {
                         let st = sys::fstat(cfd.as_fd())?;
-                        self.upper_ino(cfd.as_fd(), &st)
+                        tree.ino(cfd.as_fd(), &st)
                     }
                     Err(_) => continue,
                 }
