@@ -382,3 +382,331 @@ fn kill_9_during_writes_and_seals_loses_nothing_durable() {
         "no kill landed during a seal: the test did not test what it should"
     );
 }
+
+/// Archived layers as `status --json` lists them, oldest first: (id, generations).
+fn layer_list(store: &Path) -> Vec<(u64, Vec<u64>)> {
+    let s = status_of(store);
+    let mut out: Vec<(u64, Vec<u64>)> = s["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "archived")
+        .map(|l| {
+            (
+                l["id"].as_u64().unwrap(),
+                l["generations"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.as_u64().unwrap())
+                    .collect(),
+            )
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// `after` must be `before` with zero or more runs of adjacent layers each replaced by one
+/// new layer holding exactly the run's generations: old layers or merged ones, never a mix.
+fn old_or_merged(before: &[(u64, Vec<u64>)], after: &[(u64, Vec<u64>)]) -> Result<usize, String> {
+    let known: BTreeSet<u64> = before.iter().map(|l| l.0).collect();
+    let (mut i, mut merged) = (0, 0);
+    for (id, gens) in after {
+        if known.contains(id) {
+            match before.get(i) {
+                Some(b) if b.0 == *id && b.1 == *gens => i += 1,
+                _ => return Err(format!("layer {id} out of place")),
+            }
+            continue;
+        }
+        // A new layer: a merge of before[i..j] for some j >= i + 2.
+        let mut acc: Vec<u64> = Vec::new();
+        let mut j = i;
+        while j < before.len() && acc.len() < gens.len() {
+            acc.extend(&before[j].1);
+            j += 1;
+        }
+        if acc != *gens || j - i < 2 {
+            return Err(format!(
+                "new layer {id} holds generations {gens:?}, not a merge of adjacent layers"
+            ));
+        }
+        merged += 1;
+        i = j;
+    }
+    if i != before.len() {
+        return Err(format!("layers {:?} lost", &before[i..]));
+    }
+    Ok(merged)
+}
+
+/// Archiver merge events in the daemon log since byte `from`: (started, finished, the
+/// duration of the last finished one).
+fn merge_events(log: &Path, from: usize) -> (usize, usize, Option<Duration>) {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[from.min(text.len())..]).into_owned();
+    // "2026-11-28T17:12:00.465932Z  INFO spinfs_store::archiver: merging layers=[1, 2]"
+    let secs = |line: &str| -> Option<f64> {
+        let t = line.split_whitespace().next()?.split('T').nth(1)?;
+        let t = t.trim_end_matches('Z');
+        let f: Vec<&str> = t.split(':').collect();
+        Some(
+            f[0].parse::<f64>().ok()? * 3600.0
+                + f[1].parse::<f64>().ok()? * 60.0
+                + f[2].parse::<f64>().ok()?,
+        )
+    };
+    let (mut started, mut finished, mut last_start, mut last) = (0, 0, None, None);
+    for line in text.lines() {
+        if line.contains("archiver: merging ") {
+            started += 1;
+            last_start = secs(line);
+        } else if line.contains("archiver: merged ") {
+            finished += 1;
+            if let (Some(a), Some(b)) = (last_start, secs(line))
+                && b >= a
+            {
+                last = Some(Duration::from_secs_f64(b - a));
+            }
+        }
+    }
+    (started, finished, last)
+}
+
+/// Crash safety of merging (SPEC §2.3, issue #6): `kill -9` of the daemon at random points
+/// of merges. A base layer of 15,000 inodes makes each merge of it take long enough (tens of
+/// milliseconds) to be hit: every iteration changes a few files (new ones, an overwrite of an
+/// archived one, a removal), seals them as a new layer on top, asks for a merge, waits for the
+/// daemon to log that it started merging and strikes at a random moment within the duration
+/// of the last complete merge (so some kills land just after the commit too). After the
+/// remount the manifest must hold the old layers or the merged one, never a mix; no partial
+/// output may remain (meta or head-cache partials in `layers/`, work files, generations); every
+/// file keeps its content and its inode number, removed files stay removed; then a merge run
+/// to completion must work. The number of kills that landed inside a merge (the daemon had
+/// logged "merging" and not "merged") is counted and must be at least a third of them.
+///
+/// Iterations: `SPINFS_CRASH_ITERATIONS` (default 30, shared with the test above;
+/// `scripts/crash-soak.sh` runs many more), seed `SPINFS_CRASH_SEED`.
+#[test]
+fn kill_9_during_merges_leaves_old_or_merged_layers() {
+    use std::os::unix::fs::MetadataExt;
+    let iterations: u64 = std::env::var("SPINFS_CRASH_ITERATIONS")
+        .ok()
+        .map(|v| v.parse().expect("SPINFS_CRASH_ITERATIONS"))
+        .unwrap_or(30);
+    let seed: u64 = std::env::var("SPINFS_CRASH_SEED")
+        .ok()
+        .map(|v| v.parse().expect("SPINFS_CRASH_SEED"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("merge crash test: {iterations} iterations, SPINFS_CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+    let mut m = Mounted::new(&[
+        "--archive-threshold",
+        "1G",
+        "--merge-fanin",
+        "2",
+        "--chunk-size",
+        "64K",
+        "--container-size",
+        "32M",
+        "--object-size",
+        "64K",
+    ]);
+    let store = m.store.clone();
+    let log = store.join("spinfs.log");
+    // The base: 50 directories of 300 empty files (below the daemon's open-file limit: it
+    // holds a descriptor per inode the kernel knows), sealed and merged with a first layer.
+    const DIRS: usize = 50;
+    const PER_DIR: usize = 300;
+    let mut base_ino: BTreeMap<String, u64> = BTreeMap::new();
+    for d in 0..DIRS {
+        fs::create_dir(m.path(&format!("b{d}"))).unwrap();
+        for i in 0..PER_DIR {
+            let rel = format!("b{d}/f{i}");
+            let f = fs::File::create(m.path(&rel)).unwrap();
+            base_ino.insert(rel, f.metadata().unwrap().ino());
+        }
+    }
+    fs::create_dir(m.path("c")).unwrap();
+    archive_now(&m);
+    m.remount(); // let the kernel's references to the base go
+    let mut mounted_at = log_len(&log);
+    // name -> (content, st_ino) of the changing files; names removed.
+    let mut files: BTreeMap<String, (Vec<u8>, u64)> = BTreeMap::new();
+    let mut removed: BTreeSet<String> = BTreeSet::new();
+    let (mut inside, mut outside, mut merged_kept, mut cleaned) = (0u64, 0u64, 0usize, 0u64);
+    let mut last_duration = Duration::from_millis(50);
+    let start = Instant::now();
+    for it in 0..iterations {
+        let ctx = format!("iteration {it} (seed {seed})");
+        // 1. changes, sealed as a new layer on top of the base
+        for k in 0..2 {
+            let name = format!("c/i{it}_{k}");
+            let content = data(seed ^ (it << 8 | k), 1 + rng.below(100_000) as usize);
+            write_durable(&m.path("c"), &name[2..], &content);
+            let ino = fs::metadata(m.path(&name)).unwrap().ino();
+            files.insert(name, (content, ino));
+        }
+        if files.len() > 4 {
+            let keys: Vec<String> = files.keys().cloned().collect();
+            let victim = keys[rng.below(keys.len() as u64 - 2) as usize].clone();
+            if rng.below(2) == 0 {
+                fs::remove_file(m.path(&victim)).unwrap();
+                files.remove(&victim);
+                removed.insert(victim);
+            } else {
+                // an archived file overwritten: copied up, same inode number
+                let content = data(seed ^ it ^ 0x5555, 1 + rng.below(50_000) as usize);
+                fs::write(m.path(&victim), &content).unwrap();
+                files.get_mut(&victim).unwrap().0 = content;
+            }
+            fs::File::open(m.path("c")).unwrap().sync_all().unwrap();
+        }
+        archive_now(&m);
+        // 2. quiescent: no merge running, then ask for one and strike during it
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, f, _) = merge_events(&log, mounted_at);
+            if s == f {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{ctx}: a merge never finishes");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = layer_list(&store);
+        assert!(before.len() >= 2, "{ctx}: nothing to merge: {before:?}");
+        let log_from = log_len(&log);
+        spinfs_ok(&["merge", store.to_str().unwrap()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while merge_events(&log, log_from).0 == 0 {
+            assert!(Instant::now() < deadline, "{ctx}: the merge did not start");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let delay = rng.below(last_duration.as_micros() as u64 * 6 / 5 + 1);
+        std::thread::sleep(Duration::from_micros(delay));
+        let pid = daemon_pid(&store);
+        // SAFETY: kill(2) on the daemon this test mounted.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let st = Command::new("umount")
+            .arg("-l")
+            .arg(&m.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "umount -l {}", m.mnt.display());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !lock_free(&store) {
+            assert!(
+                Instant::now() < deadline,
+                "{ctx}: daemon {pid} still holds the store 20 s after SIGKILL:\n{}",
+                threads(pid)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (started, finished, _) = merge_events(&log, log_from);
+        if started > finished {
+            inside += 1;
+        } else {
+            outside += 1;
+        }
+        // 3. remount: old layers or the merged one, nothing half-written left
+        let log_mount = log_len(&log);
+        m.mount();
+        if fs::read_to_string(&log)
+            .map(|t| t[log_mount.min(t.len())..].contains("removing a leftover meta image"))
+            .unwrap_or(false)
+        {
+            cleaned += 1;
+        }
+        let after = layer_list(&store);
+        match old_or_merged(&before, &after) {
+            Ok(n) => merged_kept += n,
+            Err(e) => panic!("{ctx}: {e}\nbefore the kill: {before:?}\nafter: {after:?}"),
+        }
+        check_no_leftovers(&store, &ctx);
+        let upper = status_of(&store)["layers"][0]["id"].as_u64().unwrap();
+        let work = store.join(format!("gens/{upper:016x}/work"));
+        assert!(
+            !work.exists() || names(&work).is_empty(),
+            "{ctx}: work files left: {:?}",
+            names(&work)
+        );
+        // 4. every file's content and inode number
+        let check = |when: &str, all_base: bool, rng: &mut Rng| {
+            for (name, (content, ino)) in &files {
+                let got =
+                    fs::read(m.path(name)).unwrap_or_else(|e| panic!("{ctx} {when}: {name}: {e}"));
+                assert!(got == *content, "{ctx} {when}: {name} differs");
+                let md = fs::metadata(m.path(name)).unwrap();
+                assert_eq!(md.ino(), *ino, "{ctx} {when}: st_ino of {name}");
+            }
+            for name in &removed {
+                assert!(
+                    !m.path(name).exists(),
+                    "{ctx} {when}: removed {name} is back"
+                );
+            }
+            let listed: BTreeSet<String> = names(&m.path("c"))
+                .into_iter()
+                .map(|n| format!("c/{n}"))
+                .collect();
+            let want: BTreeSet<String> = files.keys().cloned().collect();
+            assert_eq!(listed, want, "{ctx} {when}: ls c");
+            // The base: one directory (all of it at the end), names and inode numbers.
+            let dirs: Vec<usize> = if all_base {
+                (0..DIRS).collect()
+            } else {
+                vec![rng.below(DIRS as u64) as usize]
+            };
+            for d in dirs {
+                assert_eq!(
+                    names(&m.path(&format!("b{d}"))).len(),
+                    PER_DIR,
+                    "{ctx} {when}: b{d}"
+                );
+                for i in 0..PER_DIR {
+                    let rel = format!("b{d}/f{i}");
+                    let md = fs::metadata(m.path(&rel))
+                        .unwrap_or_else(|e| panic!("{ctx} {when}: {rel}: {e}"));
+                    assert_eq!(md.ino(), base_ino[&rel], "{ctx} {when}: st_ino of {rel}");
+                }
+            }
+        };
+        check("after recovery", it + 1 == iterations, &mut rng);
+        // 5. a merge run to completion works, and measures the next strike's window
+        if layer_list(&store).len() >= 2 {
+            let log_from = log_len(&log);
+            spinfs_ok(&["merge", store.to_str().unwrap(), "--wait"]);
+            if let (_, _, Some(d)) = merge_events(&log, log_from) {
+                last_duration = d;
+            }
+            check_no_leftovers(&store, &ctx);
+            check("after a complete merge", false, &mut rng);
+        }
+        m.umount(); // bounded descriptor use in the daemon
+        mounted_at = log_len(&log);
+        m.mount();
+    }
+    m.umount();
+    println!(
+        "merge crash test: {iterations} kills in {:.1}s: {inside} inside a merge, {outside} \
+         outside one; {merged_kept} merges survived a kill just after their commit; last merge \
+         took {:?}; {cleaned} mounts removed partial or orphaned layer files; {} files and {} \
+         removals checked",
+        start.elapsed().as_secs_f64(),
+        last_duration,
+        files.len(),
+        removed.len()
+    );
+    assert!(
+        iterations < 10 || inside * 3 >= iterations,
+        "only {inside} of {iterations} kills landed inside a merge: the test did not test what \
+         it should"
+    );
+}
