@@ -9,6 +9,8 @@
 # A divergence prints the seed, the failing and the minimised step lists as
 # SPINFS_DIFF_REPLAY='...' (replay: SPINFS_DIFF_REPLAY='...' cargo test -p spinfs --test
 # differential differential_random_sequences). Needs root and /dev/fuse, like the test.
+# The kernel overlayfs comparison runs on every sequence; SPINFS_DIFF_ORACLE_EVERY=K (every
+# K-th seed) or SPINFS_DIFF_NO_ORACLE=1 in the environment thin it out.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 n=${1:-2000}

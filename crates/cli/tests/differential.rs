@@ -20,6 +20,23 @@
 //! and a last comparison. A failing sequence is minimised (steps dropped while it still
 //! fails) and printed in both forms as `SPINFS_DIFF_REPLAY='...'`.
 //!
+//! The second reference is the kernel: at every seal, merge and remount step and at the end of
+//! each sequence (not after every step: it costs an overlayfs mount and a walk, and between
+//! those steps only the writable tree changes, which the model covers), the mount is compared
+//! with kernel overlayfs, mounted read-only over the store's own layers: the writable
+//! generation's SSD tree (`STORE/gens/G/tree`, which uses the overlayfs conventions) on top,
+//! then every archived layer exported with `spinfs export` and mounted by the kernel's erofs
+//! (file-backed, `device=` per blob in the layer's device order), newest first. Compared:
+//! names, types, modes, sizes and contents of regular files, nlink of regular files, symlink
+//! targets, every xattr listed (names and values, the root's too) and hard-link groups (the
+//! sets of names sharing an inode). A generation frozen for sealing is in neither the tree nor
+//! a layer, so the comparison waits until no seal runs, and looks again when a background
+//! seal or merge changed the layers while it looked. Known differences, handled: the spinfs
+//! xattrs (`trusted.overlay.spinfs.*`) and markers are hidden by both sides; kernel overlayfs
+//! cannot show a user's char 0/0 device (spinfs keeps one apart from a whiteout with a marker
+//! xattr), and the generator makes no device nodes at all; inode numbers differ by design
+//! (overlayfs numbers per layer), so identity is compared as hard-link groups.
+//!
 //! Not compared (known limitations): st_size and nlink of directories, atime/ctime/mtime.
 //!
 //! Environment:
@@ -28,6 +45,9 @@
 //! - `SPINFS_DIFF_REPLAY='...'`: run exactly this step list (printed on failure) instead.
 //! - `SPINFS_DIFF_NO_SHRINK=1`: report a failure without minimising it.
 //! - `SPINFS_DIFF_NO_LINKS=1`: generate no hard links (a debugging aid only).
+//! - `SPINFS_DIFF_ORACLE_EVERY` (default 1): the kernel overlayfs comparison runs on the
+//!   sequences whose seed is a multiple of it; `SPINFS_DIFF_NO_ORACLE=1` turns it off (also in
+//!   replays, where it is on by default).
 //!
 //! Step syntax (`;`-separated): `w:PATH:OFF:LEN:SEED` write (O_CREAT), `a:PATH:LEN:SEED`
 //! append, `t:PATH:LEN` truncate(2), `u:PATH` unlink, `m:PATH` mkdir, `r:PATH` rmdir,
@@ -39,13 +59,13 @@
 mod common;
 
 use common::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::fs::{DirEntryExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const MKFS: &[&str] = &[
@@ -60,6 +80,9 @@ const MKFS: &[&str] = &[
     "--merge-fanin",
     "2",
 ];
+
+/// The kernel-overlayfs oracle runs on every ORACLE_EVERY-th sequence (seed divisible by it).
+const ORACLE_EVERY: u64 = 1;
 
 const NAMES: &[&str] = &["a", "b", "c"];
 const XNAMES: &[&str] = &["user.x", "user.y"];
@@ -1294,10 +1317,421 @@ fn compare_fds(m: &Model, fds: &Fds, idents: &mut Idents) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The second reference: kernel overlayfs over the store's own layers
+
+/// Everything the oracle compares of one name.
+#[derive(Debug, PartialEq)]
+struct Full {
+    kind: char,
+    mode: u32,
+    /// Regular files only (a directory's size is its layer's business).
+    nlink: u64,
+    content: Vec<u8>,
+    target: String,
+    /// Every xattr listed, with its value.
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn cstr_path(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn all_xattrs(p: &Path) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let c = cstr_path(p);
+    let mut out = BTreeMap::new();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: buffers are sized as passed.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(format!(
+            "llistxattr {}: {}",
+            p.display(),
+            errname(Err(errno()))
+        ));
+    }
+    for name in buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+    {
+        let cn = CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        // SAFETY: as above.
+        let n = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if n < 0 {
+            return Err(format!(
+                "lgetxattr {} {}: {}",
+                p.display(),
+                String::from_utf8_lossy(name),
+                errname(Err(errno()))
+            ));
+        }
+        v.truncate(n as usize);
+        out.insert(String::from_utf8_lossy(name).into_owned(), v);
+    }
+    Ok(out)
+}
+
+/// The visible tree under `root` ("" is the root itself), and the hard-link groups: the sets
+/// of non-directory paths sharing one (st_dev, st_ino).
+fn observe_full(root: &Path) -> Result<(BTreeMap<String, Full>, BTreeSet<Vec<String>>), String> {
+    let mut out = BTreeMap::new();
+    let mut groups: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
+    let md = std::fs::symlink_metadata(root).map_err(|e| format!("lstat root: {e}"))?;
+    out.insert(
+        String::new(),
+        Full {
+            kind: 'd',
+            mode: md.mode() & 0o7777,
+            nlink: 0,
+            content: Vec::new(),
+            target: String::new(),
+            xattrs: all_xattrs(root)?,
+        },
+    );
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let rd = std::fs::read_dir(root.join(&rel)).map_err(|e| format!("readdir {rel:?}: {e}"))?;
+        for e in rd {
+            let e = e.map_err(|e| format!("readdir {rel:?}: {e}"))?;
+            let name = e.file_name().into_string().unwrap();
+            let p = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let full = root.join(&p);
+            let md = std::fs::symlink_metadata(&full).map_err(|e| format!("lstat {p}: {e}"))?;
+            let ft = md.file_type();
+            let kind = if ft.is_dir() {
+                'd'
+            } else if ft.is_file() {
+                'f'
+            } else if ft.is_symlink() {
+                'l'
+            } else if ft.is_char_device() {
+                'c'
+            } else {
+                '?'
+            };
+            let mut f = Full {
+                kind,
+                mode: md.mode() & 0o7777,
+                nlink: 0,
+                content: Vec::new(),
+                target: String::new(),
+                xattrs: all_xattrs(&full)?,
+            };
+            match kind {
+                'd' => stack.push(p.clone()),
+                'f' => {
+                    f.nlink = md.nlink();
+                    f.content = std::fs::read(&full).map_err(|e| format!("read {p}: {e}"))?;
+                    if f.content.len() as u64 != md.len() {
+                        return Err(format!(
+                            "{p}: st_size {} but read {} bytes",
+                            md.len(),
+                            f.content.len()
+                        ));
+                    }
+                }
+                'l' => {
+                    f.target = std::fs::read_link(&full)
+                        .map_err(|e| format!("readlink {p}: {e}"))?
+                        .to_string_lossy()
+                        .into_owned();
+                }
+                _ => {}
+            }
+            if kind != 'd' {
+                groups
+                    .entry((md.dev(), md.ino()))
+                    .or_default()
+                    .push(p.clone());
+            }
+            out.insert(p, f);
+        }
+    }
+    let groups = groups
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    Ok((out, groups))
+}
+
+/// Differences between the kernel overlayfs view and the spinfs mount.
+fn compare_full(
+    kernel: &(BTreeMap<String, Full>, BTreeSet<Vec<String>>),
+    ours: &(BTreeMap<String, Full>, BTreeSet<Vec<String>>),
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for p in kernel
+        .0
+        .keys()
+        .chain(ours.0.keys())
+        .collect::<BTreeSet<_>>()
+    {
+        match (kernel.0.get(p), ours.0.get(p)) {
+            (Some(k), None) => diffs.push(format!(
+                "{p:?}: overlayfs shows it ({}), spinfs not",
+                k.kind
+            )),
+            (None, Some(o)) => diffs.push(format!(
+                "{p:?}: spinfs shows it ({}), overlayfs not",
+                o.kind
+            )),
+            (Some(k), Some(o)) if k != o => {
+                let mut d = Vec::new();
+                if k.kind != o.kind {
+                    d.push(format!("type {} vs {}", k.kind, o.kind));
+                }
+                if k.mode != o.mode {
+                    d.push(format!("mode {:o} vs {:o}", k.mode, o.mode));
+                }
+                if k.nlink != o.nlink {
+                    d.push(format!("nlink {} vs {}", k.nlink, o.nlink));
+                }
+                if k.content != o.content {
+                    d.push(format!(
+                        "content ({} vs {} bytes)",
+                        k.content.len(),
+                        o.content.len()
+                    ));
+                }
+                if k.target != o.target {
+                    d.push(format!("target {:?} vs {:?}", k.target, o.target));
+                }
+                if k.xattrs != o.xattrs {
+                    d.push(format!(
+                        "xattrs {:?} vs {:?}",
+                        k.xattrs.keys(),
+                        o.xattrs.keys()
+                    ));
+                }
+                diffs.push(format!("{p:?}: overlayfs vs spinfs: {}", d.join(", ")));
+            }
+            _ => {}
+        }
+    }
+    if kernel.1 != ours.1 {
+        let only_k: Vec<_> = kernel.1.difference(&ours.1).collect();
+        let only_o: Vec<_> = ours.1.difference(&kernel.1).collect();
+        diffs.push(format!(
+            "hard-link groups differ: overlayfs {only_k:?}, spinfs {only_o:?}"
+        ));
+    }
+    diffs
+}
+
+/// A kernel mount, detached when dropped (also when a test fails).
+struct KernelMount(PathBuf);
+
+impl KernelMount {
+    fn new(src: &str, target: &Path, fstype: &str, opts: &str) -> Result<KernelMount, String> {
+        std::fs::create_dir_all(target).unwrap();
+        let (s, t, f, o) = (
+            CString::new(src).unwrap(),
+            cstr_path(target),
+            CString::new(fstype).unwrap(),
+            CString::new(opts).unwrap(),
+        );
+        // SAFETY: valid NUL-terminated strings for the duration of the call.
+        let r = unsafe {
+            libc::mount(
+                s.as_ptr(),
+                t.as_ptr(),
+                f.as_ptr(),
+                libc::MS_RDONLY,
+                o.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "mount -t {fstype} {src} -o {opts}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(KernelMount(target.to_path_buf()))
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let c = cstr_path(&self.0);
+        // SAFETY: a valid path; umount2 has no memory effects on us.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The store's durable state as far as the oracle needs it.
+#[derive(PartialEq, Debug)]
+struct StoreState {
+    upper_gen: u64,
+    frozen: bool,
+    /// Archived layer ids, newest first.
+    layers: Vec<u64>,
+    /// Each layer's blob ids in device order (`spinfs export` names blobs by id).
+    devices: HashMap<u64, Vec<u64>>,
+}
+
+fn store_state(store: &Path) -> Result<StoreState, String> {
+    let text =
+        std::fs::read_to_string(store.join("manifest")).map_err(|e| format!("manifest: {e}"))?;
+    let body = &text[text.find('\n').ok_or("manifest without a header")? + 1..];
+    let m: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("manifest: {e}"))?;
+    let mut layers: Vec<u64> = m["layers"]
+        .as_array()
+        .ok_or("manifest without layers")?
+        .iter()
+        .map(|l| l["id"].as_u64().unwrap())
+        .collect();
+    layers.reverse();
+    let devices = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let d = l["devices"].as_array().unwrap();
+            let d = d.iter().map(|b| b.as_u64().unwrap()).collect();
+            (l["id"].as_u64().unwrap(), d)
+        })
+        .collect();
+    Ok(StoreState {
+        devices,
+        upper_gen: m["upper_gen"]
+            .as_u64()
+            .ok_or("manifest without upper_gen")?,
+        frozen: !m["frozen"].is_null(),
+        layers,
+    })
+}
+
+/// Kernel overlayfs over kernel erofs mounts of the exported archived layers (`spinfs export`,
+/// mounted file-backed with `device=` per blob, kept for the sequence: layers never change)
+/// and the writable generation's SSD tree on top, read-only, newest first.
+struct Oracle {
+    /// Declared before `dir`: unmounted before the directory goes.
+    layers: HashMap<u64, KernelMount>,
+    dir: tempfile::TempDir,
+    checks: usize,
+}
+
+impl Oracle {
+    fn new() -> Oracle {
+        Oracle {
+            layers: HashMap::new(),
+            dir: tempfile::Builder::new()
+                .prefix("oracle")
+                .tempdir_in(test_root())
+                .unwrap(),
+            checks: 0,
+        }
+    }
+
+    fn mount_layer(&mut self, store: &Path, id: u64, devices: &[u64]) -> Result<(), String> {
+        if self.layers.contains_key(&id) {
+            return Ok(());
+        }
+        let x = self.dir.path().join(format!("x{id}"));
+        spinfs_try(&[
+            "export",
+            store.to_str().unwrap(),
+            "--layer",
+            &id.to_string(),
+            x.to_str().unwrap(),
+        ])?;
+        let opts = devices
+            .iter()
+            .map(|b| format!("device={}", x.join(format!("blob.{b}")).display()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let meta = x.join(format!("meta.{id}"));
+        let k = KernelMount::new(
+            meta.to_str().unwrap(),
+            &self.dir.path().join(format!("k{id}")),
+            "erofs",
+            &opts,
+        )?;
+        self.layers.insert(id, k);
+        Ok(())
+    }
+
+    /// Compares the mount with kernel overlayfs over the store's layers. Waits out a seal in
+    /// progress (a frozen generation is in neither the writable tree nor a layer) and observes
+    /// again when the store changed meanwhile (a background seal or merge).
+    fn compare(&mut self, store: &Path, mnt: &Path) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if Instant::now() > deadline {
+                return Err("kernel overlayfs oracle: the store never settled".into());
+            }
+            let before = store_state(store)?;
+            if before.frozen {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let res = self.compare_in(store, mnt, &before);
+            // A seal or merge that ran meanwhile may have changed the layers under the walk
+            // (or removed the tree it walked): look again.
+            if store_state(store)? != before {
+                continue;
+            }
+            return res;
+        }
+    }
+
+    fn compare_in(&mut self, store: &Path, mnt: &Path, before: &StoreState) -> Result<(), String> {
+        {
+            for &id in &before.layers {
+                self.mount_layer(store, id, &before.devices[&id])?;
+            }
+            let tree = store.join(format!("gens/{:016x}/tree", before.upper_gen));
+            let empty = self.dir.path().join("empty");
+            std::fs::create_dir_all(&empty).unwrap();
+            // At least two lower layers are needed without an upper one: an empty bottom.
+            let mut lower = vec![tree.display().to_string()];
+            lower.extend(
+                before
+                    .layers
+                    .iter()
+                    .map(|id| self.layers[id].0.display().to_string()),
+            );
+            lower.push(empty.display().to_string());
+            self.checks += 1;
+            let target = self.dir.path().join(format!("ov{}", self.checks));
+            let kernel = {
+                let _ov = KernelMount::new(
+                    "overlay",
+                    &target,
+                    "overlay",
+                    &format!("lowerdir={}", lower.join(":")),
+                )?;
+                observe_full(&target).map_err(|e| format!("overlayfs walk: {e}"))?
+            };
+            let ours = observe_full(mnt).map_err(|e| format!("spinfs walk: {e}"))?;
+            let diffs = compare_full(&kernel, &ours);
+            if diffs.is_empty() {
+                return Ok(());
+            }
+            Err(format!(
+                "kernel overlayfs over {} differs:\n  {}",
+                lower.join(":"),
+                diffs.join("\n  ")
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // A sequence
 
-/// How many steps of each kind ran, by expected result ("n ENOTEMPTY(39)": 12).
+/// How many steps of each kind ran, by expected result ("n ENOTEMPTY(39)": 12), and under
+/// `ORACLE_KEY` how many comparisons with kernel overlayfs passed.
 type Stats = BTreeMap<String, usize>;
+
+const ORACLE_KEY: &str = "kernel overlayfs comparisons";
 
 struct Failure {
     /// The steps up to and including the one that failed.
@@ -1318,11 +1752,17 @@ fn spinfs_try(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Runs `steps` (replay) or `nops` generated steps from `seed`, checking after every step.
-fn run_sequence(seed: u64, steps: Option<&[Op]>, nops: usize) -> Result<Stats, Failure> {
+/// Runs `steps` (replay) or `nops` generated steps from `seed`, checking after every step
+/// (and with `oracle`, against kernel overlayfs at every seal, merge and remount and at the end).
+fn run_sequence(
+    seed: u64,
+    steps: Option<&[Op]>,
+    nops: usize,
+    oracle: bool,
+) -> Result<Stats, Failure> {
     let mut done: Vec<Op> = Vec::new();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_inner(seed, steps, nops, &mut done)
+        run_inner(seed, steps, nops, oracle, &mut done)
     }));
     match res {
         Ok(Ok(n)) => Ok(n),
@@ -1345,9 +1785,11 @@ fn run_inner(
     seed: u64,
     steps: Option<&[Op]>,
     nops: usize,
+    oracle: bool,
     done: &mut Vec<Op>,
 ) -> Result<Stats, String> {
     let mut mnt = Mounted::new(MKFS);
+    let mut kernel = oracle.then(Oracle::new);
     let plain = tempfile::Builder::new()
         .prefix("plain")
         .tempdir_in(test_root())
@@ -1409,6 +1851,15 @@ fn run_inner(
             Err(e) => diffs.push(format!("spinfs walk: {e}")),
         }
         diffs.extend(compare_fds(&model, &fds_spinfs, &mut id_spinfs));
+        if let Some(k) = &mut kernel
+            && diffs.is_empty()
+            && matches!(op, Op::Seal | Op::Merge | Op::Remount)
+        {
+            match k.compare(&mnt.store, &mnt.mnt) {
+                Ok(()) => *stats.entry(ORACLE_KEY.into()).or_default() += 1,
+                Err(e) => diffs.push(e),
+            }
+        }
         if !diffs.is_empty() {
             return Err(format!("step {i} `{op}`:\n  {}", diffs.join("\n  ")));
         }
@@ -1419,7 +1870,15 @@ fn run_inner(
     mnt.remount();
     let seen =
         observe(&mnt.mnt).map_err(|e| format!("after the final remount: spinfs walk: {e}"))?;
-    let diffs = compare(&model, &seen, &mut id_spinfs);
+    let mut diffs = compare(&model, &seen, &mut id_spinfs);
+    if let Some(k) = &mut kernel
+        && diffs.is_empty()
+    {
+        match k.compare(&mnt.store, &mnt.mnt) {
+            Ok(()) => *stats.entry(ORACLE_KEY.into()).or_default() += 1,
+            Err(e) => diffs.push(e),
+        }
+    }
     if !diffs.is_empty() {
         done.push(Op::Remount);
         return Err(format!(
@@ -1431,7 +1890,7 @@ fn run_inner(
 }
 
 /// Shrinks a failing step list: drops chunks, then single steps, while it still fails.
-fn shrink(seed: u64, mut ops: Vec<Op>, budget: Duration) -> (Vec<Op>, String, usize) {
+fn shrink(seed: u64, mut ops: Vec<Op>, oracle: bool, budget: Duration) -> (Vec<Op>, String, usize) {
     let start = Instant::now();
     let mut runs = 0;
     let mut msg = String::new();
@@ -1443,7 +1902,7 @@ fn shrink(seed: u64, mut ops: Vec<Op>, budget: Duration) -> (Vec<Op>, String, us
             let mut cand = ops.clone();
             cand.drain(i..(i + chunk).min(ops.len()));
             runs += 1;
-            match run_sequence(seed, Some(&cand), 0) {
+            match run_sequence(seed, Some(&cand), 0, oracle) {
                 Err(f) => {
                     ops = f.ops;
                     msg = f.msg;
@@ -1469,7 +1928,7 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn report(seed: u64, f: Failure) -> String {
+fn report(seed: u64, f: Failure, oracle: bool) -> String {
     let mut s = format!(
         "divergence (seed {seed}, {} steps):\n{}\nreplay: SPINFS_DIFF_REPLAY='{}'\n",
         f.ops.len(),
@@ -1477,7 +1936,7 @@ fn report(seed: u64, f: Failure) -> String {
         format_ops(&f.ops)
     );
     if std::env::var_os("SPINFS_DIFF_NO_SHRINK").is_none() {
-        let (min, msg, runs) = shrink(seed, f.ops, Duration::from_secs(90));
+        let (min, msg, runs) = shrink(seed, f.ops, oracle, Duration::from_secs(90));
         s += &format!(
             "minimised ({runs} runs) to {} steps:\n{msg}\nreplay: SPINFS_DIFF_REPLAY='{}'\n",
             min.len(),
@@ -1497,8 +1956,9 @@ fn differential_random_sequences() {
     set_umask();
     if let Ok(r) = std::env::var("SPINFS_DIFF_REPLAY") {
         let ops = parse_ops(&r);
-        if let Err(f) = run_sequence(0, Some(&ops), 0) {
-            panic!("{}", report(0, f));
+        let oracle = std::env::var_os("SPINFS_DIFF_NO_ORACLE").is_none();
+        if let Err(f) = run_sequence(0, Some(&ops), 0, oracle) {
+            panic!("{}", report(0, f, oracle));
         }
         eprintln!("replay of {} steps: no divergence", ops.len());
         return;
@@ -1506,22 +1966,28 @@ fn differential_random_sequences() {
     let n = env_num("SPINFS_DIFF_SEQUENCES", 150);
     let nops = env_num("SPINFS_DIFF_OPS", 40) as usize;
     let first = env_num("SPINFS_DIFF_SEED", 1);
+    let every = env_num("SPINFS_DIFF_ORACLE_EVERY", ORACLE_EVERY).max(1);
     let start = Instant::now();
     let mut total = 0;
     let mut all = Stats::new();
+    let (mut with_oracle, mut compared) = (0, 0);
     for seed in first..first + n {
-        match run_sequence(seed, None, nops) {
-            Ok(st) => {
+        let oracle = seed % every == 0 && std::env::var_os("SPINFS_DIFF_NO_ORACLE").is_none();
+        with_oracle += oracle as u64;
+        match run_sequence(seed, None, nops, oracle) {
+            Ok(mut st) => {
+                compared += st.remove(ORACLE_KEY).unwrap_or(0);
                 for (k, v) in st {
                     total += v;
                     *all.entry(k).or_default() += v;
                 }
             }
-            Err(f) => panic!("{}", report(seed, f)),
+            Err(f) => panic!("{}", report(seed, f, oracle)),
         }
     }
     eprintln!(
-        "{n} sequences, {total} steps, no divergence ({:.1}s)\nsteps by expected result: {}",
+        "{n} sequences ({with_oracle} also against kernel overlayfs: {compared} comparisons), \
+         {total} steps, no divergence ({:.1}s)\nsteps by expected result: {}",
         start.elapsed().as_secs_f64(),
         all.iter()
             .map(|(k, v)| format!("{k}: {v}"))
@@ -1541,8 +2007,8 @@ fn replay_format_round_trips() {
 /// Runs a named regression sequence (a minimised replay string).
 fn regression(steps: &str) {
     set_umask();
-    if let Err(f) = run_sequence(0, Some(&parse_ops(steps)), 0) {
-        panic!("{}", report(0, f));
+    if let Err(f) = run_sequence(0, Some(&parse_ops(steps)), 0, true) {
+        panic!("{}", report(0, f, true));
     }
 }
 
