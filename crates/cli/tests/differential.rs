@@ -1332,6 +1332,9 @@ struct Full {
     xattrs: BTreeMap<String, Vec<u8>>,
 }
 
+/// A visible tree by path, and its hard-link groups.
+type View = (BTreeMap<String, Full>, BTreeSet<Vec<String>>);
+
 fn cstr_path(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -1373,7 +1376,7 @@ fn all_xattrs(p: &Path) -> Result<BTreeMap<String, Vec<u8>>, String> {
 
 /// The visible tree under `root` ("" is the root itself), and the hard-link groups: the sets
 /// of non-directory paths sharing one (st_dev, st_ino).
-fn observe_full(root: &Path) -> Result<(BTreeMap<String, Full>, BTreeSet<Vec<String>>), String> {
+fn observe_full(root: &Path) -> Result<View, String> {
     let mut out = BTreeMap::new();
     let mut groups: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     let md = std::fs::symlink_metadata(root).map_err(|e| format!("lstat root: {e}"))?;
@@ -1462,10 +1465,7 @@ fn observe_full(root: &Path) -> Result<(BTreeMap<String, Full>, BTreeSet<Vec<Str
 }
 
 /// Differences between the kernel overlayfs view and the spinfs mount.
-fn compare_full(
-    kernel: &(BTreeMap<String, Full>, BTreeSet<Vec<String>>),
-    ours: &(BTreeMap<String, Full>, BTreeSet<Vec<String>>),
-) -> Vec<String> {
+fn compare_full(kernel: &View, ours: &View) -> Vec<String> {
     let mut diffs = Vec::new();
     for p in kernel
         .0
