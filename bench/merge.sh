@@ -35,7 +35,7 @@ for i in range(n):
     d = os.path.join(root, f"l{layer}", f"d{i // per_dir}")
     if i % per_dir == 0:
         os.makedirs(d, exist_ok=True)
-    # every layer also touches names of the others, so the merge has real work to do
+    # each layer its own top directory l1..l4: the merge resolves and rewrites all 4 x $n inodes
     with open(os.path.join(d, f"f{i}"), "wb") as f:
         f.write(layer.encode())
 PY
@@ -46,6 +46,8 @@ layers=$("$spinfs" status "$work/s" --json | python3 -c 'import json,sys; print(
 start=$(date +%s.%N)
 "$spinfs" merge "$work/s" >/dev/null
 end=$(date +%s.%N)
+merged=$("$spinfs" status "$work/s" --json | python3 -c 'import json,sys; l=[l for l in json.load(sys.stdin)["layers"] if l["kind"]=="archived"]; print(len(l), len(l[0]["generations"]), l[0]["files"])')
+[ "$merged" = "1 4 $((4 * n))" ] || { echo "merge.sh: expected one layer of 4 generations and $((4 * n)) files after the merge, found (layers, generations, files) $merged" >&2; exit 1; }
 echo "merge_4x250k_seconds $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')"
 
 # (2) 64 seals through a live mount with the default fan-in
