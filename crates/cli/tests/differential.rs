@@ -1117,7 +1117,7 @@ fn observe(root: &Path) -> Result<BTreeMap<String, Seen>, String> {
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let rd = std::fs::read_dir(&dir).map_err(|e| format!("readdir {rel:?}: {e}"))?;
+        let rd = std::fs::read_dir(&dir).map_err(|e| format!("opendir {rel:?}: {e}"))?;
         for e in rd {
             let e = e.map_err(|e| format!("readdir {rel:?}: {e}"))?;
             let name = e.file_name().into_string().unwrap();
@@ -1393,7 +1393,7 @@ fn observe_full(root: &Path) -> Result<View, String> {
     );
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
-        let rd = std::fs::read_dir(root.join(&rel)).map_err(|e| format!("readdir {rel:?}: {e}"))?;
+        let rd = std::fs::read_dir(root.join(&rel)).map_err(|e| format!("opendir {rel:?}: {e}"))?;
         for e in rd {
             let e = e.map_err(|e| format!("readdir {rel:?}: {e}"))?;
             let name = e.file_name().into_string().unwrap();
@@ -1861,7 +1861,11 @@ fn run_inner(
             }
         }
         if !diffs.is_empty() {
-            return Err(format!("step {i} `{op}`:\n  {}", diffs.join("\n  ")));
+            return Err(format!(
+                "step {i} `{op}`:\n  {}{}",
+                diffs.join("\n  "),
+                daemon_complaints(&mnt.store)
+            ));
         }
     }
     // A final remount must show the same tree.
@@ -1887,6 +1891,22 @@ fn run_inner(
         ));
     }
     Ok(stats)
+}
+
+/// The daemon's warnings and errors (its log), for a failure report.
+fn daemon_complaints(store: &Path) -> String {
+    let log = std::fs::read_to_string(store.join("spinfs.log")).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n  daemon log warnings and errors:\n    {}",
+        lines[lines.len().saturating_sub(20)..].join("\n    ")
+    )
 }
 
 /// Shrinks a failing step list: drops chunks, then single steps, while it still fails.

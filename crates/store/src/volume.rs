@@ -236,6 +236,9 @@ pub struct Handle {
     /// stack it was opened in, which stays right when a freeze makes that tree the frozen
     /// generation before the handle is read.
     numbering: TreeNumbering,
+    /// An upper directory handle whose tree was sealed: its listing, read before the tree
+    /// was deleted (see `Volume::list_handles_of`).
+    listing: Mutex<Option<Vec<DirEntry>>>,
 }
 
 /// How the entries of one SSD tree are numbered (see `Volume::upper_ino`).
@@ -588,6 +591,7 @@ impl Volume {
     /// The frozen generation `generation` is sealed as `layer`: the layer takes its place
     /// (`None`: the generation was empty and simply goes).
     pub fn sealed(&self, generation: u64, layer: Option<Arc<ArchivedLayer>>) -> SysResult<()> {
+        self.list_handles_of(generation);
         let _gate = self.exclusive_gate();
         let old = self.stack();
         if old.frozen.as_ref().map(|f| f.generation) != Some(generation) {
@@ -1913,6 +1917,7 @@ impl Volume {
                 counted: AtomicU64::new(counted),
                 dir_lock: Mutex::new(()),
                 numbering,
+                listing: Mutex::new(None),
             }),
         );
         fh
@@ -2170,9 +2175,30 @@ impl Volume {
             HandleKind::Lower(_) => return Err(Errno::ENOTDIR),
         };
         let _guard = h.dir_lock.lock().unwrap();
-        // Numbered as the tree the handle reads (it may have been frozen since opendir).
-        let tree = h.numbering;
+        if let Some(list) = &*h.listing.lock().unwrap() {
+            // The handle's tree was sealed and is gone: its listing, read just before. `pos`
+            // is a cookie of that tree (an entry's `next`): continue after that entry.
+            let start = match pos {
+                0 => 0,
+                _ => list
+                    .iter()
+                    .position(|e| e.next == pos)
+                    .map_or(list.len(), |i| i + 1),
+            };
+            return Ok(list[start..].iter().take(1024).cloned().collect());
+        }
         let raw = sys::read_dir_at(fd.as_fd(), pos, 32 * 1024)?;
+        Self::number_entries(&h, fd.as_fd(), raw)
+    }
+
+    /// Directory entries of an upper directory handle, numbered as the tree the handle reads
+    /// (it may have been frozen since opendir).
+    fn number_entries(
+        h: &Handle,
+        fd: BorrowedFd<'_>,
+        raw: Vec<sys::RawDirEntry>,
+    ) -> SysResult<Vec<DirEntry>> {
+        let tree = h.numbering;
         let mut out = Vec::with_capacity(raw.len());
         for e in raw {
             let ino = if e.name == b".." && h.ino == ROOT_INO {
@@ -2186,7 +2212,7 @@ impl Volume {
             } else {
                 // Copy-ups carry their number; read it.
                 let name = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
-                match sys::open_path(fd.as_fd(), &name) {
+                match sys::open_path(fd, &name) {
                     Ok(cfd) => {
                         let st = sys::fstat(cfd.as_fd())?;
                         tree.ino(cfd.as_fd(), &st)
@@ -2198,7 +2224,7 @@ impl Volume {
                 Some(k) => k,
                 None => {
                     let name = CString::new(e.name.clone()).map_err(|_| Errno::EIO)?;
-                    FileKind::from_mode(sys::fstatat(fd.as_fd(), &name)?.st_mode)
+                    FileKind::from_mode(sys::fstatat(fd, &name)?.st_mode)
                 }
             };
             out.push(DirEntry {
@@ -2209,6 +2235,51 @@ impl Volume {
             });
         }
         Ok(out)
+    }
+
+    /// Directory handles opened on the tree of `generation` (before it was frozen) read their
+    /// whole listing now: the tree is deleted once its layer is in place, and a directory
+    /// opened before a freeze is read on, by the cookies of that tree, after the seal.
+    fn list_handles_of(&self, generation: u64) {
+        let handles: Vec<Arc<Handle>> = self
+            .handles
+            .read()
+            .unwrap()
+            .values()
+            .filter(|h| h.numbering.generation == generation)
+            .cloned()
+            .collect();
+        for h in handles {
+            let HandleKind::Upper(fd) = &h.kind else {
+                continue;
+            };
+            if !sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR) {
+                continue;
+            }
+            let _guard = h.dir_lock.lock().unwrap();
+            let mut list = Vec::new();
+            let mut pos = 0;
+            let res = loop {
+                match sys::read_dir_at(fd.as_fd(), pos, 64 * 1024) {
+                    Ok(raw) if raw.is_empty() => break Ok(()),
+                    Ok(raw) => {
+                        pos = raw.last().map_or(pos, |e| e.off);
+                        match Self::number_entries(&h, fd.as_fd(), raw) {
+                            Ok(entries) => list.extend(entries),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match res {
+                Ok(()) => *h.listing.lock().unwrap() = Some(list),
+                Err(e) => tracing::warn!(
+                    ino = h.ino,
+                    "listing an open directory of a sealed generation: {e}"
+                ),
+            }
+        }
     }
 
     pub fn fsyncdir(&self, fh: u64, datasync: bool) -> SysResult<()> {
