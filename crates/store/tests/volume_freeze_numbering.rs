@@ -132,7 +132,11 @@ fn directory_opened_before_a_freeze_is_read_after_the_seal() {
     let again = listing(&vol, fh);
     assert_eq!(key(&again), key(&whole), "the whole listing after the seal");
     let rest = listing_from(&vol, fh2, cookie);
-    assert_eq!(key(&rest), key(&first[cut + 1..]), "the rest after the cookie");
+    assert_eq!(
+        key(&rest),
+        key(&first[cut + 1..]),
+        "the rest after the cookie"
+    );
     assert!(rest.iter().all(|e| e.name != b"b") && !rest.is_empty());
     vol.release(fh);
     vol.release(fh2);
