@@ -13,7 +13,7 @@
 //! Entry header (little endian): magic `SPNFSCHK`, version u32, reserved u32, image u64,
 //! offset u64, unit u64, data length u64, CRC32C of the data u32, 8 reserved bytes, CRC32C of
 //! the 60 bytes before it. An entry is written under `tmp/` and renamed into place without
-//! an fdatasync (writeback is started at once): a crash leaves at worst a file in `tmp/`
+//! an fdatasync (the kernel writes it back): a crash leaves at worst a file in `tmp/`
 //! (removed at open), loses a recent entry, or leaves a recent entry incomplete. Every read
 //! checks the header, the length and the data CRC before any byte is reported as a hit, so an
 //! incomplete entry is a miss (counted as damaged) and is dropped.
@@ -1021,12 +1021,9 @@ fn write_entry(tmp: &Path, image: u64, offset: u64, unit: u64, data: &[u8]) -> R
         .map_err(io("write"))?;
     file.write_all(data).map_err(io("write"))?;
     // Not fdatasync'ed: a cache entry is worth less than the write stall (one sync per
-    // object would bound archived reads by the SSD's sync rate). Writeback starts now; an
-    // entry a crash leaves incomplete fails its length or CRC check and is dropped as a miss.
-    // SAFETY: plain syscall on a descriptor owned by `file`.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
+    // object would bound archived reads by the SSD's sync rate); the kernel's writeback and
+    // dirty-page limits take it from here. An entry a crash leaves incomplete fails its
+    // length or CRC check and is dropped as a miss.
     Ok(file)
 }
 
