@@ -308,8 +308,9 @@ impl ArchivedLayer {
 
     /// Calls `reply` with the file's bytes from `offset`, up to `len` (short at end of file),
     /// without copying them where it can: reads inside the head or the tail of the file come
-    /// from the head cache (never from the media), a read inside one cached unit is replied
-    /// from that unit, anything else is assembled in a per-thread buffer.
+    /// from the head cache (never from the media), a read whose units were loaded together
+    /// (one unit, or a run read ahead) is replied from their buffer, anything else is
+    /// assembled in a per-thread buffer.
     pub fn read_with<R>(
         &self,
         inode: &Inode,
@@ -341,11 +342,8 @@ impl ArchivedLayer {
             && let Some((dev, at)) = e.location.filter(|&(dev, _)| dev > 0)
         {
             let src = self.blobs.source(dev).map_err(eio(self.id))?;
-            if let Some((unit, within)) = cache
-                .read_in_unit(src, at, n as u64)
-                .map_err(eio(self.id))?
-            {
-                return Ok(reply(&unit[within..within + n]));
+            if let Some(bytes) = cache.read_joined(src, at, n as u64).map_err(eio(self.id))? {
+                return Ok(reply(&bytes));
             }
         }
         SCRATCH.with(|cell| {

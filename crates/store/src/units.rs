@@ -36,9 +36,13 @@ use std::time::Duration;
 /// Bytes fetched per read-ahead run.
 const RUN_BYTES: u64 = 8 << 20;
 /// Read-ahead runs kept queued or in flight ahead of a sequential reader.
-const AHEAD_RUNS: u64 = 2;
-/// Threads loading read-ahead runs (shared by all readers of the mount).
-const AHEAD_WORKERS: usize = 2;
+const AHEAD_RUNS: u64 = 4;
+/// Threads loading read-ahead runs (shared by all readers of the mount): several runs load
+/// from the SSD cache at once (its reads are synchronous, so this is the SSD's queue depth).
+const AHEAD_WORKERS: usize = 4;
+/// Units read from the SSD cache per call, back to back in one buffer: made available to
+/// readers as each group arrives.
+const SSD_GROUP: usize = 8;
 /// Recent request ends remembered to recognise sequential readers (streams).
 const STREAMS: usize = 16;
 /// Memory given to recently used units (shared by all layers).
@@ -47,8 +51,11 @@ const MEMORY_BYTES: u64 = 64 << 20;
 const PUT_BYTES: u64 = 32 << 20;
 
 type Key = (u64, u64);
-/// The bytes of one unit (as read from the SSD cache, or fetched).
-pub type Unit = Arc<EntryData>;
+/// First recency tick of units in use (see `State::tick`).
+const HOT: u64 = 1 << 62;
+/// The bytes of one unit (as read from the SSD cache, or fetched): a view of the buffer of
+/// the load or fetch that brought it, shared with the units loaded with it.
+pub type Unit = EntryData;
 
 /// Where the units of one blob come from.
 #[derive(Clone)]
@@ -118,8 +125,15 @@ struct Job {
 struct State {
     units: HashMap<Key, (Unit, u64)>,
     lru: BTreeMap<u64, Key>,
+    /// Memory of the buffers behind the units held (a buffer counts until its last unit
+    /// goes): buffer identity -> (units held, bytes).
+    buffers: HashMap<usize, (usize, usize)>,
     bytes: u64,
+    /// Recency: units used are ticked from `HOT`; units a sequential reader has gone past
+    /// are ticked below it (evicted first, oldest first), so read-ahead that has not been
+    /// read yet outlives what has been.
     tick: u64,
+    cold_tick: u64,
     inflight: HashSet<Key>,
     /// First units of read-ahead runs: reaching one extends the read-ahead.
     triggers: HashSet<Key>,
@@ -168,8 +182,10 @@ impl UnitCache {
             st: Mutex::new(State {
                 units: HashMap::new(),
                 lru: BTreeMap::new(),
+                buffers: HashMap::new(),
                 bytes: 0,
-                tick: 0,
+                tick: HOT,
+                cold_tick: 0,
                 inflight: HashSet::new(),
                 triggers: HashSet::new(),
                 streams: VecDeque::new(),
@@ -254,26 +270,28 @@ impl UnitCache {
         Ok(())
     }
 
-    /// The unit holding all of `[offset, offset + len)` and the position of `offset` in it,
-    /// when one unit holds the whole range (the caller replies straight from it, no copy);
-    /// `None` when the range spans units.
-    pub fn read_in_unit(
+    /// The bytes `[offset, offset + len)` of the blob as one view of a loaded buffer, when
+    /// the units holding them were loaded together (one unit, or units of one read-ahead run
+    /// or fetch, back to back): the caller replies from it without a copy. `None` otherwise.
+    pub fn read_joined(
         &self,
         src: &BlobSource,
         offset: u64,
         len: u64,
-    ) -> std::io::Result<Option<(Unit, usize)>> {
-        let (start, ulen) = src.span(offset, self.shared.unit)?;
-        if len == 0 || offset + len > start + ulen {
+    ) -> std::io::Result<Option<Unit>> {
+        if len == 0 {
             return Ok(None);
         }
-        let mut units = self.shared.units_for(src, offset, len)?;
-        let (start, data) = units.pop().ok_or_else(|| past_end(src, offset))?;
-        let within = (offset - start) as usize;
-        if within + len as usize > data.len() {
-            return Err(past_end(src, offset));
+        let units = self.shared.units_for(src, offset, len)?;
+        let parts: Vec<&Unit> = units.iter().map(|(_, u)| u).collect();
+        let Some(joined) = EntryData::join(&parts) else {
+            return Ok(None);
+        };
+        let within = (offset - units[0].0) as usize;
+        if within + len as usize > joined.len() {
+            return Err(past_end(src, offset + len));
         }
-        Ok(Some((data, within)))
+        Ok(Some(joined.slice(within, len as usize)))
     }
 
     /// Forgets every unit of `blob` held in memory (the blob is no longer used).
@@ -283,7 +301,7 @@ impl UnitCache {
         for k in keys {
             if let Some((data, t)) = st.units.remove(&k) {
                 st.lru.remove(&t);
-                st.bytes -= data.len() as u64;
+                release(&mut st, &data);
             }
             st.triggers.remove(&k);
         }
@@ -405,6 +423,15 @@ impl Shared {
             };
             out.push((start, data));
         }
+        if sequential {
+            // A stream does not come back: what it has read past goes first.
+            let mut st = self.lock();
+            for &(start, ulen) in &spans {
+                if start + ulen <= end {
+                    demote(&mut st, (blob, start));
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -433,18 +460,24 @@ impl Shared {
     /// Releases the claims in every case.
     fn load(&self, src: &BlobSource, units: &[(u64, u64)]) -> std::io::Result<Vec<Unit>> {
         let blob = src.blob();
-        let mut out = Vec::with_capacity(units.len());
-        for &(start, ulen) in units {
-            let data = match self.chunks.load(blob, start) {
-                Ok(Some(d)) if d.len() as u64 == ulen => Arc::new(d),
-                _ => break,
-            };
+        let mut out: Vec<Unit> = Vec::with_capacity(units.len());
+        while out.len() < units.len() {
+            let group = &units[out.len()..units.len().min(out.len() + SSD_GROUP)];
+            let got = self.chunks.load_run(blob, group).unwrap_or_else(|e| {
+                tracing::warn!("chunk cache: {e}");
+                Vec::new()
+            });
+            if got.is_empty() {
+                break;
+            }
             let mut st = self.lock();
-            st.inflight.remove(&(blob, start));
-            self.insert(&mut st, (blob, start), data.clone());
+            for data in got {
+                let start = units[out.len()].0;
+                st.inflight.remove(&(blob, start));
+                self.insert(&mut st, (blob, start), data.clone());
+                out.push(data);
+            }
             self.arrived.notify_all();
-            drop(st);
-            out.push(data);
         }
         if out.len() < units.len() {
             let rest = &units[out.len()..];
@@ -480,12 +513,12 @@ impl Shared {
         }
         let first = units[0].0;
         let (last, last_len) = units[units.len() - 1];
-        let bytes = src.fetch(first, last + last_len - first)?;
+        let bytes = EntryData::from_vec(src.fetch(first, last + last_len - first)?);
         let mut out = Vec::with_capacity(units.len());
         let mut st = self.lock();
         for &(start, ulen) in units {
             let at = (start - first) as usize;
-            let data = Arc::new(EntryData::from_vec(bytes[at..at + ulen as usize].to_vec()));
+            let data = bytes.slice(at, ulen as usize);
             let k = (blob, start);
             st.inflight.remove(&k);
             self.insert(&mut st, k, data.clone());
@@ -618,22 +651,55 @@ impl Shared {
     fn insert(&self, st: &mut State, key: Key, data: Unit) {
         st.tick += 1;
         let tick = st.tick;
-        let len = data.len() as u64;
+        hold(st, &data);
         if let Some((old, t)) = st.units.insert(key, (data, tick)) {
             st.lru.remove(&t);
-            st.bytes -= old.len() as u64;
+            release(st, &old);
         }
         st.lru.insert(tick, key);
-        st.bytes += len;
-        while st.bytes > MEMORY_BYTES.max(self.unit * 4) {
+        // Never evict the unit just inserted: its buffer may alone exceed the budget.
+        while st.bytes > MEMORY_BYTES.max(self.run_bytes * 2) && st.lru.len() > 1 {
             let Some((_, k)) = st.lru.pop_first() else {
                 break;
             };
             if let Some((old, _)) = st.units.remove(&k) {
-                st.bytes -= old.len() as u64;
+                release(st, &old);
             }
             st.triggers.remove(&k);
         }
+    }
+}
+
+/// Counts a unit's buffer in the memory held.
+fn hold(st: &mut State, data: &Unit) {
+    let (id, bytes) = data.buffer();
+    let e = st.buffers.entry(id).or_insert((0, bytes));
+    if e.0 == 0 {
+        st.bytes += bytes as u64;
+    }
+    e.0 += 1;
+}
+
+/// Uncounts a unit's buffer when its last unit goes.
+fn release(st: &mut State, data: &Unit) {
+    let (id, bytes) = data.buffer();
+    if let Some(e) = st.buffers.get_mut(&id) {
+        e.0 -= 1;
+        if e.0 == 0 {
+            st.buffers.remove(&id);
+            st.bytes -= bytes as u64;
+        }
+    }
+}
+
+/// Moves a unit to the cold end of the recency order (see `State::tick`).
+fn demote(st: &mut State, key: Key) {
+    let cold = st.cold_tick;
+    if let Some((_, t)) = st.units.get_mut(&key) {
+        let old = std::mem::replace(t, cold);
+        st.lru.remove(&old);
+        st.lru.insert(cold, key);
+        st.cold_tick += 1;
     }
 }
 

@@ -7,20 +7,19 @@
 //! format                    magic, version, unit, CRC32C: entries written with another unit or
 //!                           format version are dropped
 //! tmp/                      entries being written; emptied at open
-//! i<image:016x>/<offset:016x>   one file per entry: a 64-byte header, then the data
+//! i<image:016x>/<offset:016x>   one file per entry: the data, then a 64-byte trailer
 //! ```
 //!
-//! Entry header (little endian): magic `SPNFSCHK`, version u32, reserved u32, image u64,
+//! Entry trailer (little endian): magic `SPNFSCHK`, version u32, reserved u32, image u64,
 //! offset u64, unit u64, data length u64, CRC32C of the data u32, 8 reserved bytes, CRC32C of
-//! the 60 bytes before it. An entry is written under `tmp/` and renamed into place without
-//! an fdatasync (the kernel writes it back): a crash leaves at worst a file in `tmp/`
-//! (removed at open), loses a recent entry, or leaves a recent entry incomplete. Every read
-//! checks the header, the length and the data CRC before any byte is reported as a hit, so an
-//! incomplete entry is a miss (counted as damaged) and is dropped.
-//!
-//! Reads of whole entries (`load`) use O_DIRECT where the filesystem takes it: the SSD
-//! writes the file, header and data, into a 4 KiB-aligned buffer ([`EntryData`]) that
-//! the caller keeps, with no page-cache copy.
+//! the 60 bytes before it. The data comes first so that it starts on a block boundary: whole
+//! entries are read with O_DIRECT ([`ChunkCache::load_run`]), several back to back into one
+//! 4 KiB-aligned buffer ([`EntryData`]), with no page-cache copy. An entry is written under
+//! `tmp/` and renamed into place without an fdatasync (the kernel writes it back): a crash
+//! leaves at worst a file in `tmp/` (removed at open), loses a recent entry, or leaves a
+//! recent entry incomplete. Every read checks the trailer, the length and the data CRC before
+//! any byte is reported as a hit, so an incomplete entry is a miss (counted as damaged) and is
+//! dropped.
 //!
 //! Keys are (image, offset) pairs the caller chooses: any offset, data 1..=unit bytes (the
 //! store keys by the image offset of a media object, so entries follow the objects). Entries
@@ -53,10 +52,11 @@ pub const MAX_UNIT: u64 = 256 << 20;
 
 const ENTRY_MAGIC: &[u8; 8] = b"SPNFSCHK";
 const FORMAT_MAGIC: &[u8; 8] = b"SPNFSCCD";
-/// Version of the entry header.
-const VERSION: u32 = 1;
-/// Version of the directory format: 2 = keys at any offset (media object boundaries); the
-/// entries of a version-1 directory (keys at multiples of the unit) are dropped at open.
+/// Version of the entry trailer (2: data first, then the 64 bytes that were a header in 1).
+const VERSION: u32 = 2;
+/// Version of the directory format: 2 = keys at any offset (media object boundaries), entry
+/// data first and its 64-byte record last; the entries of a version-1 directory (keys at
+/// multiples of the unit, record first) are dropped at open.
 const FORMAT_VERSION: u32 = 2;
 const FORMAT_LEN: usize = 32;
 const FORMAT_FILE: &str = "format";
@@ -290,31 +290,95 @@ impl ChunkCache {
         }
     }
 
-    /// The whole entry at (image, offset), verified, read with O_DIRECT where possible into
-    /// an aligned buffer that holds it (see [`EntryData`]); `None` on a miss or a damaged
-    /// entry.
+    /// The whole entry at (image, offset), verified, read with O_DIRECT where possible (see
+    /// [`load_run`](Self::load_run)); `None` on a miss or a damaged entry.
     pub fn load(&self, image: u64, offset: u64) -> Result<Option<EntryData>> {
-        let Some(entry) = self.open_entry_with((image, offset), true)? else {
-            return Ok(None);
-        };
-        let read = match read_direct(&entry) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The filesystem refused the O_DIRECT read: a buffered one.
-                read_whole(&entry, self.unit).map(EntryData::from_vec)
-            }
-            Err(e) => Err(format!("read error: {e}")),
-            Ok(buf) => buf.check(&entry, self.unit),
-        };
-        match read {
-            Ok(data) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(data))
-            }
-            Err(reason) => {
-                self.drop_damaged(&entry, &reason);
+        let len = self.lock().entries.get(&(image, offset)).map(|s| s.len);
+        match len {
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
                 Ok(None)
             }
+            Some(len) => Ok(self.load_run(image, &[(offset, len)])?.pop()),
         }
+    }
+
+    /// Loads the entries `(offset, length)` of `image` in order into one buffer, back to back
+    /// (each a view of it, see [`EntryData::join`]), each verified; stops at the first one that
+    /// is missing, of another length or damaged, and after one whose length is not a multiple
+    /// of 4 KiB (the next could not follow it in an O_DIRECT read). The files are read with
+    /// O_DIRECT where the filesystem takes it: the SSD writes data and trailer straight into
+    /// the buffer, no page-cache copy.
+    pub fn load_run(&self, image: u64, entries: &[(u64, u64)]) -> Result<Vec<EntryData>> {
+        let total: u64 = entries.iter().map(|&(_, l)| l).sum();
+        if entries.is_empty() || total == 0 {
+            return Ok(Vec::new());
+        }
+        let tail = (CHUNK_HEADER_LEN as usize + 1).next_multiple_of(DIRECT_ALIGN);
+        let mut buf = Buf::aligned((total as usize).next_multiple_of(DIRECT_ALIGN) + tail);
+        let mut placed: Vec<(usize, usize)> = Vec::new();
+        let mut pos = 0usize;
+        for &(offset, want_len) in entries {
+            let Some(entry) = self.open_entry_with((image, offset), true)? else {
+                break;
+            };
+            if entry.len != want_len {
+                break;
+            }
+            let len = entry.len as usize;
+            let want = len + CHUNK_HEADER_LEN as usize;
+            // Data, trailer, and a spare block that shows a longer file.
+            let ask = (want + 1).next_multiple_of(DIRECT_ALIGN);
+            let read = match buf.pread(&entry.file, pos, ask, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // O_DIRECT refused (alignment): the same read, buffered.
+                    File::open(&entry.path)
+                        .and_then(|f| buf.pread(&f, pos, ask, 0))
+                        .map_err(|e| format!("read error: {e}"))
+                }
+                Err(e) => Err(format!("read error: {e}")),
+                Ok(n) => Ok(n),
+            };
+            let checked = read.and_then(|n| {
+                if n != want {
+                    return Err(if n < want {
+                        "truncated".to_string()
+                    } else {
+                        format!("file is longer than {want} bytes")
+                    });
+                }
+                let bytes = &buf.bytes()[pos..pos + want];
+                let trailer: &[u8; CHUNK_HEADER_LEN as usize] =
+                    bytes[len..].try_into().expect("64 bytes");
+                let expected = check_header(trailer, entry.key, self.unit, entry.len)?;
+                let crc = crc32c::crc32c(&bytes[..len]);
+                if crc != expected {
+                    return Err(format!(
+                        "data checksum mismatch (recorded {expected:08x}, computed {crc:08x})"
+                    ));
+                }
+                Ok(())
+            });
+            if let Err(reason) = checked {
+                self.drop_damaged(&entry, &reason);
+                break;
+            }
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            placed.push((pos, len));
+            pos += len;
+            if len % DIRECT_ALIGN != 0 {
+                break;
+            }
+        }
+        let buf = std::sync::Arc::new(buf);
+        Ok(placed
+            .into_iter()
+            .map(|(start, len)| EntryData {
+                buf: buf.clone(),
+                start,
+                len,
+            })
+            .collect())
     }
 
     /// Copies the entry's bytes from `within` (an offset inside the unit) into `buf`, after
@@ -653,9 +717,9 @@ impl ChunkCache {
                 CHUNK_HEADER_LEN + entry.len
             ));
         }
-        let mut header = [0u8; CHUNK_HEADER_LEN as usize];
-        read_at(&entry.file, &mut header, 0)?;
-        let expected_crc = check_header(&header, entry.key, self.unit, entry.len)?;
+        let mut trailer = [0u8; CHUNK_HEADER_LEN as usize];
+        read_at(&entry.file, &mut trailer, entry.len)?;
+        let expected_crc = check_header(&trailer, entry.key, self.unit, entry.len)?;
 
         let len = entry.len;
         let start = within.min(len);
@@ -667,7 +731,7 @@ impl ChunkCache {
             while pos < to {
                 let piece = (to - pos).min(SCRATCH as u64) as usize;
                 scratch.resize(piece, 0);
-                read_at(&entry.file, &mut scratch, CHUNK_HEADER_LEN + pos)?;
+                read_at(&entry.file, &mut scratch, pos)?;
                 *crc = crc32c::crc32c_append(*crc, &scratch);
                 pos += piece as u64;
             }
@@ -675,7 +739,7 @@ impl ChunkCache {
         };
         through_scratch(0, start, &mut crc)?;
         let direct = &mut buf[..n as usize];
-        read_at(&entry.file, direct, CHUNK_HEADER_LEN + start)?;
+        read_at(&entry.file, direct, start)?;
         crc = crc32c::crc32c_append(crc, direct);
         through_scratch(start + n, len, &mut crc)?;
         if crc != expected_crc {
@@ -726,90 +790,93 @@ fn set_mtime_path(path: &Path, tick: u64) {
     }
 }
 
-/// The data of one entry as read from its file: the file's bytes in a 4 KiB-aligned buffer
-/// (header first), or a plain vector. Derefs to the data.
+/// Bytes read from the cache (or handed in): a view of a shared, immutable buffer, cheap to
+/// clone. Several entries loaded together ([`ChunkCache::load_run`]) are views of one buffer,
+/// back to back, so a caller can serve a range spanning them without copying
+/// ([`EntryData::join`]). Derefs to the bytes.
+#[derive(Clone)]
 pub struct EntryData {
-    ptr: std::ptr::NonNull<u8>,
-    cap: usize,
+    buf: std::sync::Arc<Buf>,
     start: usize,
     len: usize,
+}
+
+/// A 4 KiB-aligned allocation (O_DIRECT reads land in it) or a vector.
+struct Buf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
     vec: Vec<u8>,
 }
 
-// SAFETY: EntryData owns its allocation exclusively, like a Vec<u8>.
-unsafe impl Send for EntryData {}
-// SAFETY: shared access only hands out &[u8].
-unsafe impl Sync for EntryData {}
+// SAFETY: Buf owns its allocation exclusively, like a Vec<u8>, and is never written once
+// shared (only through the unique owner while loading).
+unsafe impl Send for Buf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for Buf {}
 
 const DIRECT_ALIGN: usize = 4096;
 
-impl EntryData {
-    pub fn from_vec(vec: Vec<u8>) -> EntryData {
-        EntryData {
-            ptr: std::ptr::NonNull::dangling(),
-            cap: 0,
-            start: 0,
-            len: vec.len(),
-            vec,
-        }
-    }
-
+impl Buf {
     /// An uninitialised aligned buffer of `cap` bytes (a multiple of `DIRECT_ALIGN`).
-    fn aligned(cap: usize) -> EntryData {
+    fn aligned(cap: usize) -> Buf {
         let layout = std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN).expect("layout");
-        // SAFETY: non-zero size; the bytes are only exposed after the kernel wrote them.
+        // SAFETY: non-zero size; bytes are only exposed after the kernel wrote them.
         let raw = unsafe { std::alloc::alloc(layout) };
         let ptr =
             std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        EntryData {
+        Buf {
             ptr,
             cap,
-            start: 0,
-            len: 0,
             vec: Vec::new(),
         }
     }
 
-    /// Checks header, length and CRC of the file bytes held (`len` = bytes read) and makes
-    /// the data what derefs.
-    fn check(mut self, entry: &OpenEntry, unit: u64) -> std::result::Result<EntryData, String> {
-        let h = CHUNK_HEADER_LEN as usize;
-        let want = h + entry.len as usize;
-        if self.len != want {
-            return Err(if self.len < want {
-                "truncated".to_string()
-            } else {
-                format!("file is longer than {want} bytes")
-            });
-        }
-        // SAFETY: `len` bytes from ptr were written by the kernel.
-        let file = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) };
-        let header: &[u8; CHUNK_HEADER_LEN as usize] = file[..h].try_into().expect("64 bytes");
-        let expected_crc = check_header(header, entry.key, unit, entry.len)?;
-        let crc = crc32c::crc32c(&file[h..]);
-        if crc != expected_crc {
-            return Err(format!(
-                "data checksum mismatch (recorded {expected_crc:08x}, computed {crc:08x})"
-            ));
-        }
-        self.start = h;
-        self.len = entry.len as usize;
-        Ok(self)
-    }
-}
-
-impl std::ops::Deref for EntryData {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+    fn bytes(&self) -> &[u8] {
         if self.cap == 0 {
             return &self.vec;
         }
-        // SAFETY: bytes start..start+len were written by the kernel and checked.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(self.start), self.len) }
+        // SAFETY: callers only view ranges the kernel wrote (checked by `load_run`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.cap) }
+    }
+
+    /// Reads the file at `at` into `self[pos..pos + len]`; returns bytes read (short at the
+    /// end of the file).
+    fn pread(&mut self, file: &File, pos: usize, len: usize, at: u64) -> std::io::Result<usize> {
+        assert!(
+            self.cap > 0 && pos + len <= self.cap,
+            "Buf::pread out of bounds"
+        );
+        let mut got = 0usize;
+        while got < len {
+            // SAFETY: pos + got + (len - got) <= cap; the kernel writes at most that.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.ptr.as_ptr().add(pos + got).cast(),
+                    len - got,
+                    (at + got as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            got += n as usize;
+            if got % DIRECT_ALIGN != 0 {
+                break; // end of file (O_DIRECT reads stop short only there)
+            }
+        }
+        Ok(got)
     }
 }
 
-impl Drop for EntryData {
+impl Drop for Buf {
     fn drop(&mut self) {
         if self.cap > 0 {
             let layout =
@@ -820,90 +887,108 @@ impl Drop for EntryData {
     }
 }
 
-/// Reads the whole entry file into an aligned buffer (the descriptor may be O_DIRECT: the
-/// length asked is block-aligned and one block more than the entry, to see a longer file).
-fn read_direct(entry: &OpenEntry) -> std::io::Result<EntryData> {
-    let want = CHUNK_HEADER_LEN as usize + entry.len as usize;
-    let cap = (want + 1).next_multiple_of(DIRECT_ALIGN);
-    let mut buf = EntryData::aligned(cap);
-    let mut got = 0usize;
-    while got < cap {
-        // SAFETY: got < cap; the kernel writes at most cap - got bytes at ptr + got.
-        let n = unsafe {
-            libc::pread(
-                entry.file.as_raw_fd(),
-                buf.ptr.as_ptr().add(got).cast(),
-                cap - got,
-                got as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            break;
-        }
-        got += n as usize;
-        if got % DIRECT_ALIGN != 0 {
-            break; // end of file
+impl EntryData {
+    pub fn from_vec(vec: Vec<u8>) -> EntryData {
+        let len = vec.len();
+        EntryData {
+            buf: std::sync::Arc::new(Buf {
+                ptr: std::ptr::NonNull::dangling(),
+                cap: 0,
+                vec,
+            }),
+            start: 0,
+            len,
         }
     }
-    buf.len = got;
-    Ok(buf)
+
+    /// A view of `len` bytes of this one from `at`.
+    pub fn slice(&self, at: usize, len: usize) -> EntryData {
+        assert!(at + len <= self.len, "EntryData::slice out of bounds");
+        EntryData {
+            buf: self.buf.clone(),
+            start: self.start + at,
+            len,
+        }
+    }
+
+    /// One view of `parts` when they are views of one buffer, back to back; else `None`.
+    pub fn join(parts: &[&EntryData]) -> Option<EntryData> {
+        let first = parts.first()?;
+        let mut end = first.start + first.len;
+        for p in &parts[1..] {
+            if !std::sync::Arc::ptr_eq(&p.buf, &first.buf) || p.start != end {
+                return None;
+            }
+            end += p.len;
+        }
+        Some(EntryData {
+            buf: first.buf.clone(),
+            start: first.start,
+            len: end - first.start,
+        })
+    }
+
+    /// Bytes of memory behind this view and every view of the same buffer, and an identity
+    /// of that buffer (for accounting).
+    pub fn buffer(&self) -> (usize, usize) {
+        let b = &*self.buf;
+        (
+            b as *const Buf as usize,
+            if b.cap > 0 { b.cap } else { b.vec.capacity() },
+        )
+    }
 }
 
-/// Reads a whole entry (header and data) with one vectored read into a buffer allocated for
+impl std::ops::Deref for EntryData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf.bytes()[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for EntryData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EntryData({} bytes)", self.len)
+    }
+}
+
+/// Reads a whole entry (data and trailer) with one vectored read into a buffer allocated for
 /// it and never zero-filled, then checks it; returns the data or why the entry is damaged.
 fn read_whole(entry: &OpenEntry, unit: u64) -> std::result::Result<Vec<u8>, String> {
     let len = entry.len as usize;
-    let mut header = [0u8; CHUNK_HEADER_LEN as usize];
+    let mut trailer = [0u8; CHUNK_HEADER_LEN as usize];
     // One spare byte shows a file longer than its entry.
-    let mut data: Vec<u8> = Vec::with_capacity(len + 1);
+    let mut spare = [0u8; 1];
+    let mut data: Vec<u8> = Vec::with_capacity(len);
     let want = CHUNK_HEADER_LEN as usize + len;
     let mut got = 0usize;
     while got < want + 1 {
-        let (iov, n_iov) = if got < CHUNK_HEADER_LEN as usize {
-            (
-                [
-                    libc::iovec {
-                        iov_base: header[got..].as_mut_ptr().cast(),
-                        iov_len: CHUNK_HEADER_LEN as usize - got,
-                    },
-                    libc::iovec {
-                        iov_base: data.as_mut_ptr().cast(),
-                        iov_len: len + 1,
-                    },
-                ],
-                2,
-            )
-        } else {
-            let at = got - CHUNK_HEADER_LEN as usize;
-            (
-                [
-                    libc::iovec {
-                        // SAFETY: `at` <= len < capacity.
-                        iov_base: unsafe { data.as_mut_ptr().add(at) }.cast(),
-                        iov_len: len + 1 - at,
-                    },
-                    libc::iovec {
-                        iov_base: std::ptr::null_mut(),
-                        iov_len: 0,
-                    },
-                ],
-                1,
-            )
-        };
-        // SAFETY: every iovec points into `header` or into the capacity of `data`, both alive
-        // and not otherwise borrowed during the call; the kernel writes at most iov_len bytes.
+        let mut iov = Vec::with_capacity(3);
+        if got < len {
+            iov.push(libc::iovec {
+                // SAFETY: got < len <= capacity.
+                iov_base: unsafe { data.as_mut_ptr().add(got) }.cast(),
+                iov_len: len - got,
+            });
+        }
+        if got < want {
+            let t = got.saturating_sub(len);
+            iov.push(libc::iovec {
+                iov_base: trailer[t..].as_mut_ptr().cast(),
+                iov_len: CHUNK_HEADER_LEN as usize - t,
+            });
+        }
+        iov.push(libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: 1,
+        });
+        // SAFETY: every iovec points into `data`'s capacity, `trailer` or `spare`, all alive
+        // and not otherwise borrowed during the call; the kernel writes at most iov_len each.
         let n = unsafe {
             libc::preadv(
                 entry.file.as_raw_fd(),
                 iov.as_ptr(),
-                n_iov,
+                iov.len() as libc::c_int,
                 got as libc::off_t,
             )
         };
@@ -926,9 +1011,9 @@ fn read_whole(entry: &OpenEntry, unit: u64) -> std::result::Result<Vec<u8>, Stri
             format!("file is longer than {want} bytes")
         });
     }
-    // SAFETY: the kernel wrote bytes 0..len of the capacity (got == want).
+    // SAFETY: the kernel wrote bytes 0..len of the capacity (got >= len).
     unsafe { data.set_len(len) };
-    let expected_crc = check_header(&header, entry.key, unit, entry.len)?;
+    let expected_crc = check_header(&trailer, entry.key, unit, entry.len)?;
     let crc = crc32c::crc32c(&data);
     if crc != expected_crc {
         return Err(format!(
@@ -1017,9 +1102,9 @@ fn write_entry(tmp: &Path, image: u64, offset: u64, unit: u64, data: &[u8]) -> R
         .create_new(true)
         .open(tmp)
         .map_err(io("create"))?;
+    file.write_all(data).map_err(io("write"))?;
     file.write_all(&encode_header((image, offset), unit, data))
         .map_err(io("write"))?;
-    file.write_all(data).map_err(io("write"))?;
     // Not fdatasync'ed: a cache entry is worth less than the write stall (one sync per
     // object would bound archived reads by the SSD's sync rate); the kernel's writeback and
     // dirty-page limits take it from here. An entry a crash leaves incomplete fails its
