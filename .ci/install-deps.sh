@@ -21,12 +21,13 @@ fi
 
 # Debian packages. Runtime: fuse3 (fusermount3, /etc/fuse.conf), erofs-utils (mkfs/fsck.erofs),
 # fio (benchmarks), attr/acl (getfattr/setfacl; acl also for pjdfstest), ffmpeg (ffprobe), file,
+# strace (what sniffers read, in the video tests), libglib2.0-bin (gio, a file manager's sniff),
 # kmod (modprobe), mount + util-linux (mount, findmnt, mountpoint, losetup), procps, python3
 # (runner helpers), time (/usr/bin/time).
 # Build: build-essential + pkg-config for the cargo tools, libacl1-dev (pjdfstest links libacl
 # through the exacl crate), ca-certificates for crates.io over TLS.
 APT_PACKAGES=(
-    fuse3 erofs-utils fio attr acl libacl1-dev ffmpeg file
+    fuse3 erofs-utils fio attr acl libacl1-dev ffmpeg file strace libglib2.0-bin
     build-essential pkg-config ca-certificates
     kmod mount util-linux procps python3 time
 )

@@ -23,7 +23,9 @@
 
 #define CHUNK (1 << 20)
 /* 64 MiB of pseudo-random data written cyclically: incompressible within a chunk and not
- * trivially zero, so no target can take a sparse-file or zero-detection shortcut. */
+ * trivially zero, so no target can take a sparse-file or zero-detection shortcut. Every 4 KiB
+ * block written is stamped with its position in the file, so no two blocks are equal and
+ * deduplication (spinfs seals dedup identical chunks) cannot shrink what is stored either. */
 #define PATTERN (64u << 20)
 
 static double now(void)
@@ -57,6 +59,10 @@ static int seqwrite(const char *path, long mib)
         die("open", path);
     size_t off = 0;
     for (long i = 0; i < mib; i++) {
+        for (size_t b = 0; b < CHUNK; b += 4096) {
+            uint64_t at = (uint64_t)i * CHUNK + b;
+            memcpy(buf + off + b, &at, 8);
+        }
         size_t done = 0;
         while (done < CHUNK) {
             ssize_t n = write(fd, buf + off + done, CHUNK - done);

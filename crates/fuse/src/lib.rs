@@ -323,10 +323,13 @@ const NEGATIVE: Attr = Attr {
 
 impl Filesystem for SpinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Archived files are opened with direct I/O (see `open`); FUSE_DIRECT_IO_ALLOW_MMAP
+        // keeps shared read-only mmap of them working.
         let wanted = InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         let _ = config.add_capabilities(wanted & config.capabilities());
         if self.passthrough.load(Ordering::Relaxed) {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -519,6 +522,15 @@ impl Filesystem for SpinFs {
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &map[&ino.0].id);
         }
+        if regular && handle.serves_archived() {
+            // Archived data: direct I/O, so the kernel sends exactly the reads the application
+            // makes. With the page cache, its readahead would turn a 4 KiB header sniff into
+            // reads of 16-128 KiB and more, past the head cache and onto the media (SPEC
+            // problem 4); sequential readers get the daemon's own read-ahead instead (units).
+            // Direct-I/O opens do not put the inode in cached mode, so they do not block
+            // passthrough opens either.
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        }
         if regular {
             // The kernel refuses passthrough opens of an inode while cached opens exist.
             *self.cached_opens.lock().unwrap().entry(ino.0).or_insert(0) += 1;
@@ -538,9 +550,14 @@ impl Filesystem for SpinFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.vol.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(err(e)),
+        let mut reply = Some(reply);
+        let sent = self.vol.read_with(fh.0, offset, size, |d| {
+            if let Some(r) = reply.take() {
+                r.data(d);
+            }
+        });
+        if let (Err(e), Some(r)) = (sent, reply.take()) {
+            r.error(err(e));
         }
     }
 

@@ -86,17 +86,20 @@ struct BlobDevices {
     cache: Option<Arc<UnitCache>>,
 }
 
-impl DeviceReader for BlobDevices {
-    fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let Some(src) = (device as usize)
+impl BlobDevices {
+    fn source(&self, device: u16) -> std::io::Result<&BlobSource> {
+        (device as usize)
             .checked_sub(1)
             .and_then(|i| self.devices.get(i))
-        else {
-            return Err(std::io::Error::other(format!(
-                "layer {}: no blob for device {device}",
-                self.layer
-            )));
-        };
+            .ok_or_else(|| {
+                std::io::Error::other(format!("layer {}: no blob for device {device}", self.layer))
+            })
+    }
+}
+
+impl DeviceReader for BlobDevices {
+    fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let src = self.source(device)?;
         let Some(cache) = &self.cache else {
             let opts = ReadOptions {
                 timeout: src.timeout,
@@ -109,28 +112,15 @@ impl DeviceReader for BlobDevices {
             buf.copy_from_slice(&data);
             return Ok(());
         };
-        // Unit by unit: from memory, the SSD cache, or the media (see `units`).
-        let unit = cache.unit();
-        let blob = src.extents.image.id;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let start = pos - pos % unit;
-            let within = (pos - start) as usize;
-            let want = (buf.len() - done).min(unit as usize - within);
-            let data = cache.get(src, start, done == 0)?;
-            let end = within + want;
-            if end > data.len() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("layer {}: read past the end of blob {blob}", self.layer),
-                ));
-            }
-            buf[done..done + want].copy_from_slice(&data[within..end]);
-            done += want;
-        }
-        Ok(())
+        // From memory, the SSD cache, or the media (see `units`).
+        cache.read(src, offset, buf)
     }
+}
+
+thread_local! {
+    /// Replies that are not one slice of a cached unit are assembled here: one buffer per
+    /// FUSE worker thread, grown to the largest request and never zero-filled again.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn eio<E: std::fmt::Display>(layer: u64) -> impl Fn(E) -> Errno {
@@ -308,32 +298,74 @@ impl ArchivedLayer {
         self.image()?.xattrs(inode).map_err(eio(self.id))
     }
 
-    /// Reads file data; returns the bytes read (short at end of file). Reads inside the head
-    /// of the file come from the head cache, never from the media.
+    /// Reads file data into `buf`; returns the bytes read (short at end of file).
     pub fn read(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
-        if let Some(heads) = &self.heads
-            && offset < heads.head_size()
-            && let Some(head) = self.head(heads, inode)
-        {
-            let hl = head.len() as u64;
-            let end = (offset + buf.len() as u64).min(inode.size);
-            if offset >= inode.size {
-                return Ok(0);
-            }
-            if end <= hl {
-                let n = (end - offset) as usize;
-                buf[..n].copy_from_slice(&head[offset as usize..end as usize]);
-                return Ok(n);
-            }
-        }
-        self.image()?
-            .read_data(inode, offset, buf, &self.blobs)
-            .map_err(eio(self.id))
+        self.read_with(inode, offset, buf.len(), |data| {
+            buf[..data.len()].copy_from_slice(data);
+            data.len()
+        })
     }
 
-    fn head(&self, heads: &HeadCache, inode: &Inode) -> Option<Vec<u8>> {
+    /// Calls `reply` with the file's bytes from `offset`, up to `len` (short at end of file),
+    /// without copying them where it can: reads inside the head or the tail of the file come
+    /// from the head cache (never from the media), a read whose units were loaded together
+    /// (one unit, or a run read ahead) is replied from their buffer, anything else is
+    /// assembled in a per-thread buffer.
+    pub fn read_with<R>(
+        &self,
+        inode: &Inode,
+        offset: u64,
+        len: usize,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, Errno> {
+        let size = inode.size;
+        if offset >= size || len == 0 {
+            return Ok(reply(&[]));
+        }
+        let end = offset.saturating_add(len as u64).min(size);
+        let n = (end - offset) as usize;
+        if let Some(heads) = &self.heads
+            && (offset < heads.head_size() || end > size.saturating_sub(heads.tail_size()))
+            && let Some(edges) = self.edges(heads, inode)
+            && let Some(bytes) = edges.range(size, offset, end)
+        {
+            return Ok(reply(bytes));
+        }
+        let img = self.image()?;
+        if let Some(cache) = &self.blobs.cache
+            && let [e] = img
+                .map(inode, offset, n as u64)
+                .map_err(eio(self.id))?
+                .as_slice()
+            && e.offset == offset
+            && e.len == n as u64
+            && let Some((dev, at)) = e.location.filter(|&(dev, _)| dev > 0)
+        {
+            let src = self.blobs.source(dev).map_err(eio(self.id))?;
+            if let Some(bytes) = cache.read_joined(src, at, n as u64).map_err(eio(self.id))? {
+                return Ok(reply(&bytes));
+            }
+        }
+        SCRATCH.with(|cell| {
+            let mut fresh = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let buf = match held.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut fresh,
+            };
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let got = img
+                .read_data(inode, offset, &mut buf[..n], &self.blobs)
+                .map_err(eio(self.id))?;
+            Ok(reply(&buf[..got]))
+        })
+    }
+
+    fn edges(&self, heads: &HeadCache, inode: &Inode) -> Option<crate::cache::Edges> {
         let ino = self.image().ok()?.spinfs_ino(inode).ok()??;
-        match heads.get(ino) {
+        match heads.edges(ino) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(layer = self.id, ino, "head cache: {e}");

@@ -299,6 +299,29 @@ impl LowerPart {
         }
     }
 
+    /// Calls `reply` with the file's bytes from `offset`, up to `len` (short at end of
+    /// file), without copying archived bytes where it can (see `ArchivedLayer::read_with`).
+    pub fn read_with<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> SysResult<R> {
+        match self {
+            LowerPart::Image { layer, inode } => layer.read_with(inode, offset, len, reply),
+            LowerPart::Tree { .. } => {
+                let mut buf = vec![0u8; len];
+                let n = self.read(offset, &mut buf)?;
+                Ok(reply(&buf[..n]))
+            }
+        }
+    }
+
+    /// Whether this is a file of an archived layer (its data comes from the media).
+    pub fn is_archived(&self) -> bool {
+        matches!(self, LowerPart::Image { .. })
+    }
+
     /// First data (or hole) offset at or after `offset`; `None` past the end.
     pub fn seek(&self, offset: u64, data: bool) -> SysResult<Option<u64>> {
         match self {

@@ -335,8 +335,9 @@ pub fn seal_generation(
     })
 }
 
-/// Writes the head cache of a layer: the first `head_size` bytes of every regular file,
-/// keyed by inode number.
+/// Writes the head cache of a layer: the first and the last `head_size` bytes of every
+/// regular file (the tail only where the file is longer than its head), keyed by inode
+/// number.
 fn write_heads(
     layout: &StoreLayout,
     tree: &Tree,
@@ -360,7 +361,8 @@ fn write_heads(
         head_size.min(crate::cache::MAX_HEAD_SIZE),
     )
     .map_err(cache_err)?;
-    let mut buf = vec![0u8; head_size.min(crate::cache::MAX_HEAD_SIZE) as usize];
+    let edge = head_size.min(crate::cache::MAX_HEAD_SIZE) as usize;
+    let mut buf = vec![0u8; 2 * edge];
     let mut seen = std::collections::HashSet::new();
     for id in 0..tree.len() as NodeId {
         let node = tree.node(id);
@@ -370,27 +372,39 @@ fn write_heads(
         if !seen.insert(node.meta.ino) {
             continue;
         }
-        let want = (data.size as usize).min(buf.len());
+        let head = (data.size as usize).min(edge);
+        let tail = (data.size - head as u64).min(edge as u64) as usize;
+        let tail_at = data.size - tail as u64;
+        let (head_buf, tail_buf) = buf.split_at_mut(edge);
         let read = match &data.source {
             Some(Source::Path(path)) => fs::File::open(path)
-                .and_then(|f| f.read_exact_at(&mut buf[..want], 0))
+                .and_then(|f| {
+                    f.read_exact_at(&mut head_buf[..head], 0)?;
+                    f.read_exact_at(&mut tail_buf[..tail], tail_at)
+                })
                 .map_err(|error| SealError::Io {
                     generation,
                     path: path.clone(),
                     error,
                 }),
-            Some(Source::Reader(r)) => {
-                r.read_at(&mut buf[..want], 0)
-                    .map_err(|error| SealError::Io {
-                        generation,
-                        path: layout.layer_heads(layer_id),
-                        error,
-                    })
-            }
+            Some(Source::Reader(r)) => r
+                .read_at(&mut head_buf[..head], 0)
+                .and_then(|()| r.read_at(&mut tail_buf[..tail], tail_at))
+                .map_err(|error| SealError::Io {
+                    generation,
+                    path: layout.layer_heads(layer_id),
+                    error,
+                }),
             None => continue,
         };
         read?;
-        w.add(node.meta.ino, &buf[..want]).map_err(cache_err)?;
+        w.add_file(
+            node.meta.ino,
+            data.size,
+            &head_buf[..head],
+            &tail_buf[..tail],
+        )
+        .map_err(cache_err)?;
     }
     w.finish().map_err(cache_err)?;
     Ok(())

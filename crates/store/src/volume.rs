@@ -283,6 +283,13 @@ impl Handle {
         }
     }
 
+    /// Whether the daemon serves this handle's data from an archived layer (head cache,
+    /// unit cache, media): the FUSE adapter opens such files with direct I/O so the kernel
+    /// asks for exactly what the application reads (no readahead past a sniffed header).
+    pub fn serves_archived(&self) -> bool {
+        matches!(&self.kind, HandleKind::Lower(part) if part.is_archived())
+    }
+
     fn fd(&self) -> SysResult<BorrowedFd<'_>> {
         match &self.kind {
             HandleKind::Upper(fd) => Ok(fd.as_fd()),
@@ -2001,6 +2008,47 @@ impl Volume {
         let attr = self.remember_upper(parent, &place, &cname)?;
         let fh = self.add_handle(attr.ino, HandleKind::Upper(fd), true);
         Ok((attr, fh, self.handle(fh)?))
+    }
+
+    /// Calls `reply` with up to `size` bytes of the file from `offset` (short at end of
+    /// file), without an intermediate copy where it can (archived data) and without zero-filling
+    /// a fresh buffer for every request (one buffer per thread otherwise).
+    pub fn read_with<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> SysResult<R> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let h = self.handle(fh)?;
+        match &h.kind {
+            HandleKind::Upper(fd) => BUF.with(|cell| {
+                let mut fresh = Vec::new();
+                let mut held = cell.try_borrow_mut();
+                let buf = match held.as_deref_mut() {
+                    Ok(b) => b,
+                    Err(_) => &mut fresh,
+                };
+                let want = size as usize;
+                if buf.len() < want {
+                    buf.resize(want, 0);
+                }
+                let mut done = 0;
+                while done < want {
+                    let n = sys::pread(fd.as_fd(), &mut buf[done..want], offset + done as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                Ok(reply(&buf[..done]))
+            }),
+            HandleKind::Lower(part) => part.read_with(offset, size as usize, reply),
+            HandleKind::Merged(_) => Err(Errno::EISDIR),
+        }
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> SysResult<Vec<u8>> {

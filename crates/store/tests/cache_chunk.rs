@@ -71,13 +71,17 @@ fn round_trip_sub_range_reads_and_argument_checks() {
     let s = cache.stats();
     assert_eq!((s.hits, s.misses, s.entries), (7, 1, 2));
     assert_eq!(s.bytes, 2 * CHUNK_HEADER_LEN + unit + 1000);
+    assert_eq!(cache.load(2, 0).unwrap().map(|d| d.len()), None);
 
+    // Keys are the caller's: any offset (the store uses media object boundaries).
+    cache.put(1, 5, b"x").unwrap();
+    assert_eq!(cache.get(1, 5).unwrap().as_deref(), Some(&b"x"[..]));
+    assert_eq!(cache.load(1, 5).unwrap().as_deref(), Some(&b"x"[..]));
+    assert_eq!(cache.load(1, 0).unwrap().as_deref(), Some(&full[..]));
+    assert_eq!(cache.get(1, 4096).unwrap(), None);
     for bad in [
-        cache.put(1, 5, b"x"),
         cache.put(1, 0, b""),
         cache.put(1, 0, &vec![0; unit as usize + 1]),
-        cache.get(1, 4096).map(|_| ()),
-        cache.read(1, 1, 0, &mut buf).map(|_| ()),
     ] {
         assert!(
             matches!(bad, Err(CacheError::InvalidArgument { .. })),
@@ -297,7 +301,8 @@ fn crash_leftovers_are_removed_at_open() {
     let whole = fs::read(entry_path(dir.path(), 3, 0)).unwrap();
     fs::write(dir.path().join("tmp").join("4242.0"), &whole[..500]).unwrap();
     fs::write(dir.path().join("tmp").join("4242.1"), &whole).unwrap();
-    // Entry files that cannot be entries: header only, misaligned offset, bad name.
+    // Entry files that cannot be entries: header only, bad name; and one whose header names
+    // another key (found damaged when read).
     let image_dir = dir.path().join(format!("i{:016x}", 3));
     fs::write(image_dir.join(format!("{:016x}", 2 * UNIT)), &whole[..64]).unwrap();
     fs::write(image_dir.join(format!("{:016x}", 5)), &whole).unwrap();
@@ -308,7 +313,13 @@ fn crash_leftovers_are_removed_at_open() {
 
     let cache = ChunkCache::open(dir.path(), 1 << 20, UNIT).unwrap();
     assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-    assert_eq!(cache.stats().entries, 2);
+    assert_eq!(cache.stats().entries, 3);
+    assert_eq!(
+        cache.get(3, 5).unwrap(),
+        None,
+        "a header naming offset 0 at key 5"
+    );
+    assert_eq!((cache.stats().entries, cache.stats().corrupt), (2, 1));
     assert_eq!(fs::read_dir(&image_dir).unwrap().count(), 2);
     assert!(!dir.path().join(format!("i{:016x}", 4)).exists());
     assert!(dir.path().join("README").exists());

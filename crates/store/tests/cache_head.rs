@@ -215,14 +215,14 @@ fn truncation_extension_and_other_versions_are_rejected() {
     fs::write(&cut, &longer).unwrap();
     assert!(HeadCache::open(&cut).is_err());
 
-    let mut v2 = pristine.clone();
-    v2[8] = 2;
-    let crc = crc32c::crc32c(&v2[..60]);
-    v2[60..64].copy_from_slice(&crc.to_le_bytes());
-    fs::write(&cut, &v2).unwrap();
+    let mut v3 = pristine.clone();
+    v3[8] = 3;
+    let crc = crc32c::crc32c(&v3[..60]);
+    v3[60..64].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&cut, &v3).unwrap();
     assert!(matches!(
         HeadCache::open(&cut),
-        Err(CacheError::HeadVersion { found: 2, .. })
+        Err(CacheError::HeadVersion { found: 3, .. })
     ));
     assert!(matches!(
         HeadCache::open(&dir.path().join("missing")),
@@ -433,4 +433,101 @@ proptest! {
         }
         prop_assert!(merged.verify().is_empty());
     }
+}
+
+/// Heads and tails: the edges of files of every size relative to the head and tail sizes,
+/// served for exactly the ranges they hold, for the size they were recorded for, and carried
+/// through a merge (cut to a smaller head size).
+#[test]
+fn tails_round_trip_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("heads.1");
+    let edge = 100usize;
+    let sizes = [0usize, 1, 99, 100, 101, 150, 199, 200, 201, 1000, 100_000];
+    let mut w = HeadCacheWriter::create(&path, 1, edge as u64).unwrap();
+    let files: Vec<(u64, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (i as u64 + 10, head_for(i as u64, n)))
+        .collect();
+    for (k, f) in &files {
+        let head = f.len().min(edge);
+        let tail = (f.len() - head).min(edge);
+        w.add_file(*k, f.len() as u64, &f[..head], &f[f.len() - tail..])
+            .unwrap();
+    }
+    // A tail that would overlap the head is refused.
+    assert!(
+        w.add_file(99, 150, &files[5].1[..100], &files[5].1[..100])
+            .is_err()
+    );
+    let info = w.finish().unwrap();
+    assert_eq!((info.head_size, info.tail_size), (edge as u64, edge as u64));
+    let cache = HeadCache::open(&path).unwrap();
+    assert_eq!(cache.tail_size(), edge as u64);
+    for (k, f) in &files {
+        let size = f.len() as u64;
+        let e = cache.edges(*k).unwrap().unwrap();
+        assert_eq!(e.size, Some(size));
+        assert_eq!(e.head(), &f[..f.len().min(edge)]);
+        assert_eq!(cache.get(*k).unwrap().unwrap(), e.head());
+        for (a, b) in [
+            (0, 1),
+            (0, 50),
+            (0, 100),
+            (99, 101),
+            (0, size),
+            (size.saturating_sub(1), size),
+            (size.saturating_sub(100), size),
+            (size.saturating_sub(101), size),
+            (size / 2, size / 2 + 1),
+        ] {
+            let (a, b) = (a.min(size), b.min(size));
+            let held = b <= edge as u64
+                || a >= size.saturating_sub(edge as u64).max(edge as u64)
+                || size <= 2 * edge as u64;
+            match e.range(size, a, b) {
+                Some(bytes) => {
+                    assert!(held, "key {k}: {a}..{b} of {size} served");
+                    assert_eq!(bytes, &f[a as usize..b as usize], "key {k}: {a}..{b}");
+                }
+                None => assert!(!held, "key {k}: {a}..{b} of {size} not served"),
+            }
+        }
+        // Recorded for another size: nothing is served from these edges.
+        assert_eq!(e.range(size + 1, 0, 1.min(size)), None);
+    }
+    assert!(cache.verify().is_empty());
+
+    // Merged with a smaller head size: heads and tails cut, still right.
+    let out = dir.path().join("heads.2");
+    let same = |k: u64| Some(k);
+    let info = merge_heads(
+        &out,
+        2,
+        40,
+        &[MergeInput {
+            cache: &cache,
+            key_map: &same,
+        }],
+    )
+    .unwrap();
+    assert_eq!(info.count, files.len() as u64);
+    let merged = HeadCache::open(&out).unwrap();
+    for (k, f) in &files {
+        let e = merged.edges(*k).unwrap().unwrap();
+        let head = f.len().min(40);
+        let tail = (f.len() - f.len().min(edge)).min(edge).min(40);
+        assert_eq!(e.head(), &f[..head], "key {k}");
+        assert_eq!(e.tail(), &f[f.len() - tail..], "key {k}");
+        let size = f.len() as u64;
+        if size > 0 {
+            assert_eq!(
+                e.range(size, size - 1, size).map(|b| b.to_vec()),
+                (tail > 0 || size <= 40).then(|| f[f.len() - 1..].to_vec()),
+                "key {k}"
+            );
+        }
+    }
+    assert!(merged.verify().is_empty());
 }

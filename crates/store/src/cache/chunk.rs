@@ -4,21 +4,32 @@
 //!
 //! ```text
 //! lock                      flock'ed while a ChunkCache has the directory open
-//! format                    magic, version, unit, CRC32C: entries written with another unit are dropped
+//! format                    magic, version, unit, CRC32C: entries written with another unit or
+//!                           format version are dropped
 //! tmp/                      entries being written; emptied at open
-//! i<image:016x>/<offset:016x>   one file per entry: a 64-byte header, then the data
+//! i<image:016x>/<offset:016x>   one file per entry: the data, then a 64-byte trailer
 //! ```
 //!
-//! Entry header (little endian): magic `SPNFSCHK`, version u32, reserved u32, image u64,
+//! Entry trailer (little endian): magic `SPNFSCHK`, version u32, reserved u32, image u64,
 //! offset u64, unit u64, data length u64, CRC32C of the data u32, 8 reserved bytes, CRC32C of
-//! the 60 bytes before it. An entry is written under `tmp/`, fdatasync'ed and renamed into
-//! place, so a name only ever refers to a whole entry; a crash leaves at worst a file in
-//! `tmp/` (removed at open) or loses a recent entry (a miss). Every read checks the header,
-//! the length and the data CRC before any byte is reported as a hit.
+//! the 60 bytes before it. The data comes first so that it starts on a block boundary: whole
+//! entries are read with O_DIRECT ([`ChunkCache::load_run`]), several back to back into one
+//! 4 KiB-aligned buffer ([`EntryData`]), with no page-cache copy. An entry is written under
+//! `tmp/` and renamed into place without an fdatasync (the kernel writes it back): a crash
+//! leaves at worst a file in `tmp/` (removed at open), loses a recent entry, or leaves a
+//! recent entry incomplete. Every read checks the trailer, the length and the data CRC before
+//! any byte is reported as a hit, so an incomplete entry is a miss (counted as damaged) and is
+//! dropped.
+//!
+//! Keys are (image, offset) pairs the caller chooses: any offset, data 1..=unit bytes (the
+//! store keys by the image offset of a media object, so entries follow the objects). Entries
+//! never overlap in practice, but the cache does not rely on it.
 //!
 //! Recency is a hybrid logical clock (wall-clock nanoseconds, forced strictly increasing)
 //! kept in memory and mirrored in each entry file's mtime, so a reopened cache evicts in the
-//! same order (to the timestamp resolution of the SSD's filesystem).
+//! same order (to the timestamp resolution of the SSD's filesystem). Hits only mark the
+//! entry: [`ChunkCache::flush_recency`] (called off the read path, and when the cache is
+//! dropped) writes the mtimes, so a hit costs no metadata write.
 
 use super::bytes::{get_u32, get_u64, put_u32, put_u64};
 use super::{CacheError, Result, invalid, io_err};
@@ -41,7 +52,12 @@ pub const MAX_UNIT: u64 = 256 << 20;
 
 const ENTRY_MAGIC: &[u8; 8] = b"SPNFSCHK";
 const FORMAT_MAGIC: &[u8; 8] = b"SPNFSCCD";
-const VERSION: u32 = 1;
+/// Version of the entry trailer (2: data first, then the 64 bytes that were a header in 1).
+const VERSION: u32 = 2;
+/// Version of the directory format: 2 = keys at any offset (media object boundaries), entry
+/// data first and its 64-byte record last; the entries of a version-1 directory (keys at
+/// multiples of the unit, record first) are dropped at open.
+const FORMAT_VERSION: u32 = 2;
 const FORMAT_LEN: usize = 32;
 const FORMAT_FILE: &str = "format";
 const LOCK_FILE: &str = "lock";
@@ -100,6 +116,8 @@ struct Index {
     bytes: u64,
     last_tick: u64,
     next_generation: u64,
+    /// Entries whose recency tick is newer than their file's mtime.
+    unsynced: std::collections::BTreeSet<Key>,
 }
 
 impl Index {
@@ -128,6 +146,7 @@ impl Index {
 
     fn remove(&mut self, key: Key) -> Option<Slot> {
         let slot = self.entries.remove(&key)?;
+        self.unsynced.remove(&key);
         self.recency.remove(&slot.tick);
         self.bytes -= CHUNK_HEADER_LEN + slot.len;
         Some(slot)
@@ -253,16 +272,113 @@ impl ChunkCache {
     }
 
     /// The whole entry at (image, offset), verified; `None` on a miss or a damaged entry.
+    /// One open, one vectored read of header and data straight into the returned buffer (no
+    /// zero fill), one CRC pass.
     pub fn get(&self, image: u64, offset: u64) -> Result<Option<Vec<u8>>> {
-        self.check_offset(offset)?;
         let Some(entry) = self.open_entry((image, offset))? else {
             return Ok(None);
         };
-        let mut buf = vec![0u8; entry.len as usize];
-        Ok(self.finish_read(entry, 0, &mut buf).map(|n| {
-            buf.truncate(n);
-            buf
-        }))
+        match read_whole(&entry, self.unit) {
+            Ok(data) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(data))
+            }
+            Err(reason) => {
+                self.drop_damaged(&entry, &reason);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The whole entry at (image, offset), verified, read with O_DIRECT where possible (see
+    /// [`load_run`](Self::load_run)); `None` on a miss or a damaged entry.
+    pub fn load(&self, image: u64, offset: u64) -> Result<Option<EntryData>> {
+        let len = self.lock().entries.get(&(image, offset)).map(|s| s.len);
+        match len {
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Some(len) => Ok(self.load_run(image, &[(offset, len)])?.pop()),
+        }
+    }
+
+    /// Loads the entries `(offset, length)` of `image` in order into one buffer, back to back
+    /// (each a view of it, see [`EntryData::join`]), each verified; stops at the first one that
+    /// is missing, of another length or damaged, and after one whose length is not a multiple
+    /// of 4 KiB (the next could not follow it in an O_DIRECT read). The files are read with
+    /// O_DIRECT where the filesystem takes it: the SSD writes data and trailer straight into
+    /// the buffer, no page-cache copy.
+    pub fn load_run(&self, image: u64, entries: &[(u64, u64)]) -> Result<Vec<EntryData>> {
+        let total: u64 = entries.iter().map(|&(_, l)| l).sum();
+        if entries.is_empty() || total == 0 {
+            return Ok(Vec::new());
+        }
+        let tail = (CHUNK_HEADER_LEN as usize + 1).next_multiple_of(DIRECT_ALIGN);
+        let mut buf = Buf::aligned((total as usize).next_multiple_of(DIRECT_ALIGN) + tail);
+        let mut placed: Vec<(usize, usize)> = Vec::new();
+        let mut pos = 0usize;
+        for &(offset, want_len) in entries {
+            let Some(entry) = self.open_entry_with((image, offset), true)? else {
+                break;
+            };
+            if entry.len != want_len {
+                break;
+            }
+            let len = entry.len as usize;
+            let want = len + CHUNK_HEADER_LEN as usize;
+            // Data, trailer, and a spare block that shows a longer file.
+            let ask = (want + 1).next_multiple_of(DIRECT_ALIGN);
+            let read = match buf.pread(&entry.file, pos, ask, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // O_DIRECT refused (alignment): the same read, buffered.
+                    File::open(&entry.path)
+                        .and_then(|f| buf.pread(&f, pos, ask, 0))
+                        .map_err(|e| format!("read error: {e}"))
+                }
+                Err(e) => Err(format!("read error: {e}")),
+                Ok(n) => Ok(n),
+            };
+            let checked = read.and_then(|n| {
+                if n != want {
+                    return Err(if n < want {
+                        "truncated".to_string()
+                    } else {
+                        format!("file is longer than {want} bytes")
+                    });
+                }
+                let bytes = &buf.bytes()[pos..pos + want];
+                let trailer: &[u8; CHUNK_HEADER_LEN as usize] =
+                    bytes[len..].try_into().expect("64 bytes");
+                let expected = check_header(trailer, entry.key, self.unit, entry.len)?;
+                let crc = crc32c::crc32c(&bytes[..len]);
+                if crc != expected {
+                    return Err(format!(
+                        "data checksum mismatch (recorded {expected:08x}, computed {crc:08x})"
+                    ));
+                }
+                Ok(())
+            });
+            if let Err(reason) = checked {
+                self.drop_damaged(&entry, &reason);
+                break;
+            }
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            placed.push((pos, len));
+            pos += len;
+            if len % DIRECT_ALIGN != 0 {
+                break;
+            }
+        }
+        let buf = std::sync::Arc::new(buf);
+        Ok(placed
+            .into_iter()
+            .map(|(start, len)| EntryData {
+                buf: buf.clone(),
+                start,
+                len,
+            })
+            .collect())
     }
 
     /// Copies the entry's bytes from `within` (an offset inside the unit) into `buf`, after
@@ -276,7 +392,6 @@ impl ChunkCache {
         within: u64,
         buf: &mut [u8],
     ) -> Result<Option<usize>> {
-        self.check_offset(offset)?;
         let Some(entry) = self.open_entry((image, offset))? else {
             return Ok(None);
         };
@@ -284,12 +399,11 @@ impl ChunkCache {
     }
 
     /// Stores `data` as the entry at (image, offset), replacing any previous one, and evicts
-    /// the least recently used entries beyond the capacity. `offset` must be a multiple of the
-    /// unit and `data` 1..=unit bytes long. A no-op when the cache is disabled or the entry
+    /// the least recently used entries beyond the capacity. `data` must be 1..=unit bytes
+    /// long. A no-op when the cache is disabled or the entry
     /// alone is larger than the capacity. An error (a full or failing SSD) leaves the cache
     /// as it was; a reader should log it and carry on with the bytes it fetched.
     pub fn put(&self, image: u64, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_offset(offset)?;
         let len = data.len() as u64;
         if data.is_empty() || len > self.unit {
             return Err(invalid(
@@ -434,14 +548,34 @@ impl ChunkCache {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn check_offset(&self, offset: u64) -> Result<()> {
-        if !offset.is_multiple_of(self.unit) {
-            return Err(invalid(
-                format!("chunk cache offset {offset}"),
-                format!("not a multiple of the unit {}", self.unit),
-            ));
+    /// Writes the recency of entries hit since the last call into their files' mtimes (see
+    /// the module documentation); returns how many were written. Failures only make recency
+    /// after a restart less exact.
+    pub fn flush_recency(&self) -> usize {
+        let pending: Vec<(Key, u64)> = {
+            let mut index = self.lock();
+            let keys = std::mem::take(&mut index.unsynced);
+            keys.into_iter()
+                .filter_map(|k| index.entries.get(&k).map(|s| (k, s.tick)))
+                .collect()
+        };
+        for &((image, offset), tick) in &pending {
+            set_mtime_path(&self.entry_path(image, offset), tick);
         }
-        Ok(())
+        pending.len()
+    }
+
+    /// Entries hit whose recency is not yet written (see [`flush_recency`](Self::flush_recency)).
+    pub fn unsynced_recency(&self) -> usize {
+        self.lock().unsynced.len()
+    }
+
+    fn drop_damaged(&self, entry: &OpenEntry, reason: &str) {
+        tracing::warn!(path = %entry.path.display(), %reason, "chunk cache: damaged entry dropped");
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let mut index = self.lock();
+        self.drop_if_current(&mut index, entry.key, entry.generation);
     }
 
     fn image_dir(&self, image: u64) -> PathBuf {
@@ -468,12 +602,26 @@ impl ChunkCache {
 
     /// Looks the key up and opens its file under the lock, counting a miss if absent.
     fn open_entry(&self, key: Key) -> Result<Option<OpenEntry>> {
+        self.open_entry_with(key, false)
+    }
+
+    fn open_entry_with(&self, key: Key, direct: bool) -> Result<Option<OpenEntry>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut index = self.lock();
         let opened = match index.entries.get(&key) {
             None => None,
             Some(slot) => {
                 let path = self.entry_path(key.0, key.1);
-                match File::open(&path) {
+                let mut options = OpenOptions::new();
+                options.read(true);
+                if direct {
+                    options.custom_flags(libc::O_DIRECT);
+                }
+                let file = match options.open(&path) {
+                    Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => File::open(&path),
+                    other => other,
+                };
+                match file {
                     Ok(file) => Some(OpenEntry {
                         file,
                         path,
@@ -496,8 +644,8 @@ impl ChunkCache {
                 Ok(None)
             }
             Some(entry) => {
-                if let Some(tick) = index.touch(key) {
-                    set_mtime(&entry.file, &entry.path, tick);
+                if index.touch(key).is_some() {
+                    index.unsynced.insert(key);
                 }
                 Ok(Some(entry))
             }
@@ -527,11 +675,7 @@ impl ChunkCache {
                 Some(n)
             }
             Err(reason) => {
-                tracing::warn!(path = %entry.path.display(), %reason, "chunk cache: damaged entry dropped");
-                self.corrupt.fetch_add(1, Ordering::Relaxed);
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                let mut index = self.lock();
-                self.drop_if_current(&mut index, entry.key, entry.generation);
+                self.drop_damaged(&entry, &reason);
                 None
             }
         }
@@ -573,9 +717,9 @@ impl ChunkCache {
                 CHUNK_HEADER_LEN + entry.len
             ));
         }
-        let mut header = [0u8; CHUNK_HEADER_LEN as usize];
-        read_at(&entry.file, &mut header, 0)?;
-        let expected_crc = check_header(&header, entry.key, self.unit, entry.len)?;
+        let mut trailer = [0u8; CHUNK_HEADER_LEN as usize];
+        read_at(&entry.file, &mut trailer, entry.len)?;
+        let expected_crc = check_header(&trailer, entry.key, self.unit, entry.len)?;
 
         let len = entry.len;
         let start = within.min(len);
@@ -587,7 +731,7 @@ impl ChunkCache {
             while pos < to {
                 let piece = (to - pos).min(SCRATCH as u64) as usize;
                 scratch.resize(piece, 0);
-                read_at(&entry.file, &mut scratch, CHUNK_HEADER_LEN + pos)?;
+                read_at(&entry.file, &mut scratch, pos)?;
                 *crc = crc32c::crc32c_append(*crc, &scratch);
                 pos += piece as u64;
             }
@@ -595,7 +739,7 @@ impl ChunkCache {
         };
         through_scratch(0, start, &mut crc)?;
         let direct = &mut buf[..n as usize];
-        read_at(&entry.file, direct, CHUNK_HEADER_LEN + start)?;
+        read_at(&entry.file, direct, start)?;
         crc = crc32c::crc32c_append(crc, direct);
         through_scratch(start + n, len, &mut crc)?;
         if crc != expected_crc {
@@ -604,6 +748,13 @@ impl ChunkCache {
             ));
         }
         Ok(n as usize)
+    }
+}
+
+impl Drop for ChunkCache {
+    /// Writes the recency of entries hit since the last flush.
+    fn drop(&mut self) {
+        self.flush_recency();
     }
 }
 
@@ -620,6 +771,256 @@ fn mtime_ns(meta: &fs::Metadata) -> u64 {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// Mirrors the recency tick into the mtime of the file at `path`.
+fn set_mtime_path(path: &Path, tick: u64) {
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    let ts = libc::timespec {
+        tv_sec: (tick / 1_000_000_000) as libc::time_t,
+        tv_nsec: (tick % 1_000_000_000) as libc::c_long,
+    };
+    let times = [ts, ts];
+    // SAFETY: a NUL-terminated path and two timespecs that outlive the call.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, cpath.as_ptr(), times.as_ptr(), 0) };
+    if rc != 0 {
+        tracing::debug!(path = %path.display(), error = %std::io::Error::last_os_error(), "chunk cache: cannot set mtime");
+    }
+}
+
+/// Bytes read from the cache (or handed in): a view of a shared, immutable buffer, cheap to
+/// clone. Several entries loaded together ([`ChunkCache::load_run`]) are views of one buffer,
+/// back to back, so a caller can serve a range spanning them without copying
+/// ([`EntryData::join`]). Derefs to the bytes.
+#[derive(Clone)]
+pub struct EntryData {
+    buf: std::sync::Arc<Buf>,
+    start: usize,
+    len: usize,
+}
+
+/// A 4 KiB-aligned allocation (O_DIRECT reads land in it) or a vector.
+struct Buf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    vec: Vec<u8>,
+}
+
+// SAFETY: Buf owns its allocation exclusively, like a Vec<u8>, and is never written once
+// shared (only through the unique owner while loading).
+unsafe impl Send for Buf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for Buf {}
+
+const DIRECT_ALIGN: usize = 4096;
+
+impl Buf {
+    /// An uninitialised aligned buffer of `cap` bytes (a multiple of `DIRECT_ALIGN`).
+    fn aligned(cap: usize) -> Buf {
+        let layout = std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN).expect("layout");
+        // SAFETY: non-zero size; bytes are only exposed after the kernel wrote them.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Buf {
+            ptr,
+            cap,
+            vec: Vec::new(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.cap == 0 {
+            return &self.vec;
+        }
+        // SAFETY: callers only view ranges the kernel wrote (checked by `load_run`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.cap) }
+    }
+
+    /// Reads the file at `at` into `self[pos..pos + len]`; returns bytes read (short at the
+    /// end of the file).
+    fn pread(&mut self, file: &File, pos: usize, len: usize, at: u64) -> std::io::Result<usize> {
+        assert!(
+            self.cap > 0 && pos + len <= self.cap,
+            "Buf::pread out of bounds"
+        );
+        let mut got = 0usize;
+        while got < len {
+            // SAFETY: pos + got + (len - got) <= cap; the kernel writes at most that.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.ptr.as_ptr().add(pos + got).cast(),
+                    len - got,
+                    (at + got as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            got += n as usize;
+            if got % DIRECT_ALIGN != 0 {
+                break; // end of file (O_DIRECT reads stop short only there)
+            }
+        }
+        Ok(got)
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if self.cap > 0 {
+            let layout =
+                std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN).expect("layout");
+            // SAFETY: allocated in `aligned` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+impl EntryData {
+    pub fn from_vec(vec: Vec<u8>) -> EntryData {
+        let len = vec.len();
+        EntryData {
+            buf: std::sync::Arc::new(Buf {
+                ptr: std::ptr::NonNull::dangling(),
+                cap: 0,
+                vec,
+            }),
+            start: 0,
+            len,
+        }
+    }
+
+    /// A view of `len` bytes of this one from `at`.
+    pub fn slice(&self, at: usize, len: usize) -> EntryData {
+        assert!(at + len <= self.len, "EntryData::slice out of bounds");
+        EntryData {
+            buf: self.buf.clone(),
+            start: self.start + at,
+            len,
+        }
+    }
+
+    /// One view of `parts` when they are views of one buffer, back to back; else `None`.
+    pub fn join(parts: &[&EntryData]) -> Option<EntryData> {
+        let first = parts.first()?;
+        let mut end = first.start + first.len;
+        for p in &parts[1..] {
+            if !std::sync::Arc::ptr_eq(&p.buf, &first.buf) || p.start != end {
+                return None;
+            }
+            end += p.len;
+        }
+        Some(EntryData {
+            buf: first.buf.clone(),
+            start: first.start,
+            len: end - first.start,
+        })
+    }
+
+    /// Bytes of memory behind this view and every view of the same buffer, and an identity
+    /// of that buffer (for accounting).
+    pub fn buffer(&self) -> (usize, usize) {
+        let b = &*self.buf;
+        (
+            b as *const Buf as usize,
+            if b.cap > 0 { b.cap } else { b.vec.capacity() },
+        )
+    }
+}
+
+impl std::ops::Deref for EntryData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf.bytes()[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for EntryData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EntryData({} bytes)", self.len)
+    }
+}
+
+/// Reads a whole entry (data and trailer) with one vectored read into a buffer allocated for
+/// it and never zero-filled, then checks it; returns the data or why the entry is damaged.
+fn read_whole(entry: &OpenEntry, unit: u64) -> std::result::Result<Vec<u8>, String> {
+    let len = entry.len as usize;
+    let mut trailer = [0u8; CHUNK_HEADER_LEN as usize];
+    // One spare byte shows a file longer than its entry.
+    let mut spare = [0u8; 1];
+    let mut data: Vec<u8> = Vec::with_capacity(len);
+    let want = CHUNK_HEADER_LEN as usize + len;
+    let mut got = 0usize;
+    while got < want + 1 {
+        let mut iov = Vec::with_capacity(3);
+        if got < len {
+            iov.push(libc::iovec {
+                // SAFETY: got < len <= capacity.
+                iov_base: unsafe { data.as_mut_ptr().add(got) }.cast(),
+                iov_len: len - got,
+            });
+        }
+        if got < want {
+            let t = got.saturating_sub(len);
+            iov.push(libc::iovec {
+                iov_base: trailer[t..].as_mut_ptr().cast(),
+                iov_len: CHUNK_HEADER_LEN as usize - t,
+            });
+        }
+        iov.push(libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: 1,
+        });
+        // SAFETY: every iovec points into `data`'s capacity, `trailer` or `spare`, all alive
+        // and not otherwise borrowed during the call; the kernel writes at most iov_len each.
+        let n = unsafe {
+            libc::preadv(
+                entry.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                got as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("read error: {e}"));
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    if got != want {
+        return Err(if got < want {
+            "truncated".to_string()
+        } else {
+            format!("file is longer than {want} bytes")
+        });
+    }
+    // SAFETY: the kernel wrote bytes 0..len of the capacity (got >= len).
+    unsafe { data.set_len(len) };
+    let expected_crc = check_header(&trailer, entry.key, unit, entry.len)?;
+    let crc = crc32c::crc32c(&data);
+    if crc != expected_crc {
+        return Err(format!(
+            "data checksum mismatch (recorded {expected_crc:08x}, computed {crc:08x})"
+        ));
+    }
+    Ok(data)
 }
 
 /// Mirrors the recency tick into the file's mtime; failure only makes recency after a
@@ -701,10 +1102,13 @@ fn write_entry(tmp: &Path, image: u64, offset: u64, unit: u64, data: &[u8]) -> R
         .create_new(true)
         .open(tmp)
         .map_err(io("create"))?;
+    file.write_all(data).map_err(io("write"))?;
     file.write_all(&encode_header((image, offset), unit, data))
         .map_err(io("write"))?;
-    file.write_all(data).map_err(io("write"))?;
-    file.sync_data().map_err(io("sync"))?;
+    // Not fdatasync'ed: a cache entry is worth less than the write stall (one sync per
+    // object would bound archived reads by the SSD's sync rate); the kernel's writeback and
+    // dirty-page limits take it from here. An entry a crash leaves incomplete fails its
+    // length or CRC check and is dropped as a miss.
     Ok(file)
 }
 
@@ -777,7 +1181,7 @@ fn remove_image_dirs(dir: &Path) -> Result<usize> {
 fn encode_format(unit: u64) -> [u8; FORMAT_LEN] {
     let mut b = [0u8; FORMAT_LEN];
     b[..8].copy_from_slice(FORMAT_MAGIC);
-    put_u32(&mut b, 8, VERSION);
+    put_u32(&mut b, 8, FORMAT_VERSION);
     put_u64(&mut b, 16, unit);
     let crc = crc32c::crc32c(&b[..28]);
     put_u32(&mut b, 28, crc);
@@ -823,10 +1227,8 @@ fn scan_entries(dir: &Path, unit: u64) -> Result<Vec<(u64, Key, u64)>> {
             let offset = e.file_name().to_str().and_then(parse_hex16);
             let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
             let len = meta.len().saturating_sub(CHUNK_HEADER_LEN);
-            let plausible = meta.is_file()
-                && meta.len() > CHUNK_HEADER_LEN
-                && len <= unit
-                && offset.is_some_and(|o| o.is_multiple_of(unit));
+            let plausible =
+                meta.is_file() && meta.len() > CHUNK_HEADER_LEN && len <= unit && offset.is_some();
             match offset {
                 Some(offset) if plausible => {
                     found.push((mtime_ns(&meta), (image, offset), len));

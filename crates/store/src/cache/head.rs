@@ -1,20 +1,28 @@
-//! `HeadCache`: the first `head_size` bytes of every archived regular file of one layer, in
-//! one immutable file on the SSD.
+//! `HeadCache`: the first `head_size` bytes of every archived regular file of one layer, and
+//! its last `tail_size` bytes (the "edges" of the file), in one immutable file on the SSD.
+//! Tails serve formats whose index is at the end (MP4 with the moov atom last, ZIP, PDF,
+//! ID3v1) and `file`'s end-anchored magic.
 //!
-//! Layout (little endian):
+//! Layout (little endian), version 2:
 //!
 //! ```text
 //! 0       header, 64 bytes: magic "SPNFSHED", version u32, head_size u32, layer id u64,
 //!         count u64, index offset u64, data length u64, CRC32C of the fence u32,
-//!         8 reserved bytes, CRC32C of the 60 bytes before it
-//! 64      data: the heads, back to back
-//! index   (4 KiB aligned) index blocks of 4096 bytes: up to 170 entries {key u64, file offset
-//!         u64, length u32, CRC32C of the head u32} sorted by key, zero padding, and the
-//!         block's CRC32C in its last 4 bytes
+//!         tail_size u32, 4 reserved bytes, CRC32C of the 60 bytes before it
+//! 64      data: each file's head then its tail, back to back
+//! index   (4 KiB aligned) index blocks of 4096 bytes: up to 102 entries {key u64, file offset
+//!         u64, file size u64, head length u32, tail length u32, CRC32C of head and tail u32,
+//!         4 reserved bytes} sorted by key, zero padding, and the block's CRC32C in its last 4
+//!         bytes
 //! fence   one u64 per index block: the block's first key
 //! ```
 //!
-//! Opening reads the header and the fence (8 bytes per 170 files: 470 KiB for ten million
+//! The tail is the last `tail length` bytes of the file and never overlaps the head (a file
+//! no longer than its head has no tail); the recorded file size places it, and lets a reader
+//! check that the entry describes the file it reads. Version 1 (no tails, no size; entries
+//! of 24 bytes {key, offset, length u32, CRC32C u32}, 170 per block) is still read.
+//!
+//! Opening reads the header and the fence (8 bytes per 102 files: 780 KiB for ten million
 //! files) and verifies both; a lookup is a binary search of the fence in memory, one 4 KiB
 //! block read and checked, and one read of the head, checked. So memory stays small, opening
 //! is fast for any layer size, and nothing unchecked is ever returned. The file is written
@@ -34,10 +42,22 @@ pub const HEAD_INDEX_BLOCK: u64 = 4096;
 pub const MAX_HEAD_SIZE: u64 = 64 << 20;
 
 const MAGIC: &[u8; 8] = b"SPNFSHED";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: u64 = 64;
-const ENTRY_LEN: usize = 24;
+const ENTRY_LEN_V1: usize = 24;
+const ENTRY_LEN: usize = 40;
 const PER_BLOCK: usize = (HEAD_INDEX_BLOCK as usize - 4) / ENTRY_LEN;
+/// The file size of an entry that does not record it (version 1, or added without one).
+const UNKNOWN_SIZE: u64 = u64::MAX;
+
+const fn per_block(version: u32) -> usize {
+    (HEAD_INDEX_BLOCK as usize - 4)
+        / if version == 1 {
+            ENTRY_LEN_V1
+        } else {
+            ENTRY_LEN
+        }
+}
 /// The writer builds the file under this suffix next to its final name.
 const PARTIAL_SUFFIX: &str = ".head-partial";
 
@@ -47,6 +67,7 @@ pub struct HeadCacheInfo {
     pub path: PathBuf,
     pub layer_id: u64,
     pub head_size: u64,
+    pub tail_size: u64,
     pub count: u64,
     /// Bytes of head data.
     pub data_bytes: u64,
@@ -81,24 +102,99 @@ impl std::fmt::Display for HeadProblem {
 struct IndexEntry {
     key: u64,
     offset: u64,
-    len: u32,
+    /// The file's size, or `UNKNOWN_SIZE`.
+    size: u64,
+    head_len: u32,
+    tail_len: u32,
+    /// CRC32C of head and tail.
     crc: u32,
 }
 
 impl IndexEntry {
+    fn len(&self) -> u64 {
+        u64::from(self.head_len) + u64::from(self.tail_len)
+    }
+
     fn encode(&self, out: &mut [u8]) {
         put_u64(out, 0, self.key);
         put_u64(out, 8, self.offset);
-        put_u32(out, 16, self.len);
-        put_u32(out, 20, self.crc);
+        put_u64(out, 16, self.size);
+        put_u32(out, 24, self.head_len);
+        put_u32(out, 28, self.tail_len);
+        put_u32(out, 32, self.crc);
     }
 
-    fn decode(b: &[u8]) -> IndexEntry {
+    fn decode(b: &[u8], version: u32) -> IndexEntry {
+        if version == 1 {
+            return IndexEntry {
+                key: get_u64(b, 0),
+                offset: get_u64(b, 8),
+                size: UNKNOWN_SIZE,
+                head_len: get_u32(b, 16),
+                tail_len: 0,
+                crc: get_u32(b, 20),
+            };
+        }
         IndexEntry {
             key: get_u64(b, 0),
             offset: get_u64(b, 8),
-            len: get_u32(b, 16),
-            crc: get_u32(b, 20),
+            size: get_u64(b, 16),
+            head_len: get_u32(b, 24),
+            tail_len: get_u32(b, 28),
+            crc: get_u32(b, 32),
+        }
+    }
+}
+
+/// The cached edges of one file: its head and its tail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edges {
+    /// The file's size when the entry was written, if recorded.
+    pub size: Option<u64>,
+    data: Vec<u8>,
+    head_len: usize,
+}
+
+impl Edges {
+    /// The first bytes of the file.
+    pub fn head(&self) -> &[u8] {
+        &self.data[..self.head_len]
+    }
+
+    /// The last bytes of the file (after the head; empty when the head is the whole file).
+    pub fn tail(&self) -> &[u8] {
+        &self.data[self.head_len..]
+    }
+
+    /// Where the tail starts in the file (`None` without a recorded size).
+    pub fn tail_offset(&self) -> Option<u64> {
+        self.size.map(|s| s - self.tail().len() as u64)
+    }
+
+    /// The bytes `[offset, end)` of a file of `size` bytes, if these edges hold all of them
+    /// (in the head, in the tail, or across both when together they are the whole file) and
+    /// were recorded for a file of that size. Edges without a recorded size (version 1) serve
+    /// their head only.
+    pub fn range(&self, size: u64, offset: u64, end: u64) -> Option<&[u8]> {
+        if offset > end || end > size {
+            return None;
+        }
+        let (head, tail) = (self.head(), self.tail());
+        let in_head = end <= head.len() as u64;
+        match self.size {
+            None => in_head.then(|| &head[offset as usize..end as usize]),
+            Some(recorded) if recorded != size => None,
+            Some(_) => {
+                let tail_at = size - tail.len() as u64;
+                if in_head || (head.len() + tail.len()) as u64 == size {
+                    // `data` is head then tail: the whole file when they meet.
+                    Some(&self.data[offset as usize..end as usize])
+                } else if offset >= tail_at {
+                    Some(&tail[(offset - tail_at) as usize..(end - tail_at) as usize])
+                } else {
+                    None
+                }
+            }
         }
     }
 }
@@ -126,6 +222,7 @@ pub struct HeadCacheWriter {
     out: BufWriter<File>,
     layer_id: u64,
     head_size: u32,
+    tail_size: u32,
     entries: Vec<IndexEntry>,
     data_len: u64,
     sorted: bool,
@@ -133,10 +230,27 @@ pub struct HeadCacheWriter {
 }
 
 impl HeadCacheWriter {
-    /// Starts a head cache that will appear at `path` when finished. Work in progress is kept
-    /// at `path` + `.head-partial` (replaced if a crash left one; see [`remove_partial_heads`]).
+    /// Starts a head cache that will appear at `path` when finished, holding heads of up to
+    /// `head_size` bytes and tails of up to as many. Work in progress is kept at `path` +
+    /// `.head-partial` (replaced if a crash left one; see [`remove_partial_heads`]).
     pub fn create(path: &Path, layer_id: u64, head_size: u64) -> Result<HeadCacheWriter> {
+        Self::create_with_tails(path, layer_id, head_size, head_size)
+    }
+
+    /// Like [`create`](Self::create) with tails of up to `tail_size` bytes (0: no tails).
+    pub fn create_with_tails(
+        path: &Path,
+        layer_id: u64,
+        head_size: u64,
+        tail_size: u64,
+    ) -> Result<HeadCacheWriter> {
         let head_size = check_head_size(head_size)?;
+        if tail_size > MAX_HEAD_SIZE {
+            return Err(invalid(
+                format!("tail size {tail_size}"),
+                format!("must be at most {MAX_HEAD_SIZE} bytes"),
+            ));
+        }
         let tmp = partial_path(path);
         let file = OpenOptions::new()
             .write(true)
@@ -154,6 +268,7 @@ impl HeadCacheWriter {
             out,
             layer_id,
             head_size,
+            tail_size: tail_size as u32,
             entries: Vec::new(),
             data_len: 0,
             sorted: true,
@@ -165,13 +280,36 @@ impl HeadCacheWriter {
     /// `head_size` bytes, fewer (or none) for a smaller file. Keys may come in any order but
     /// must be distinct ([`finish`](Self::finish) rejects duplicates).
     pub fn add(&mut self, key: u64, data: &[u8]) -> Result<()> {
-        if data.len() as u64 > u64::from(self.head_size) {
+        self.add_entry(key, UNKNOWN_SIZE, data, &[])
+    }
+
+    /// Adds the edges of the file with `key`, `size` bytes long: its first bytes `head` (at
+    /// most `head_size`, the whole file when it is that short) and its last bytes `tail` (at
+    /// most `tail_size`, not overlapping the head).
+    pub fn add_file(&mut self, key: u64, size: u64, head: &[u8], tail: &[u8]) -> Result<()> {
+        let what = || format!("edges of key {key} for {}", self.path.display());
+        let (h, t) = (head.len() as u64, tail.len() as u64);
+        if size == UNKNOWN_SIZE || h + t > size {
+            return Err(invalid(
+                what(),
+                format!("head {h} and tail {t} bytes do not fit a file of {size} bytes"),
+            ));
+        }
+        self.add_entry(key, size, head, tail)
+    }
+
+    fn add_entry(&mut self, key: u64, size: u64, head: &[u8], tail: &[u8]) -> Result<()> {
+        if head.len() as u64 > u64::from(self.head_size)
+            || tail.len() as u64 > u64::from(self.tail_size)
+        {
             return Err(invalid(
                 format!("head of key {key} for {}", self.path.display()),
                 format!(
-                    "{} bytes exceed the head size {}",
-                    data.len(),
-                    self.head_size
+                    "{} + {} bytes exceed the head size {} or the tail size {}",
+                    head.len(),
+                    tail.len(),
+                    self.head_size,
+                    self.tail_size
                 ),
             ));
         }
@@ -179,15 +317,18 @@ impl HeadCacheWriter {
             self.sorted = false;
         }
         self.out
-            .write_all(data)
+            .write_all(head)
+            .and_then(|()| self.out.write_all(tail))
             .map_err(io_err("write", &self.tmp))?;
         self.entries.push(IndexEntry {
             key,
             offset: HEADER_LEN + self.data_len,
-            len: data.len() as u32,
-            crc: crc32c::crc32c(data),
+            size,
+            head_len: head.len() as u32,
+            tail_len: tail.len() as u32,
+            crc: crc32c::crc32c_append(crc32c::crc32c(head), tail),
         });
-        self.data_len += data.len() as u64;
+        self.data_len += (head.len() + tail.len()) as u64;
         Ok(())
     }
 
@@ -235,6 +376,7 @@ impl HeadCacheWriter {
         put_u64(&mut h, 32, index_off);
         put_u64(&mut h, 40, self.data_len);
         put_u32(&mut h, 48, crc32c::crc32c(&fence));
+        put_u32(&mut h, 52, self.tail_size);
         let crc = crc32c::crc32c(&h[..60]);
         put_u32(&mut h, 60, crc);
         let file = self.out.get_ref();
@@ -253,6 +395,7 @@ impl HeadCacheWriter {
             path: self.path.clone(),
             layer_id: self.layer_id,
             head_size: u64::from(self.head_size),
+            tail_size: u64::from(self.tail_size),
             count,
             data_bytes: self.data_len,
             file_bytes: index_off + blocks * (HEAD_INDEX_BLOCK + 8),
@@ -293,7 +436,9 @@ pub struct HeadCache {
     path: PathBuf,
     file: File,
     layer_id: u64,
+    version: u32,
     head_size: u32,
+    tail_size: u32,
     count: u64,
     data_len: u64,
     index_off: u64,
@@ -322,7 +467,7 @@ impl HeadCache {
             return Err(corrupt("header checksum mismatch".into()));
         }
         let version = get_u32(&h, 8);
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(CacheError::HeadVersion {
                 path: path.to_path_buf(),
                 found: version,
@@ -330,10 +475,11 @@ impl HeadCache {
             });
         }
         let head_size = get_u32(&h, 12);
+        let tail_size = if version == 1 { 0 } else { get_u32(&h, 52) };
         let count = get_u64(&h, 24);
         let index_off = get_u64(&h, 32);
         let data_len = get_u64(&h, 40);
-        let blocks = count.div_ceil(PER_BLOCK as u64);
+        let blocks = count.div_ceil(per_block(version) as u64);
         let expected_size = HEADER_LEN
             .checked_add(data_len)
             .map(|end| end.next_multiple_of(HEAD_INDEX_BLOCK))
@@ -367,7 +513,9 @@ impl HeadCache {
             path: path.to_path_buf(),
             file,
             layer_id: get_u64(&h, 16),
+            version,
             head_size,
+            tail_size,
             count,
             data_len,
             index_off,
@@ -387,6 +535,11 @@ impl HeadCache {
         u64::from(self.head_size)
     }
 
+    /// Largest tail held (0 for a version-1 file).
+    pub fn tail_size(&self) -> u64 {
+        u64::from(self.tail_size)
+    }
+
     /// Number of heads held.
     pub fn len(&self) -> u64 {
         self.count
@@ -398,10 +551,23 @@ impl HeadCache {
 
     /// The head of `key`, verified; `None` if the layer holds no head for it.
     pub fn get(&self, key: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.edges(key)?.map(|e| {
+            let mut data = e.data;
+            data.truncate(e.head_len);
+            data
+        }))
+    }
+
+    /// The head and tail of `key`, verified; `None` if the layer holds nothing for it.
+    pub fn edges(&self, key: u64) -> Result<Option<Edges>> {
         let Some(entry) = self.lookup(key)? else {
             return Ok(None);
         };
-        self.read_head(&entry).map(Some)
+        Ok(Some(Edges {
+            size: (entry.size != UNKNOWN_SIZE).then_some(entry.size),
+            data: self.read_head(&entry)?,
+            head_len: entry.head_len as usize,
+        }))
     }
 
     /// Copies the head of `key` from `offset` into `buf`; returns the number of bytes copied
@@ -514,13 +680,19 @@ impl HeadCache {
         if crc32c::crc32c(&block[..HEAD_INDEX_BLOCK as usize - 4]) != recorded {
             return Err(format!("index block {b} checksum mismatch"));
         }
-        let n = if b + 1 == self.fence.len() {
-            (self.count - b as u64 * PER_BLOCK as u64) as usize
+        let per = per_block(self.version);
+        let entry_len = if self.version == 1 {
+            ENTRY_LEN_V1
         } else {
-            PER_BLOCK
+            ENTRY_LEN
+        };
+        let n = if b + 1 == self.fence.len() {
+            (self.count - b as u64 * per as u64) as usize
+        } else {
+            per
         };
         let entries: Vec<IndexEntry> = (0..n)
-            .map(|i| IndexEntry::decode(&block[i * ENTRY_LEN..]))
+            .map(|i| IndexEntry::decode(&block[i * entry_len..], self.version))
             .collect();
         if entries.first().map(|e| e.key) != Some(self.fence[b]) {
             return Err(format!("index block {b} does not start with its fence key"));
@@ -532,21 +704,23 @@ impl HeadCache {
     }
 
     fn check_bounds(&self, e: &IndexEntry) -> std::result::Result<(), String> {
-        let end = e.offset.checked_add(u64::from(e.len));
-        if e.len > self.head_size
+        let end = e.offset.checked_add(e.len());
+        if e.head_len > self.head_size
+            || e.tail_len > self.tail_size
+            || (e.size != UNKNOWN_SIZE && e.len() > e.size)
             || e.offset < HEADER_LEN
             || end.is_none_or(|end| end > HEADER_LEN + self.data_len)
         {
             return Err(format!(
-                "index entry (offset {}, length {}) outside the data",
-                e.offset, e.len
+                "index entry (offset {}, head {}, tail {}, file size {}) outside the data",
+                e.offset, e.head_len, e.tail_len, e.size
             ));
         }
         Ok(())
     }
 
     fn read_head(&self, e: &IndexEntry) -> Result<Vec<u8>> {
-        let mut data = vec![0u8; e.len as usize];
+        let mut data = vec![0u8; e.len() as usize];
         read_exact_at(&self.file, &mut data, e.offset, &self.path).map_err(|err| match err {
             ReadFail::Short => self.entry_error(e.key, "head data truncated".into()),
             ReadFail::Io(err) => err,
@@ -613,8 +787,9 @@ pub struct MergeInput<'a> {
 /// Writes the head cache of a merged layer to `output`. Inputs are in precedence order
 /// (newest layer first): when several entries map to the same new key, the first input's
 /// is kept, and within one input the one with the smallest old key. Heads longer than
-/// `head_size` are cut to it (a shorter prefix is still the head). A damaged input gives an
-/// error naming that input's file and key; nothing is published.
+/// `head_size` are cut to it (a shorter prefix is still the head), tails likewise to their
+/// last `head_size` bytes. A damaged input gives an error naming that input's file and key;
+/// nothing is published.
 pub fn merge_heads(
     output: &Path,
     layer_id: u64,
@@ -633,9 +808,15 @@ pub fn merge_heads(
     chosen.dedup_by_key(|&mut (new_key, _, _)| new_key);
     let mut writer = HeadCacheWriter::create(output, layer_id, head_size)?;
     for (new_key, i, e) in chosen {
-        let head = inputs[i].cache.read_head(&e)?;
-        let keep = head.len().min(head_size as usize);
-        writer.add(new_key, &head[..keep])?;
+        let data = inputs[i].cache.read_head(&e)?;
+        let (head, tail) = data.split_at(e.head_len as usize);
+        let head = &head[..head.len().min(head_size as usize)];
+        let tail = &tail[tail.len() - tail.len().min(head_size as usize)..];
+        if e.size == UNKNOWN_SIZE {
+            writer.add(new_key, head)?;
+        } else {
+            writer.add_file(new_key, e.size, head, tail)?;
+        }
     }
     writer.finish()
 }
@@ -691,5 +872,74 @@ mod tests {
         ));
         assert!(!dir.path().join("x").exists());
         assert!(!partial_path(&dir.path().join("x")).exists());
+    }
+
+    /// Version-1 files (heads only, 24-byte entries, written before tails existed) are still
+    /// read: their heads serve reads inside the head, nothing else.
+    #[test]
+    fn version_1_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heads.v1");
+        let heads: Vec<(u64, Vec<u8>)> = (0..200u64)
+            .map(|k| (k * 2, vec![k as u8; (k % 50) as usize]))
+            .collect();
+        let per = per_block(1);
+        let mut data = Vec::new();
+        let mut entries = Vec::new();
+        for (k, d) in &heads {
+            entries.push((
+                *k,
+                HEADER_LEN + data.len() as u64,
+                d.len() as u32,
+                crc32c::crc32c(d),
+            ));
+            data.extend_from_slice(d);
+        }
+        let index_off = (HEADER_LEN + data.len() as u64).next_multiple_of(HEAD_INDEX_BLOCK);
+        let mut file = vec![0u8; index_off as usize];
+        file[HEADER_LEN as usize..HEADER_LEN as usize + data.len()].copy_from_slice(&data);
+        let mut fence = Vec::new();
+        for chunk in entries.chunks(per) {
+            let mut block = vec![0u8; HEAD_INDEX_BLOCK as usize];
+            for (i, &(k, off, len, crc)) in chunk.iter().enumerate() {
+                let b = &mut block[i * ENTRY_LEN_V1..];
+                put_u64(b, 0, k);
+                put_u64(b, 8, off);
+                put_u32(b, 16, len);
+                put_u32(b, 20, crc);
+            }
+            let crc = crc32c::crc32c(&block[..HEAD_INDEX_BLOCK as usize - 4]);
+            put_u32(&mut block, HEAD_INDEX_BLOCK as usize - 4, crc);
+            file.extend_from_slice(&block);
+            fence.extend_from_slice(&chunk[0].0.to_le_bytes());
+        }
+        file.extend_from_slice(&fence);
+        let h = &mut file[..HEADER_LEN as usize];
+        h[..8].copy_from_slice(MAGIC);
+        put_u32(h, 8, 1);
+        put_u32(h, 12, 64);
+        put_u64(h, 16, 5);
+        put_u64(h, 24, heads.len() as u64);
+        put_u64(h, 32, index_off);
+        put_u64(h, 40, data.len() as u64);
+        put_u32(h, 48, crc32c::crc32c(&fence));
+        let crc = crc32c::crc32c(&h[..60]);
+        put_u32(h, 60, crc);
+        fs::write(&path, &file).unwrap();
+
+        let cache = HeadCache::open(&path).unwrap();
+        assert_eq!(
+            (cache.head_size(), cache.tail_size(), cache.len()),
+            (64, 0, 200)
+        );
+        for (k, d) in &heads {
+            let e = cache.edges(*k).unwrap().unwrap();
+            assert_eq!((e.size, e.head(), e.tail()), (None, &d[..], &[][..]));
+            let n = d.len() as u64;
+            assert_eq!(e.range(1000, 0, n), Some(&d[..]));
+            assert_eq!(e.range(1000, 0, n + 1), None);
+        }
+        assert_eq!(cache.get(1).unwrap(), None);
+        assert!(cache.verify().is_empty());
     }
 }

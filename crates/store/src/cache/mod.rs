@@ -1,10 +1,11 @@
 //! The two SSD caches of archived data.
 //!
 //! - [`ChunkCache`]: a bounded, persistent LRU cache of archived byte ranges keyed by
-//!   (image id, unit-aligned offset), one checksummed file per entry. Reads of archived data
-//!   look here before going to the media, and put what they fetched.
-//! - [`HeadCache`]: the first `head_size` bytes of every archived regular file of one layer,
-//!   in one immutable checksummed file written at seal time ([`HeadCacheWriter`]) and merged
+//!   (image id, offset) — the store keys by the image offset of a media object — one
+//!   checksummed file per entry. Reads of archived data look here before going to the media,
+//!   and put what they fetched.
+//! - [`HeadCache`]: the first and the last `head_size` bytes of every archived regular file of
+//!   one layer, in one immutable checksummed file written at seal time ([`HeadCacheWriter`]) and merged
 //!   with the layers ([`merge_heads`]), so that format sniffing never touches the media
 //!   (SPEC problem 4).
 //!
@@ -18,9 +19,11 @@ mod bytes;
 mod chunk;
 mod head;
 
-pub use chunk::{CHUNK_HEADER_LEN, CacheStats, ChunkCache, ChunkProblem, MAX_UNIT, MIN_UNIT};
+pub use chunk::{
+    CHUNK_HEADER_LEN, CacheStats, ChunkCache, ChunkProblem, EntryData, MAX_UNIT, MIN_UNIT,
+};
 pub use head::{
-    HEAD_INDEX_BLOCK, HeadCache, HeadCacheInfo, HeadCacheWriter, HeadProblem, MAX_HEAD_SIZE,
+    Edges, HEAD_INDEX_BLOCK, HeadCache, HeadCacheInfo, HeadCacheWriter, HeadProblem, MAX_HEAD_SIZE,
     MergeInput, merge_heads, remove_partial_heads,
 };
 
