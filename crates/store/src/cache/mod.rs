@@ -18,7 +18,10 @@ mod bytes;
 mod chunk;
 mod head;
 
-pub use chunk::{CHUNK_HEADER_LEN, CacheStats, ChunkCache, ChunkProblem, MAX_UNIT, MIN_UNIT};
+pub use chunk::{
+    CHUNK_HEADER_LEN, CacheStats, ChunkCache, ChunkInspection, ChunkProblem, MAX_UNIT, MIN_UNIT,
+    inspect_dir,
+};
 pub use head::{
     HEAD_INDEX_BLOCK, HeadCache, HeadCacheInfo, HeadCacheWriter, HeadProblem, MAX_HEAD_SIZE,
     MergeInput, merge_heads, remove_partial_heads,
