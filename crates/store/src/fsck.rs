@@ -153,7 +153,7 @@ impl FsckReport {
             return EXIT_CLEAN;
         }
         let unrepairable = self.findings.iter().any(|f| f.kind == Kind::Unrepairable);
-        if repair && !unrepairable && self.repaired() >= problems {
+        if repair && !unrepairable && self.repaired() > 0 {
             EXIT_REPAIRED
         } else {
             EXIT_PROBLEMS
@@ -316,6 +316,7 @@ impl Fsck<'_> {
         }
         (self.progress)("layers", n, n);
         self.check_trees(&manifest);
+        self.check_visible_numbers(&manifest);
         self.check_orphans(&manifest);
         self.check_chunk_cache(&manifest)?;
         Ok(())
@@ -336,6 +337,12 @@ impl Fsck<'_> {
                 kind: Kind::Damage,
                 text: format!("media {}: {p}", self.config.media),
             });
+            if self.repair {
+                self.report.findings.push(Finding {
+                    kind: Kind::Unrepairable,
+                    text: "the media is append-only: fsck does not rewrite it".into(),
+                });
+            }
         }
         let g = self.medium.geometry();
         let total: u64 = cat.containers.iter().map(|c| c.data_bytes).sum();
@@ -481,6 +488,11 @@ impl Fsck<'_> {
         out.intact = whole && problems.is_empty();
         for p in problems {
             self.push(Kind::Damage, p);
+            if self.repair {
+                self.cannot(format!(
+                    "{owner}: {image} has no other copy (fsck does not rewrite the media)"
+                ));
+            }
         }
         out
     }
@@ -507,6 +519,9 @@ impl Fsck<'_> {
                         l.id
                     ),
                 );
+                if self.repair {
+                    self.cannot(format!("layer {}: its missing blob cannot be found", l.id));
+                }
             }
         }
         refs
@@ -609,14 +624,27 @@ impl Fsck<'_> {
                         }
                         meta = Some(b);
                     }
-                    Ok(_) => self.push(
-                        Kind::Damage,
-                        format!(
-                            "{who}: meta image {} on the media fails its checksum",
-                            rec.id
-                        ),
-                    ),
-                    Err(e) => self.push(Kind::Damage, format!("{who}: meta image: {e}")),
+                    Ok(_) => {
+                        self.push(
+                            Kind::Damage,
+                            format!(
+                                "{who}: meta image {} on the media fails its checksum",
+                                rec.id
+                            ),
+                        );
+                        if self.repair {
+                            self.cannot(format!("{who}: no intact copy of meta image {}", rec.id));
+                        }
+                    }
+                    Err(e) => {
+                        self.push(Kind::Damage, format!("{who}: meta image: {e}"));
+                        if self.repair {
+                            self.cannot(format!(
+                                "{who}: no readable copy of meta image {}",
+                                rec.id
+                            ));
+                        }
+                    }
                 }
             } else {
                 if self.repair {
@@ -671,6 +699,9 @@ impl Fsck<'_> {
                     rec.devices.len()
                 ),
             );
+            if self.repair {
+                self.cannot(format!("{who}: the manifest and the meta image disagree"));
+            }
         } else {
             for (i, (slot, id)) in table.iter().zip(&rec.devices).enumerate() {
                 let need = slot.blocks as u64 * image.block_size();
@@ -685,6 +716,9 @@ impl Fsck<'_> {
                             b.length
                         ),
                     );
+                    if self.repair {
+                        self.cannot(format!("{who}: blob {id} is too short"));
+                    }
                 }
             }
         }
@@ -925,6 +959,49 @@ impl Fsck<'_> {
         }
     }
 
+    /// Inode numbers are unique across the visible stack: two different objects (different
+    /// layer inodes or writable-tree inodes) visible under any names never share a number.
+    /// The stack is resolved as the volume resolves it (whiteouts hide, non-directories hide
+    /// what is below, directories merge down to the first opaque one).
+    fn check_visible_numbers(&mut self, m: &Manifest) {
+        let mut images = Vec::new();
+        for l in m.layers.iter().rev() {
+            let path = self.layout.layer_meta(l.id);
+            let ok = fs::File::open(&path)
+                .ok()
+                .and_then(|f| Image::open(f).ok())
+                .filter(|_| {
+                    crate::store::file_crc(&path)
+                        .is_ok_and(|(len, crc)| len == l.meta.length && crc == l.meta.crc)
+                });
+            match ok {
+                Some(img) => images.push((l.id, img)),
+                None => {
+                    self.push(
+                        Kind::Note,
+                        format!(
+                            "inode numbers across the stack not checked: layer {}'s meta image \
+                             is damaged",
+                            l.id
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+        let mut trees = vec![(m.upper_gen, self.layout.generation_tree(m.upper_gen))];
+        if let Some(f) = &m.frozen {
+            trees.push((f.generation, self.layout.generation_tree(f.generation)));
+        }
+        let problems = visible_numbers(&trees, &images);
+        for p in problems {
+            self.push(Kind::Damage, p);
+            if self.repair {
+                self.cannot("fsck does not renumber inodes");
+            }
+        }
+    }
+
     fn remove_orphan(&mut self, path: &Path, what: &str) {
         self.push(Kind::Orphan, format!("{what} {}", path.display()));
         if !self.repair {
@@ -1021,10 +1098,15 @@ impl Fsck<'_> {
         for p in &ins.problems {
             self.push(Kind::Damage, p.to_string());
         }
+        // Leftovers of interrupted cache writes are expected after any daemon exit and are
+        // cleared when the cache is next opened: a note, not a problem.
         for p in &ins.leftovers {
             self.push(
-                Kind::Orphan,
-                format!("chunk cache leftover {}", p.display()),
+                Kind::Note,
+                format!(
+                    "chunk cache leftover {} (removed when the cache is next opened)",
+                    p.display()
+                ),
             );
         }
         for i in &orphan_images {
@@ -1043,7 +1125,7 @@ impl Fsck<'_> {
             );
         }
         let dirty = !ins.problems.is_empty()
-            || !ins.leftovers.is_empty()
+            || (!ins.leftovers.is_empty() && self.repair)
             || !orphan_images.is_empty()
             || (ins.format_mismatch && ins.entries > 0);
         if !self.repair || !dirty {
@@ -1054,7 +1136,10 @@ impl Fsck<'_> {
             Ok(cache) => {
                 // Opening removed the leftovers (and every entry if the format differed).
                 for p in &ins.leftovers {
-                    self.fixed(format!("removed chunk cache leftover {}", p.display()));
+                    self.push(
+                        Kind::Note,
+                        format!("removed chunk cache leftover {}", p.display()),
+                    );
                 }
                 if ins.format_mismatch && ins.entries > 0 {
                     self.fixed("dropped every chunk cache entry (format or unit changed)");
@@ -1323,4 +1408,201 @@ fn visit_inode<R: ReadAt>(
             w.blob_affected[d][i].1.push(path.to_vec());
         }
     }
+}
+
+/// One part of a merged directory: a writable/frozen tree directory or a layer directory.
+#[derive(Clone)]
+enum Part {
+    Tree { generation: u64, dir: PathBuf },
+    Layer { index: usize, dir: Inode },
+}
+
+/// What a name is in one part.
+enum Found {
+    Whiteout,
+    Dir {
+        part: Part,
+        opaque: bool,
+        number: u64,
+        ident: (u64, u64, u64),
+    },
+    Other {
+        number: u64,
+        ident: (u64, u64, u64),
+        at: String,
+    },
+}
+
+fn has_xattr(list: &[(Vec<u8>, Vec<u8>)], name: &[u8]) -> Option<Vec<u8>> {
+    list.iter()
+        .find(|(n, _)| n.as_slice() == name)
+        .map(|(_, v)| v.clone())
+}
+
+fn lookup_part(part: &Part, name: &[u8], images: &[(u64, Image<fs::File>)]) -> Option<Found> {
+    use crate::markers::{OPAQUE_XATTR, REALDEV_XATTR};
+    use std::os::unix::ffi::OsStrExt;
+    match part {
+        Part::Tree { generation, dir } => {
+            let p = dir.join(std::ffi::OsStr::from_bytes(name));
+            let md = fs::symlink_metadata(&p).ok()?;
+            let x = spinfs_erofs::fromdir::read_xattrs(&p).unwrap_or_default();
+            let ft = md.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_char_device() && md.rdev() == 0 && has_xattr(&x, REALDEV_XATTR).is_none() {
+                return Some(Found::Whiteout);
+            }
+            let number = has_xattr(&x, INO_XATTR)
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or_else(|| crate::seal::generation_ino(*generation, md.ino(), None));
+            let ident = (0, *generation, md.ino());
+            if md.is_dir() {
+                return Some(Found::Dir {
+                    part: Part::Tree {
+                        generation: *generation,
+                        dir: p,
+                    },
+                    opaque: has_xattr(&x, OPAQUE_XATTR).is_some_and(|v| v == b"y"),
+                    number,
+                    ident,
+                });
+            }
+            Some(Found::Other {
+                number,
+                ident,
+                at: format!("writable generation {generation}"),
+            })
+        }
+        Part::Layer { index, dir } => {
+            let (id, image) = &images[*index];
+            let e = image.lookup(dir, name).ok()??;
+            let ino = image.inode(e.nid).ok()?;
+            let x = image.raw_xattrs(&ino).unwrap_or_default();
+            if ino.is_whiteout() && has_xattr(&x, REALDEV_XATTR).is_none() {
+                return Some(Found::Whiteout);
+            }
+            let number = image.spinfs_ino(&ino).ok().flatten().unwrap_or(0);
+            let ident = (1, *id, ino.nid);
+            if ino.is_dir() {
+                return Some(Found::Dir {
+                    part: Part::Layer {
+                        index: *index,
+                        dir: ino,
+                    },
+                    opaque: has_xattr(&x, OPAQUE_XATTR).is_some_and(|v| v == b"y"),
+                    number,
+                    ident,
+                });
+            }
+            Some(Found::Other {
+                number,
+                ident,
+                at: format!("layer {id}"),
+            })
+        }
+    }
+}
+
+fn part_names(part: &Part, images: &[(u64, Image<fs::File>)]) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    match part {
+        Part::Tree { dir, .. } => fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().as_bytes().to_vec())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Part::Layer { index, dir } => images[*index]
+            .1
+            .dir_entries(dir)
+            .map(|(l, _)| l.into_iter().map(|e| e.name).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// Resolves the whole visible namespace over `trees` (top first) and `images` (newest
+/// first) and reports inode numbers shared by different visible objects.
+fn visible_numbers(trees: &[(u64, PathBuf)], images: &[(u64, Image<fs::File>)]) -> Vec<String> {
+    let mut root: Vec<Part> = trees
+        .iter()
+        .map(|(g, t)| Part::Tree {
+            generation: *g,
+            dir: t.clone(),
+        })
+        .collect();
+    for (i, (_, img)) in images.iter().enumerate() {
+        if let Ok(r) = img.root() {
+            root.push(Part::Layer { index: i, dir: r });
+        }
+    }
+    let mut seen: HashMap<u64, ((u64, u64, u64), String, String)> = HashMap::new();
+    let mut problems = Vec::new();
+    let mut stack: Vec<(Vec<u8>, Vec<Part>)> = vec![(Vec::new(), root)];
+    while let Some((path, parts)) = stack.pop() {
+        let mut names: Vec<Vec<u8>> = parts.iter().flat_map(|p| part_names(p, images)).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let mut p = path.clone();
+            p.push(b'/');
+            p.extend_from_slice(&name);
+            let mut dirs: Vec<Part> = Vec::new();
+            let mut top: Option<(u64, (u64, u64, u64), String)> = None;
+            for part in &parts {
+                match lookup_part(part, &name, images) {
+                    None => continue,
+                    Some(Found::Whiteout) => break,
+                    Some(Found::Other { number, ident, at }) => {
+                        if dirs.is_empty() {
+                            top = Some((number, ident, at));
+                        }
+                        break;
+                    }
+                    Some(Found::Dir {
+                        part,
+                        opaque,
+                        number,
+                        ident,
+                    }) => {
+                        if dirs.is_empty() {
+                            let at = match &part {
+                                Part::Tree { generation, .. } => {
+                                    format!("writable generation {generation}")
+                                }
+                                Part::Layer { index, .. } => format!("layer {}", images[*index].0),
+                            };
+                            top = Some((number, ident, at));
+                        }
+                        dirs.push(part);
+                        if opaque {
+                            break;
+                        }
+                    }
+                }
+            }
+            let Some((number, ident, at)) = top else {
+                continue;
+            };
+            if number != 0 {
+                match seen.get(&number) {
+                    Some((other, opath, oat)) if *other != ident => problems.push(format!(
+                        "inode number {number:#x} is visible as two different objects: {} ({oat}) \
+                         and {} ({at})",
+                        opath,
+                        show(&p)
+                    )),
+                    Some(_) => {}
+                    None => {
+                        seen.insert(number, (ident, show(&p), at));
+                    }
+                }
+            }
+            if !dirs.is_empty() {
+                stack.push((p, dirs));
+            }
+        }
+    }
+    problems
 }

@@ -777,7 +777,7 @@ fn copy_root_attributes(from: &Path, to: &Path) -> Result<(), StoreError> {
 }
 
 /// Length and CRC32C of a file, read in bounded pieces.
-fn file_crc(path: &Path) -> std::io::Result<(u64, u32)> {
+pub(crate) fn file_crc(path: &Path) -> std::io::Result<(u64, u32)> {
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let (mut len, mut crc) = (0u64, 0u32);
