@@ -1434,7 +1434,9 @@ fn run_inner(
         return Err(format!(
             "spinfs fsck after the sequence (exit {:?}):\n  {}{}",
             out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim_end().replace('\n', "\n  "),
+            String::from_utf8_lossy(&out.stdout)
+                .trim_end()
+                .replace('\n', "\n  "),
             String::from_utf8_lossy(&out.stderr)
         ));
     }
