@@ -964,3 +964,60 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
     assert_eq!(names(&d.join("plain")), ["file".to_string()].into());
     assert_eq!(fs::read(d.join("plain/file")).unwrap(), b"x");
 }
+
+#[test]
+fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_damaged() {
+    let dir = tempfile::Builder::new()
+        .prefix("fb")
+        .tempdir_in(test_root())
+        .unwrap();
+    let media = dir.path().join("media");
+    fs::create_dir(&media).unwrap();
+    let uri = format!("dir:{}", media.display());
+    let mut args = SMALL.to_vec();
+    args.extend_from_slice(&["--media", &uri]);
+    let mut m = Mounted::new(&args);
+    fs::write(m.path("one"), data(1, 5000)).unwrap();
+    archive_now(&m);
+    fs::write(m.path("two"), data(2, 5000)).unwrap();
+    archive_now(&m);
+    m.umount();
+    // state.2 follows meta.2 in the same commit: the object after meta.2's last one.
+    let meta2 = manifest(&m.store)["layers"][1]["meta"].clone();
+    let (c, off, len, _) = *extents(&meta2).last().unwrap();
+    let state_obj = off + len.div_ceil(OBJECT) * OBJECT;
+    flip(&container_file(&media, c), RESERVED + state_obj + 20, 1);
+    let (code, text, _) = fsck(&m.store, false);
+    assert_eq!(code, 4, "{text}");
+    assert!(
+        text.contains("state.2") && text.contains("not referenced by the manifest"),
+        "{text}"
+    );
+    fs::remove_dir_all(&m.store).unwrap();
+    let out = spinfs_ok(&["recover", "--media", &uri, m.store.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("skipped damaged state snapshot state.2") && text.contains("snapshot 1"),
+        "{text}"
+    );
+    m.mount();
+    assert_eq!(names(&m.mnt), ["one".to_string()].into());
+    assert_eq!(fs::read(m.path("one")).unwrap(), data(1, 5000));
+    // New layers never reuse the ids of what is on the media (layer 2's images are there).
+    fs::write(m.path("three"), b"3").unwrap();
+    archive_now(&m);
+    let ids: Vec<u64> = status(&m)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "archived")
+        .map(|l| l["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&1) && ids.iter().all(|&i| i == 1 || i > 2), "{ids:?}");
+    m.umount();
+    // The damaged state.2 stays on the append-only media: reported, nothing else.
+    let (code, text, _) = fsck(&m.store, false);
+    assert_eq!(code, 4, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("damage:")).count(), 1, "{text}");
+}
