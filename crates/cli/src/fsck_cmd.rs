@@ -41,11 +41,7 @@ impl Progress {
             return;
         }
         self.last = Some(now);
-        let pct = if total == 0 {
-            100
-        } else {
-            (done * 100 / total).min(100)
-        };
+        let pct = (done * 100).checked_div(total).unwrap_or(100).min(100);
         let line = format!("{phase}: {pct}% ({done}/{total})");
         let mut e = std::io::stderr();
         if self.tty {

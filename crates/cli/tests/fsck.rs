@@ -1014,10 +1014,17 @@ fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_damaged() {
         .map(|l| l["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
-    assert!(ids.contains(&1) && ids.iter().all(|&i| i == 1 || i > 2), "{ids:?}");
+    assert!(
+        ids.contains(&1) && ids.iter().all(|&i| i == 1 || i > 2),
+        "{ids:?}"
+    );
     m.umount();
     // The damaged state.2 stays on the append-only media: reported, nothing else.
     let (code, text, _) = fsck(&m.store, false);
     assert_eq!(code, 4, "{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("damage:")).count(), 1, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("damage:")).count(),
+        1,
+        "{text}"
+    );
 }

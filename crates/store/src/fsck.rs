@@ -223,6 +223,10 @@ struct ObjectInfo {
 
 /// A damaged byte range of an image: (offset, length, what).
 type DamagedRange = (u64, u64, String);
+/// Per inode, the damaged ranges it touches: meta range indexes, (device, range index).
+type Touched = HashMap<u64, (Vec<usize>, Vec<(usize, usize)>)>;
+/// Identity of a visible object: (0 = tree / 1 = layer, generation or layer id, inode).
+type Ident = (u64, u64, u64);
 
 /// What the media says about one image the manifest references.
 #[derive(Default)]
@@ -1236,7 +1240,7 @@ fn walk_image<R: ReadAt>(
     let mut seen: HashSet<u64> = HashSet::new();
     // Per inode, the ranges (meta indexes, per-device blob indexes) it touches, computed
     // once per inode and applied to every name it has.
-    let mut touched: HashMap<u64, (Vec<usize>, Vec<(usize, usize)>)> = HashMap::new();
+    let mut touched: Touched = HashMap::new();
     let mut dirs_seen: HashSet<u64> = HashSet::new();
     dirs_seen.insert(root.nid);
     let mut stack: Vec<(Vec<u8>, Inode, u64)> = vec![(Vec::new(), root.clone(), root.nid)];
@@ -1311,7 +1315,6 @@ fn walk_image<R: ReadAt>(
     w
 }
 
-#[allow(clippy::type_complexity)]
 fn visit_inode<R: ReadAt>(
     image: &Image<R>,
     path: &[u8],
@@ -1319,7 +1322,7 @@ fn visit_inode<R: ReadAt>(
     w: &mut Walk,
     numbers: &mut HashMap<u64, (u64, Vec<u8>)>,
     seen: &mut HashSet<u64>,
-    touched: &mut HashMap<u64, (Vec<usize>, Vec<(usize, usize)>)>,
+    touched: &mut Touched,
 ) {
     if seen.insert(ino.nid) {
         w.inodes += 1;
@@ -1537,7 +1540,7 @@ fn visible_numbers(trees: &[(u64, PathBuf)], images: &[(u64, Image<fs::File>)]) 
             root.push(Part::Layer { index: i, dir: r });
         }
     }
-    let mut seen: HashMap<u64, ((u64, u64, u64), String, String)> = HashMap::new();
+    let mut seen: HashMap<u64, (Ident, String, String)> = HashMap::new();
     let mut problems = Vec::new();
     let mut stack: Vec<(Vec<u8>, Vec<Part>)> = vec![(Vec::new(), root)];
     while let Some((path, parts)) = stack.pop() {
