@@ -297,11 +297,17 @@ fn damaged_blob_object_fails_only_its_files_and_fsck_names_them() {
         "no read failed through the mount"
     );
     assert!(got.values().filter(|r| r.is_ok()).count() >= want.len() - 3);
-    // Metadata of the damaged files still works; the log names the damage.
+    // Metadata of the damaged files still works; the log names the damage (container,
+    // object) and each damaged file by its inode number.
+    let log = log_of(&m);
+    assert!(log.contains("checksum mismatch"), "{log}");
     for n in &named {
-        assert!(fs::metadata(m.path(&n[1..])).is_ok());
+        let ino = fs::metadata(m.path(&n[1..])).unwrap().ino();
+        assert!(
+            log.contains(&format!("ino={ino}")),
+            "{n} (ino {ino}) not in the log:\n{log}"
+        );
     }
-    assert!(log_of(&m).contains("checksum mismatch"), "{}", log_of(&m));
     m.umount();
     // Not repairable: said, and named.
     let (code, text, _) = fsck(&m.store, true);

@@ -326,9 +326,22 @@ impl ArchivedLayer {
                 return Ok(n);
             }
         }
-        self.image()?
+        let image = self.image()?;
+        image
             .read_data(inode, offset, buf, &self.blobs)
-            .map_err(eio(self.id))
+            .map_err(|e| {
+                // Named by the inode number users see (st_ino), so the damaged file can be
+                // found (`find -inum`); `spinfs fsck` names its paths.
+                let ino = image.spinfs_ino(inode).ok().flatten().unwrap_or(0);
+                tracing::error!(
+                    layer = self.id,
+                    ino,
+                    offset,
+                    len = buf.len(),
+                    "archived file data unreadable: {e}"
+                );
+                Errno::EIO
+            })
     }
 
     fn head(&self, heads: &HeadCache, inode: &Inode) -> Option<Vec<u8>> {
