@@ -546,6 +546,13 @@ fn damaged_cache_entries_and_head_caches_are_refetched_and_repaired() {
     assert!(entries.len() >= 4, "{entries:?}");
     flip(&entries[0], 100, 1); // data
     flip(&entries[1], 20, 1); // header
+    let len = fs::metadata(&entries[3]).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&entries[3])
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
     let heads = m.store.join("layers/0000000000000001.heads");
     flip(&heads, 64 + 10, 1); // a head
     let (code, text, _) = fsck(&m.store, false);
@@ -556,6 +563,10 @@ fn damaged_cache_entries_and_head_caches_are_refetched_and_repaired() {
     );
     assert!(
         text.contains("data checksum mismatch") && text.contains("header checksum mismatch"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("chunk cache entry {}", entries[3].display())),
         "{text}"
     );
     assert!(
@@ -1033,4 +1044,46 @@ fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_damaged() {
         1,
         "{text}"
     );
+}
+
+#[test]
+fn meta_damaged_in_both_copies_names_the_files_and_is_not_repairable() {
+    // Enough names for a meta image of several blocks (block 0, with the superblock
+    // checksum over it, is not where the damage goes).
+    let mut m = Mounted::new(SMALL);
+    for i in 0..300 {
+        fs::write(
+            m.path(&format!("a-file-with-a-rather-long-name-{i:04}")),
+            b"x",
+        )
+        .unwrap();
+    }
+    archive_now(&m);
+    m.umount();
+    let meta = manifest(&m.store)["layers"][0]["meta"].clone();
+    let (c, off, _, _) = extents(&meta)[0];
+    // The same bytes near the end of the image (inodes, directory entries) in the SSD copy
+    // and the media copy.
+    let len = meta["length"].as_u64().unwrap();
+    assert!(len >= 3 * 4096, "{len}");
+    let at = len - 300;
+    flip(&m.store.join("layers/0000000000000001.meta"), at, 2);
+    flip(
+        &container_file(&m.store.join("media"), c),
+        RESERVED + off + at,
+        2,
+    );
+    let (code, text, _) = fsck(&m.store, true);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("checksum mismatch (crc32c"), "{text}");
+    assert!(
+        text.contains("neither the SSD nor the media holds an intact copy of meta image 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("meta image 1 on the media, bytes 0..") && text.contains("metadata of: /"),
+        "{text}"
+    );
+    // Nothing was replaced by a damaged copy.
+    assert!(m.store.join("layers/0000000000000001.meta").exists());
 }
