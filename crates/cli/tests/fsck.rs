@@ -963,6 +963,22 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
         "{err}"
     );
     assert!(!d.join("new").exists());
+    // A manifest of a newer format is not damage: fsck refuses to touch the store.
+    let path = m.store.join("manifest");
+    let good = fs::read_to_string(&path).unwrap();
+    fs::write(&path, good.replacen(" v1 ", " v9 ", 1)).unwrap();
+    for repair in [false, true] {
+        let (code, _, out) = fsck(&m.store, repair);
+        assert_eq!(code, 8);
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("format version 9"), "{err}");
+    }
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        good.replacen(" v1 ", " v9 ", 1)
+    );
+    fs::write(&path, &good).unwrap();
     // recover into a non-empty directory: refused, nothing touched.
     m.mount();
     fs::write(m.path("f"), b"f").unwrap();

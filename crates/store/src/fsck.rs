@@ -269,6 +269,17 @@ impl Fsck<'_> {
         let manifest_path = self.layout.manifest();
         let manifest = match Manifest::load(&manifest_path) {
             Ok(m) => Some(m),
+            // Written by a newer spinfs: not damage; this build must not touch the store.
+            Err(e @ crate::manifest::ManifestError::Version { .. }) => {
+                return Err(FsckError::Store(StoreError::Manifest(e)));
+            }
+            Err(crate::manifest::ManifestError::Io { path, error })
+                if error.kind() != std::io::ErrorKind::NotFound =>
+            {
+                return Err(FsckError::Store(StoreError::Manifest(
+                    crate::manifest::ManifestError::Io { path, error },
+                )));
+            }
             Err(e) => {
                 self.push(Kind::Damage, e.to_string());
                 if self.repair {

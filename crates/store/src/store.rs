@@ -141,6 +141,8 @@ impl Store {
             ManifestError::Io { error: ref e, .. } if e.kind() != std::io::ErrorKind::NotFound => {
                 StoreError::Manifest(error)
             }
+            // Written by a newer spinfs: not damage, nothing to rebuild.
+            ManifestError::Version { .. } => StoreError::Manifest(error),
             error => StoreError::ManifestDamaged {
                 error,
                 store: root.to_path_buf(),
