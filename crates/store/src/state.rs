@@ -395,7 +395,16 @@ pub fn recover(
     let found = newest_snapshot(&medium, &cat, true, progress)?;
     let mut config = StoreConfig::parse(&found.snapshot.config, Path::new("state snapshot"))
         .map_err(|e| format!("the snapshot's configuration: {e}"))?;
-    config.media = uri.to_string();
+    // The store records its medium by absolute path (the daemon's working directory is /).
+    config.media = match uri.split_once(':') {
+        Some((scheme, p)) if !p.starts_with('/') => format!(
+            "{scheme}:{}",
+            std::path::absolute(p)
+                .map_err(|e| format!("{uri}: {e}"))?
+                .display()
+        ),
+        _ => uri.to_string(),
+    };
     config.validate().map_err(|e| e.to_string())?;
     let g = config.geometry().map_err(|e| e.to_string())?;
     if g != geometry {
