@@ -1,6 +1,7 @@
 //! The `spinfs` command: argument parsing and wiring of the library crates.
 
 mod daemon;
+mod fsck_cmd;
 mod image_cmd;
 mod media_cmd;
 mod status;
@@ -58,6 +59,28 @@ enum Command {
         layer: u64,
         /// Directory to write into (created when missing; must be empty).
         dir: PathBuf,
+    },
+    /// Check a store (manifest, SSD, media, caches); --repair fixes what can be fixed.
+    /// Exit 0: clean; 1: problems found and all repaired; 4: problems remain; 8: could not run.
+    Fsck {
+        store: PathBuf,
+        /// Fix what can be fixed without losing data, and say what cannot be fixed.
+        #[arg(long)]
+        repair: bool,
+        /// Show progress on stderr even when it is not a terminal.
+        #[arg(long)]
+        progress: bool,
+    },
+    /// Rebuild a store from its archive media alone (after the SSD store was lost).
+    Recover {
+        /// The archive medium: dir:PATH or file:PATH.
+        #[arg(long)]
+        media: String,
+        /// Store directory to create (must not exist or be empty).
+        store: PathBuf,
+        /// Show progress on stderr even when it is not a terminal.
+        #[arg(long)]
+        progress: bool,
     },
     /// Work with EROFS image pairs directly (build, merge, list, cat).
     #[command(subcommand)]
@@ -273,6 +296,16 @@ fn main() -> ExitCode {
         Command::Archive { store, wait } => archive(&store, wait),
         Command::Merge { store, wait } => merge(&store, wait),
         Command::Export { store, layer, dir } => export(&store, layer, &dir),
+        Command::Fsck {
+            store,
+            repair,
+            progress,
+        } => fsck_cmd::fsck(&store, repair, progress),
+        Command::Recover {
+            media,
+            store,
+            progress,
+        } => fsck_cmd::recover(&media, &store, progress),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Media(cmd) => media_cmd::run(cmd),
     };

@@ -1890,6 +1890,19 @@ fn run_inner(
             diffs.join("\n  ")
         ));
     }
+    // The store the sequence leaves behind must be consistent for `spinfs fsck`.
+    mnt.umount();
+    let out = spinfs(&["fsck", mnt.store.to_str().unwrap()]);
+    if !out.status.success() {
+        return Err(format!(
+            "spinfs fsck after the sequence (exit {:?}):\n  {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+                .trim_end()
+                .replace('\n', "\n  "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
     Ok(stats)
 }
 

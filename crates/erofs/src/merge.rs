@@ -13,13 +13,15 @@
 //! the merged set (any opaque member, or a whiteout / non-directory below), so nothing from
 //! older layers can leak into it: the regression of SPEC problem 1. With
 //! [`MergeMode::StripOverlay`] nothing is below: whiteouts are dropped and `trusted.overlay.*`
-//! xattrs removed.
+//! xattrs removed, except spinfs's per-inode records (`trusted.overlay.spinfs.*`) and escaped
+//! user xattrs (`trusted.overlay.overlay.*`).
 
 use crate::error::{Error, Result, corrupt};
 use crate::io::ReadAt;
 use crate::reader::{DirEntry, FileType, Image, Inode};
 use crate::tree::{
-    Chunk, FileData, Metadata, Node, NodeId, NodeKind, OVERLAY_OPAQUE_XATTR, SPINFS_INO_XATTR, Tree,
+    Chunk, FileData, Metadata, Node, NodeId, NodeKind, OVERLAY_OPAQUE_XATTR, SPINFS_INO_XATTR,
+    SPINFS_REALDEV_XATTR, Tree,
 };
 use crate::writer::{DeviceSpec, WriteOptions, WriteSummary, write_image};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -133,7 +135,7 @@ pub fn merge_tree<R: ReadAt>(
         for (name, cands) in names {
             let (layer, ref top_entry, parent_nid) = cands[0];
             let top = m.inode(layer, top_entry)?;
-            if top.is_whiteout() {
+            if m.is_whiteout(layer, &top)? {
                 // Inside an opaque directory a whiteout hides nothing: drop it.
                 if mode == MergeMode::KeepOverlay && !out_opaque {
                     m.add_leaf(&mut tree, out, name, layer, &top)?;
@@ -240,6 +242,14 @@ impl<R: ReadAt> Merger<'_, R> {
             .is_some_and(|v| v == b"y"))
     }
 
+    /// A whiteout: a character device 0/0 not marked as a real device node.
+    fn is_whiteout(&self, layer: usize, ino: &Inode) -> Result<bool> {
+        Ok(ino.is_whiteout()
+            && self.layers[layer]
+                .xattr(ino, SPINFS_REALDEV_XATTR)?
+                .is_none())
+    }
+
     fn meta(&self, layer: usize, ino: &Inode) -> Result<Metadata> {
         let img = &self.layers[layer];
         let mut xattrs = img.raw_xattrs(ino)?;
@@ -254,7 +264,14 @@ impl<R: ReadAt> Merger<'_, R> {
             true
         });
         if self.mode == MergeMode::StripOverlay {
-            xattrs.retain(|(n, _)| !n.starts_with(b"trusted.overlay."));
+            // Overlay's own markers go; spinfs's per-inode records (`trusted.overlay.spinfs.*`:
+            // ctime, real-device marks) and escaped user xattrs (`trusted.overlay.overlay.*`,
+            // a user's `trusted.overlay.X`) are the inode's, not the overlay's, and stay.
+            xattrs.retain(|(n, _)| {
+                !n.starts_with(b"trusted.overlay.")
+                    || n.starts_with(b"trusted.overlay.spinfs.")
+                    || n.starts_with(b"trusted.overlay.overlay.")
+            });
         }
         Ok(Metadata {
             ino: spinfs_ino,

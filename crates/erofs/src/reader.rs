@@ -720,6 +720,25 @@ impl<R: ReadAt> Image<R> {
         (base, unit)
     }
 
+    /// The bytes of the meta image that describe `ino` itself: its inode, inline xattrs and
+    /// either its inline tail or its chunk index array, as `(offset, length)`. Directory and
+    /// symlink blocks stored apart are found with [`Image::map`] (device 0). Used to say which
+    /// files a damaged range of a meta image affects.
+    pub fn inode_range(&self, ino: &Inode) -> (u64, u64) {
+        let start = ino.offset;
+        let body = ino.inode_size as u64 + ino.xattr_size as u64;
+        let end = if ino.layout == LAYOUT_CHUNK_BASED && ino.file_type == FileType::File {
+            let (base, unit) = self.chunk_index_base(ino);
+            let bits = ino.chunk_bits(self.bits).unwrap_or(self.bits);
+            base + ino.size.div_ceil(1u64 << bits.min(63)) * unit
+        } else if ino.layout == LAYOUT_FLAT_INLINE {
+            start + body + ino.size % self.bs.max(1)
+        } else {
+            start + body
+        };
+        (start, end.saturating_sub(start))
+    }
+
     /// Reads chunk entries `[first, first + out.len())` of a chunk-based inode.
     fn chunk_refs(&self, ino: &Inode, first: u64, count: usize) -> Result<Vec<ChunkRef>> {
         let (base, unit) = self.chunk_index_base(ino);

@@ -16,6 +16,9 @@ pub type NodeId = u32;
 pub const SPINFS_INO_XATTR: &[u8] = b"trusted.overlay.spinfs.ino";
 /// Name of the overlayfs opaque-directory marker.
 pub const OVERLAY_OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+/// Marks a character device 0/0 that is a real device node of the user's, not an overlay
+/// whiteout (spinfs's convention; merges keep such a node like any other).
+pub const SPINFS_REALDEV_XATTR: &[u8] = b"trusted.overlay.spinfs.realdev";
 
 /// Attributes shared by every kind of inode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -19,8 +19,13 @@ use crate::error::{MediaError, Result};
 
 /// Size of a metadata block, and alignment of all media I/O.
 pub const BLOCK: u64 = 4096;
-/// Format version written in every container header.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written in every new container header. Version 2 added the `State` image
+/// kind (code 3); version-1 containers are read as before and never appended to by this
+/// build (a writer starts a new container instead), so an older build never meets a record
+/// it cannot decode in a container it accepts.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest container format version this build reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Magic at the start of every container.
 pub const CONTAINER_MAGIC: [u8; 8] = *b"SPNFSCTR";
 /// Magic at the start of every record block.
@@ -175,11 +180,14 @@ impl std::fmt::Display for MediumId {
     }
 }
 
-/// Which half of an image pair.
+/// What an image is: one half of an image pair, or a store-state snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ImageKind {
     Meta,
     Blob,
+    /// A snapshot of the store's state written by the store in the same commit as a layer
+    /// (format version 2): what makes the medium self-describing for disaster recovery.
+    State,
 }
 
 impl ImageKind {
@@ -187,12 +195,14 @@ impl ImageKind {
         match self {
             ImageKind::Meta => 1,
             ImageKind::Blob => 2,
+            ImageKind::State => 3,
         }
     }
     fn from_code(c: u8) -> Option<ImageKind> {
         match c {
             1 => Some(ImageKind::Meta),
             2 => Some(ImageKind::Blob),
+            3 => Some(ImageKind::State),
             _ => None,
         }
     }
@@ -203,6 +213,7 @@ impl std::fmt::Display for ImageKind {
         f.write_str(match self {
             ImageKind::Meta => "meta",
             ImageKind::Blob => "blob",
+            ImageKind::State => "state",
         })
     }
 }
@@ -256,6 +267,8 @@ pub(crate) fn push_extent(list: &mut Vec<Extent>, e: Extent) {
 /// The decoded container header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerHeader {
+    /// Format version the container was created with.
+    pub version: u32,
     pub medium: MediumId,
     pub container: u64,
     pub geometry: Geometry,
@@ -281,7 +294,7 @@ impl ContainerHeader {
         let b = &mut block[..HEADER_LEN];
         b.fill(0);
         b[0..8].copy_from_slice(&CONTAINER_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         b[16..32].copy_from_slice(&self.medium.0);
         b[32..40].copy_from_slice(&self.container.to_le_bytes());
@@ -307,9 +320,10 @@ impl ContainerHeader {
             return Err("header checksum mismatch".into());
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(format!(
-                "format version {version}, this build reads version {FORMAT_VERSION}"
+                "format version {version}, this build reads versions {MIN_FORMAT_VERSION} to \
+                 {FORMAT_VERSION}"
             ));
         }
         let geometry = Geometry {
@@ -320,6 +334,7 @@ impl ContainerHeader {
         };
         geometry.validate().map_err(|e| e.to_string())?;
         Ok(ContainerHeader {
+            version,
             medium: MediumId(b[16..32].try_into().expect("16 bytes")),
             container: u64_at(b, 32),
             geometry,
@@ -517,6 +532,7 @@ mod tests {
     fn header_and_records_round_trip_and_detect_damage() {
         let g = Geometry::new(1 << 20, 64 << 10, 64 << 10, 256 << 10).unwrap();
         let h = ContainerHeader {
+            version: FORMAT_VERSION,
             medium: MediumId([7; 16]),
             container: 3,
             geometry: g,

@@ -137,7 +137,12 @@ impl MediumWriter {
                 unrecorded: 0,
                 dirty: false,
             };
-            if oc.next_object < g.objects_per_container() && oc.room_for(1, g.record_slots()) {
+            // A container of an older format is never appended to: it must not hold records
+            // of kinds its format lacks (an older build would stop reading its log there).
+            if last.header.version == crate::layout::FORMAT_VERSION
+                && oc.next_object < g.objects_per_container()
+                && oc.room_for(1, g.record_slots())
+            {
                 open = Some(oc);
             }
         }
@@ -600,6 +605,7 @@ impl MediumWriter {
         }
         self.medium.backend().prepare_container(index)?;
         let header = ContainerHeader {
+            version: crate::layout::FORMAT_VERSION,
             medium: id,
             container: index,
             geometry: g,

@@ -342,7 +342,10 @@ impl ArchivedLayer {
             && let Some((dev, at)) = e.location.filter(|&(dev, _)| dev > 0)
         {
             let src = self.blobs.source(dev).map_err(eio(self.id))?;
-            if let Some(bytes) = cache.read_joined(src, at, n as u64).map_err(eio(self.id))? {
+            if let Some(bytes) = cache
+                .read_joined(src, at, n as u64)
+                .map_err(|e| self.data_error(&img, inode, offset, n, e))?
+            {
                 return Ok(reply(&bytes));
             }
         }
@@ -358,9 +361,30 @@ impl ArchivedLayer {
             }
             let got = img
                 .read_data(inode, offset, &mut buf[..n], &self.blobs)
-                .map_err(eio(self.id))?;
+                .map_err(|e| self.data_error(&img, inode, offset, n, e))?;
             Ok(reply(&buf[..got]))
         })
+    }
+
+    /// Logs unreadable archived data, named by the inode number users see (st_ino) so the
+    /// damaged file can be found (`find -inum`; `spinfs fsck` names its paths), as EIO.
+    fn data_error(
+        &self,
+        img: &Image<File>,
+        inode: &Inode,
+        offset: u64,
+        len: usize,
+        e: impl std::fmt::Display,
+    ) -> Errno {
+        let ino = img.spinfs_ino(inode).ok().flatten().unwrap_or(0);
+        tracing::error!(
+            layer = self.id,
+            ino,
+            offset,
+            len,
+            "archived file data unreadable: {e}"
+        );
+        Errno::EIO
     }
 
     fn edges(&self, heads: &HeadCache, inode: &Inode) -> Option<crate::cache::Edges> {

@@ -15,7 +15,7 @@ pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 /// little-endian.
 pub const CTIME_XATTR: &[u8] = b"trusted.overlay.spinfs.ctime";
 /// On a character device 0/0 that a user made: it is a device, not a whiteout.
-pub const REALDEV_XATTR: &[u8] = b"trusted.overlay.spinfs.realdev";
+pub const REALDEV_XATTR: &[u8] = spinfs_erofs::tree::SPINFS_REALDEV_XATTR;
 /// Prefix of the reserved namespace.
 pub const INTERNAL_PREFIX: &[u8] = b"trusted.overlay.";
 /// Prefix under which users' own `trusted.overlay.*` names are stored.

@@ -257,6 +257,12 @@ pub struct Sealed {
     pub blob: Option<ImageRecord>,
 }
 
+/// Called with the open media writer and the sealed layer after its images are appended and
+/// before the media commit, so that what it appends (the state snapshot) is committed with
+/// them.
+pub type BeforeCommit<'a> =
+    &'a mut dyn FnMut(&mut MediumWriter, &Sealed) -> Result<(), spinfs_media::MediaError>;
+
 /// Seals generation `generation` (tree at `tree_root`) as layer `layer_id`.
 #[allow(clippy::too_many_arguments)]
 pub fn seal_generation(
@@ -268,6 +274,7 @@ pub fn seal_generation(
     tree_root: &Path,
     generation: u64,
     layer_id: u64,
+    before_commit: BeforeCommit<'_>,
 ) -> Result<Sealed, SealError> {
     let (tree, stats) = build_tree(tree_root, generation)?;
     // The heads first: they come from the SSD tree, which is still there.
@@ -314,14 +321,8 @@ pub fn seal_generation(
         .map_err(media)?;
     writer.append(&meta).map_err(media)?;
     let meta_extents = writer.finish_image().map_err(media)?;
-    writer.commit().map_err(media)?;
-    publish_meta(layout, layer_id, &meta).map_err(|error| SealError::Io {
-        generation,
-        path: layout.layer_meta(layer_id),
-        error,
-    })?;
     let blob = blob.map(|b| ImageRecord::from_extents(&b));
-    Ok(Sealed {
+    let sealed = Sealed {
         layer: LayerRecord {
             id: layer_id,
             meta: ImageRecord::from_extents(&meta_extents),
@@ -332,7 +333,15 @@ pub fn seal_generation(
             level: 0,
         },
         blob,
-    })
+    };
+    before_commit(&mut writer, &sealed).map_err(media)?;
+    writer.commit().map_err(media)?;
+    publish_meta(layout, layer_id, &meta).map_err(|error| SealError::Io {
+        generation,
+        path: layout.layer_meta(layer_id),
+        error,
+    })?;
+    Ok(sealed)
 }
 
 /// Writes the head cache of a layer: the first and the last `head_size` bytes of every

@@ -35,6 +35,15 @@ pub enum StoreError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(
+        "{error}; run `spinfs fsck --repair {}` to rebuild it from the state snapshots on the \
+         media (or `spinfs recover --media URI NEWSTORE` to rebuild a whole store from the media)",
+        store.display()
+    )]
+    ManifestDamaged {
+        error: ManifestError,
+        store: PathBuf,
+    },
     #[error("media {uri}: {error}")]
     Media {
         uri: String,
@@ -128,7 +137,17 @@ impl Store {
         }
         let config = StoreConfig::load(layout.root())?;
         let lock = take_lock(&layout)?;
-        let manifest = Manifest::load(&layout.manifest())?;
+        let manifest = Manifest::load(&layout.manifest()).map_err(|error| match error {
+            ManifestError::Io { error: ref e, .. } if e.kind() != std::io::ErrorKind::NotFound => {
+                StoreError::Manifest(error)
+            }
+            // Written by a newer spinfs: not damage, nothing to rebuild.
+            ManifestError::Version { .. } => StoreError::Manifest(error),
+            error => StoreError::ManifestDamaged {
+                error,
+                store: root.to_path_buf(),
+            },
+        })?;
         Ok(Store {
             layout,
             config,
@@ -362,6 +381,7 @@ impl Store {
         let medium = self.medium()?;
         let sched = self.scheduler()?;
         let tree = self.layout.generation_tree(frozen.generation);
+        let (manifest, config) = (&self.manifest, &self.config);
         let sealed = seal::seal_generation(
             &self.layout,
             &medium,
@@ -371,14 +391,13 @@ impl Store {
             &tree,
             frozen.generation,
             frozen.layer,
+            // The state snapshot goes to the media in the seal's own commit.
+            &mut |writer, sealed| {
+                let next = with_sealed(manifest, sealed);
+                crate::state::append_snapshot(writer, sealed.layer.id, &next, config).map(drop)
+            },
         )?;
-        if let Some(blob) = &sealed.blob {
-            self.manifest.blobs.retain(|b| b.id != blob.id);
-            self.manifest.blobs.push(blob.clone());
-        }
-        self.manifest.layers.retain(|l| l.id != sealed.layer.id);
-        self.manifest.layers.push(sealed.layer.clone());
-        self.manifest.frozen = None;
+        self.manifest = with_sealed(&self.manifest, &sealed);
         self.manifest.commit(&self.layout.manifest())?;
         Ok(Some(sealed.layer))
     }
@@ -491,10 +510,6 @@ impl Store {
             .map_err(media_err)?;
         writer.append(&meta).map_err(media_err)?;
         let extents = writer.finish_image().map_err(media_err)?;
-        writer.commit().map_err(media_err)?;
-        seal::publish_meta(&self.layout, id, &meta)
-            .map_err(io_err("cannot write", &self.layout.layer_meta(id)))?;
-        self.merge_head_caches(&newest_first, id)?;
         let record = LayerRecord {
             id,
             meta: crate::manifest::ImageRecord::from_extents(&extents),
@@ -504,8 +519,16 @@ impl Store {
             bytes,
             level: inputs.iter().map(|l| l.level).max().unwrap_or(0) + 1,
         };
-        self.manifest.next_layer += 1;
-        self.manifest.layers.splice(run, [record.clone()]);
+        let mut next = self.manifest.clone();
+        next.next_layer += 1;
+        next.layers.splice(run, [record.clone()]);
+        // The state snapshot goes to the media in the merge's own commit.
+        crate::state::append_snapshot(&mut writer, id, &next, &self.config).map_err(media_err)?;
+        writer.commit().map_err(media_err)?;
+        seal::publish_meta(&self.layout, id, &meta)
+            .map_err(io_err("cannot write", &self.layout.layer_meta(id)))?;
+        self.merge_head_caches(&newest_first, id)?;
+        self.manifest = next;
         self.manifest.commit(&self.layout.manifest())?;
         Ok(record)
     }
@@ -559,8 +582,58 @@ impl Store {
         fs::remove_dir_all(&gen_dir).map_err(io_err("cannot remove", &gen_dir))
     }
 
+    /// Checks the SSD copy of layer `rec`'s meta image against the manifest's length and
+    /// CRC32C; when it is missing or damaged, restores it from its media copy (checked against
+    /// the same CRC). A layer whose both copies are damaged keeps its SSD copy (the reader
+    /// then fails with EIO where the damage makes it inconsistent) and is logged.
+    fn ensure_meta(&mut self, rec: &LayerRecord) -> Result<(), StoreError> {
+        let path = self.layout.layer_meta(rec.id);
+        let why = match file_crc(&path) {
+            Ok((len, crc)) if len == rec.meta.length && crc == rec.meta.crc => return Ok(()),
+            Ok((len, _)) if len != rec.meta.length => {
+                format!("is {len} bytes, the manifest records {}", rec.meta.length)
+            }
+            Ok((_, crc)) => format!(
+                "fails its checksum (crc32c {crc:08x}, the manifest records {:08x})",
+                rec.meta.crc
+            ),
+            Err(e) => format!("cannot be read: {e}"),
+        };
+        let reader = self.reader()?;
+        let opts = spinfs_media::ReadOptions {
+            class: spinfs_media::Class::Metadata,
+            timeout: Some(self.config.media_io.request_timeout()),
+        };
+        let extents = rec.meta.to_extents(spinfs_media::ImageKind::Meta);
+        match reader.read(&extents, 0, rec.meta.length, opts) {
+            Ok(b) if crc32c::crc32c(&b) == rec.meta.crc => {
+                seal::publish_meta(&self.layout, rec.id, &b)
+                    .map_err(io_err("cannot write", &path))?;
+                tracing::warn!(
+                    layer = rec.id,
+                    "meta image {} {why}: restored from its media copy",
+                    path.display()
+                );
+            }
+            Ok(_) => tracing::error!(
+                layer = rec.id,
+                "meta image {} {why}, and its media copy fails its checksum too",
+                path.display()
+            ),
+            Err(e) => tracing::error!(
+                layer = rec.id,
+                "meta image {} {why}, and its media copy cannot be read: {e}",
+                path.display()
+            ),
+        }
+        Ok(())
+    }
+
     /// Opens one archived layer of the manifest.
     pub fn open_layer(&mut self, id: u64) -> Result<Arc<ArchivedLayer>, StoreError> {
+        if let Some(rec) = self.manifest.layers.iter().find(|l| l.id == id).cloned() {
+            self.ensure_meta(&rec)?;
+        }
         let reader = self.reader()?;
         let cache = self.unit_cache()?;
         let pool = self.image_pool();
@@ -602,6 +675,20 @@ impl Store {
     }
 }
 
+/// The manifest once sealed layer `sealed` is committed: its blob and layer added, the
+/// frozen generation done.
+fn with_sealed(m: &Manifest, sealed: &seal::Sealed) -> Manifest {
+    let mut m = m.clone();
+    if let Some(blob) = &sealed.blob {
+        m.blobs.retain(|b| b.id != blob.id);
+        m.blobs.push(blob.clone());
+    }
+    m.layers.retain(|l| l.id != sealed.layer.id);
+    m.layers.push(sealed.layer.clone());
+    m.frozen = None;
+    m
+}
+
 /// Whether some process holds the store's lock right now (the store is mounted or busy).
 pub fn store_in_use(root: &Path) -> Option<String> {
     let layout = StoreLayout::new(root);
@@ -612,7 +699,7 @@ pub fn store_in_use(root: &Path) -> Option<String> {
     }
 }
 
-fn take_lock(layout: &StoreLayout) -> Result<File, StoreError> {
+pub(crate) fn take_lock(layout: &StoreLayout) -> Result<File, StoreError> {
     let path = layout.lock();
     let mut f = OpenOptions::new()
         .read(true)
@@ -691,6 +778,21 @@ fn copy_root_attributes(from: &Path, to: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Length and CRC32C of a file, read in bounded pieces.
+pub(crate) fn file_crc(path: &Path) -> std::io::Result<(u64, u32)> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut len, mut crc) = (0u64, 0u32);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((len, crc));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        len += n as u64;
+    }
+}
+
 fn write_pid(f: &mut File) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom};
     f.set_len(0)?;
@@ -702,7 +804,7 @@ fn absolute(p: &Path) -> Result<PathBuf, StoreError> {
     std::path::absolute(p).map_err(io_err("cannot resolve", p))
 }
 
-fn random_id() -> Result<String, StoreError> {
+pub(crate) fn random_id() -> Result<String, StoreError> {
     let mut bytes = [0u8; 16];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))

@@ -1162,6 +1162,117 @@ fn image_of_dir_name(name: &str) -> Option<u64> {
     name.strip_prefix('i').and_then(parse_hex16)
 }
 
+/// What [`inspect_dir`] found in a chunk cache directory, without changing anything.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkInspection {
+    /// Entries checked.
+    pub entries: u64,
+    /// Images that have entries.
+    pub images: std::collections::BTreeSet<u64>,
+    /// Damaged entries (header, length or data checksum).
+    pub problems: Vec<ChunkProblem>,
+    /// Files that cannot be entries: leftovers of interrupted writes in `tmp/`, malformed
+    /// names or sizes (opening the cache removes them).
+    pub leftovers: Vec<PathBuf>,
+    /// The format file is missing or names another unit (opening the cache drops every
+    /// entry).
+    pub format_mismatch: bool,
+}
+
+/// Checks every entry of the chunk cache in `dir` (header, length, data CRC32C) without
+/// taking its lock or changing anything: for `spinfs fsck` without `--repair`.
+/// `progress(done, total)` is called per entry.
+pub fn inspect_dir(
+    dir: &Path,
+    unit: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ChunkInspection> {
+    let mut out = ChunkInspection {
+        format_mismatch: dir.exists() && !format_matches(dir, unit),
+        ..ChunkInspection::default()
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err("read directory", dir)(e)),
+    };
+    let tmp = dir.join(TMP_DIR);
+    if let Ok(list) = fs::read_dir(&tmp) {
+        for e in list.flatten() {
+            out.leftovers.push(e.path());
+        }
+    }
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("read directory", dir))?;
+        let Some(image) = entry.file_name().to_str().and_then(image_of_dir_name) else {
+            continue;
+        };
+        let image_dir = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.leftovers.push(image_dir);
+            continue;
+        }
+        for e in fs::read_dir(&image_dir).map_err(io_err("read directory", &image_dir))? {
+            let e = e.map_err(io_err("read directory", &image_dir))?;
+            let path = e.path();
+            let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+            let offset = e.file_name().to_str().and_then(parse_hex16);
+            let len = meta.len().saturating_sub(CHUNK_HEADER_LEN);
+            match offset {
+                Some(offset)
+                    if meta.is_file()
+                        && meta.len() > CHUNK_HEADER_LEN
+                        && len <= unit
+                        && offset.is_multiple_of(unit) =>
+                {
+                    files.push((path, (image, offset), len))
+                }
+                _ => out.leftovers.push(path),
+            }
+        }
+    }
+    let total = files.len() as u64;
+    for (i, (path, key, len)) in files.into_iter().enumerate() {
+        progress(i as u64, total);
+        out.entries += 1;
+        out.images.insert(key.0);
+        if let Err(reason) = check_entry_file(&path, key, unit, len) {
+            out.problems.push(ChunkProblem {
+                path,
+                image: key.0,
+                offset: key.1,
+                reason,
+            });
+        }
+    }
+    progress(total, total);
+    Ok(out)
+}
+
+/// Checks one entry file: header, length and data CRC32C.
+fn check_entry_file(path: &Path, key: Key, unit: u64, len: u64) -> std::result::Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut header = [0u8; CHUNK_HEADER_LEN as usize];
+    read_at(&file, &mut header, 0)?;
+    let expected = check_header(&header, key, unit, len)?;
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; SCRATCH];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(SCRATCH as u64) as usize;
+        read_at(&file, &mut buf[..n], CHUNK_HEADER_LEN + pos)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        pos += n as u64;
+    }
+    if crc != expected {
+        return Err(format!(
+            "data checksum mismatch (recorded {expected:08x}, computed {crc:08x})"
+        ));
+    }
+    Ok(())
+}
+
 /// Removes every image directory (and nothing else: a mistaken cache path loses no data
 /// that is not the cache's own); returns how many.
 fn remove_image_dirs(dir: &Path) -> Result<usize> {

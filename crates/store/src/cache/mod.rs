@@ -20,7 +20,8 @@ mod chunk;
 mod head;
 
 pub use chunk::{
-    CHUNK_HEADER_LEN, CacheStats, ChunkCache, ChunkProblem, EntryData, MAX_UNIT, MIN_UNIT,
+    CHUNK_HEADER_LEN, CacheStats, ChunkCache, ChunkInspection, ChunkProblem, EntryData, MAX_UNIT,
+    MIN_UNIT, inspect_dir,
 };
 pub use head::{
     Edges, HEAD_INDEX_BLOCK, HeadCache, HeadCacheInfo, HeadCacheWriter, HeadProblem, MAX_HEAD_SIZE,
