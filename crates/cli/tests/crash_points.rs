@@ -78,7 +78,7 @@ fn crash_at_every_point_then_recover() {
             plan.push(Step::Point(p, 1 + rng.below(4)));
         }
         for _ in 0..random_kills {
-            plan.push(Step::Kill(Duration::from_millis(rng.below(2500))));
+            plan.push(Step::Kill(Duration::from_millis(rng.below(800))));
         }
     }
 
@@ -132,7 +132,19 @@ fn crash_at_every_point_then_recover() {
             }
             Step::Kill(d) => {
                 site.mount();
-                workload(&site, &mut model, &mut rng, &tag, rounds, Some(*d), &mut counts);
+                let killer = Killer {
+                    after: *d,
+                    first: None,
+                };
+                workload(
+                    &site,
+                    &mut model,
+                    &mut rng,
+                    &tag,
+                    rounds,
+                    Some(killer),
+                    &mut counts,
+                );
                 site.reap();
                 kills += 1;
             }
@@ -152,7 +164,10 @@ fn crash_at_every_point_then_recover() {
             fsck_runs += 1;
         }
     }
-    let unreached: BTreeSet<&String> = points.iter().filter(|p| !reached.contains_key(*p)).collect();
+    let unreached: BTreeSet<&String> = points
+        .iter()
+        .filter(|p| !reached.contains_key(*p))
+        .collect();
     println!(
         "crash points: {} distinct of {} registered exercised ({} crashes at points, {} random \
          kills) in {:.1}s; {} operations, {} seals and {} merges requested, {} archived reads; \

@@ -3,6 +3,8 @@
 //! the model of what must survive a crash, and the checks after recovery.
 #![allow(dead_code)]
 
+pub mod disk;
+
 use crate::common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -270,8 +272,8 @@ pub fn check_files(dir: &Path, model: &Model, ctx: &str) {
     let listed = names(dir);
     for (name, st) in &model.durable {
         let path = dir.join(name);
-        let meta = fs::symlink_metadata(&path)
-            .unwrap_or_else(|e| panic!("{ctx}: durable {name}: {e}"));
+        let meta =
+            fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{ctx}: durable {name}: {e}"));
         let got = fs::read(&path).unwrap_or_else(|e| panic!("{ctx}: durable {name}: {e}"));
         assert!(
             got == st.content,
@@ -322,7 +324,10 @@ pub fn check_no_leftovers(store: &Path, ctx: &str) {
         BTreeSet::from([format!("{upper:016x}")]),
         "{ctx}: generations on the SSD besides the writable one"
     );
-    let work = store.join("gens").join(format!("{upper:016x}")).join("work");
+    let work = store
+        .join("gens")
+        .join(format!("{upper:016x}"))
+        .join("work");
     if work.exists() {
         let left = names(&work);
         assert!(left.is_empty(), "{ctx}: work directory not empty: {left:?}");
@@ -355,7 +360,10 @@ pub fn check_no_leftovers(store: &Path, ctx: &str) {
     let cache_tmp = store.join("cache").join("tmp");
     if cache_tmp.exists() {
         let left = names(&cache_tmp);
-        assert!(left.is_empty(), "{ctx}: chunk cache tmp/ not empty: {left:?}");
+        assert!(
+            left.is_empty(),
+            "{ctx}: chunk cache tmp/ not empty: {left:?}"
+        );
     }
 }
 
@@ -386,6 +394,13 @@ fn expect_dead(store: &Path, what: &str) {
     }
 }
 
+/// A crash at a random moment: `first` (e.g. a power cut) runs, then the daemon gets
+/// SIGKILL, `after` the workload started.
+pub struct Killer {
+    pub after: Duration,
+    pub first: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
 /// Counters of the workload.
 #[derive(Default, Debug)]
 pub struct Counts {
@@ -393,6 +408,8 @@ pub struct Counts {
     pub seals: u64,
     pub merges: u64,
     pub reads: u64,
+    /// Files written without fsync by the last workload, with their content.
+    pub unsynced_last: Vec<(String, Vec<u8>)>,
 }
 
 /// One crash iteration's workload against a mounted site: rounds of durable files (and a
@@ -407,7 +424,7 @@ pub fn workload(
     rng: &mut Rng,
     tag: &str,
     rounds: u32,
-    killer: Option<Duration>,
+    killer: Option<Killer>,
     counts: &mut Counts,
 ) -> bool {
     let dir = site.dir();
@@ -422,28 +439,32 @@ pub fn workload(
         let dir = dir.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut n = 0u64;
+            let mut done = Vec::new();
             for (k, name) in unsynced.iter().enumerate() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 let len = 1000 + (k * 7919 + seed as usize) % 150_000;
-                if fs::write(dir.join(name), data(seed + k as u64, len)).is_err() {
+                let content = data(seed + k as u64, len);
+                if fs::write(dir.join(name), &content).is_err() {
                     break;
                 }
-                n += 1;
+                done.push((name.clone(), content));
                 std::thread::sleep(Duration::from_millis(15));
             }
-            n
+            done
         })
     };
-    let killer = killer.map(|delay| {
+    let killer = killer.map(|k| {
         let store = store.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let until = Instant::now() + delay;
+            let until = Instant::now() + k.after;
             while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(2));
+            }
+            if let Some(f) = &k.first {
+                f();
             }
             if let Some(pid) = live_daemon(&store) {
                 kill9(pid);
@@ -521,7 +542,8 @@ pub fn workload(
         died = dead(&store);
     }
     stop.store(true, Ordering::Relaxed);
-    counts.ops += writer.join().unwrap();
+    counts.unsynced_last = writer.join().unwrap();
+    counts.ops += counts.unsynced_last.len() as u64;
     if let Some(k) = killer {
         k.join().unwrap();
         died = true;
