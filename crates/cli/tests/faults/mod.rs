@@ -300,6 +300,38 @@ pub fn check_files(dir: &Path, model: &Model, ctx: &str) {
     }
 }
 
+/// Counts what the mount lost of the durable files: (files verified, bytes lost, what).
+/// A missing file loses all its bytes; a differing one the bytes that differ (and the
+/// length difference); wrong metadata is listed (and counts no bytes).
+pub fn lost_bytes(dir: &Path, model: &Model) -> (u64, u64, Vec<String>) {
+    let (mut verified, mut lost, mut what) = (0u64, 0u64, Vec::new());
+    for (name, st) in &model.durable {
+        verified += 1;
+        let path = dir.join(name);
+        let got = match fs::read(&path) {
+            Ok(g) => g,
+            Err(e) => {
+                lost += st.content.len() as u64;
+                what.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let differ = got.iter().zip(&st.content).filter(|(a, b)| a != b).count() as u64
+            + got.len().abs_diff(st.content.len()) as u64;
+        if differ > 0 {
+            lost += differ;
+            what.push(format!("{name}: {differ} bytes differ"));
+        }
+        if let Ok(meta) = fs::symlink_metadata(&path)
+            && (meta.mode() & 0o7777, meta.uid(), meta.gid(), meta.mtime())
+                != (st.mode, st.uid, st.gid, st.mtime)
+        {
+            what.push(format!("{name}: metadata differs"));
+        }
+    }
+    (verified, lost, what)
+}
+
 /// After a crash the unsynced files that remain are kept as they are from then on; the
 /// others are gone.
 pub fn settle_maybe(dir: &Path, model: &mut Model) {
@@ -408,6 +440,8 @@ pub struct Counts {
     pub seals: u64,
     pub merges: u64,
     pub reads: u64,
+    /// Reads by the concurrent reader that returned the durable bytes.
+    pub concurrent_reads: u64,
     /// Files written without fsync by the last workload, with their content.
     pub unsynced_last: Vec<(String, Vec<u8>)>,
 }
@@ -471,6 +505,39 @@ pub fn workload(
             }
         })
     });
+    // a concurrent reader of durable files: any successful read must return their bytes
+    // (a read may fail once the daemon is gone, or for a file removed meanwhile)
+    let reader = {
+        let dir = dir.clone();
+        let stop = stop.clone();
+        let files: Vec<(String, Vec<u8>)> = model
+            .durable
+            .iter()
+            .rev()
+            .take(12)
+            .map(|(n, st)| (n.clone(), st.content.clone()))
+            .collect();
+        let tag = tag.to_string();
+        std::thread::spawn(move || {
+            let mut ok = 0u64;
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) && !files.is_empty() {
+                let (name, content) = &files[k % files.len()];
+                k += 1;
+                if let Ok(got) = fs::read(dir.join(name)) {
+                    assert!(
+                        got == *content,
+                        "{tag}: concurrent read of {name} returned other bytes ({} vs {})",
+                        got.len(),
+                        content.len()
+                    );
+                    ok += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            ok
+        })
+    };
     let mut written: Vec<String> = Vec::new();
     let mut died = false;
     'rounds: for round in 0..rounds {
@@ -543,6 +610,7 @@ pub fn workload(
     }
     stop.store(true, Ordering::Relaxed);
     counts.unsynced_last = writer.join().unwrap();
+    counts.concurrent_reads += reader.join().unwrap();
     counts.ops += counts.unsynced_last.len() as u64;
     if let Some(k) = killer {
         k.join().unwrap();
