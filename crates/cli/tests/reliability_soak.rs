@@ -94,6 +94,7 @@ fn corrupt(store: &Path, rng: &mut Rng, with_fsck: bool) -> Option<String> {
     }
     // a kind first (uniformly: chunk-cache entries are many), then one file of that kind
     let mut kinds: Vec<&String> = candidates.iter().map(|(k, _)| k).collect();
+    kinds.sort();
     kinds.dedup();
     let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
     candidates.retain(|(k, _)| *k == kind);
