@@ -29,7 +29,11 @@ fn medium() -> &'static Arc<Medium> {
         let uri = format!("dir:{}", dir.display());
         let m = Medium::open(&uri, g, BackendOptions::default()).unwrap();
         let mut w = MediumWriter::open(m.clone(), None).unwrap();
-        w.begin_image(ImageRef { id: 1, kind: ImageKind::Meta }).unwrap();
+        w.begin_image(ImageRef {
+            id: 1,
+            kind: ImageKind::Meta,
+        })
+        .unwrap();
         w.append(b"fuzz").unwrap();
         w.finish_image().unwrap();
         w.commit().unwrap();

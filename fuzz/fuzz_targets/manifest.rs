@@ -13,7 +13,11 @@ fn check(bytes: &[u8]) {
     let path = Path::new("fuzz/manifest");
     if let Ok(m) = Manifest::decode(bytes, path) {
         let again = Manifest::decode(&m.encode(), path).expect("a re-encoded manifest decodes");
-        assert_eq!(again.encode(), m.encode(), "round trip changed the manifest");
+        assert_eq!(
+            again.encode(),
+            m.encode(),
+            "round trip changed the manifest"
+        );
     }
 }
 

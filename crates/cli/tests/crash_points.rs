@@ -170,7 +170,8 @@ fn crash_at_every_point_then_recover() {
         .collect();
     println!(
         "crash points: {} distinct of {} registered exercised ({} crashes at points, {} random \
-         kills) in {:.1}s; {} operations, {} seals and {} merges requested, {} archived reads; \
+         kills) in {:.1}s; {} operations, {} seals and {} merges requested, {} archived reads, \
+         {} concurrent reads checked; \
          {} durable files and {} durable removals checked after each; fsck ran {fsck_runs} \
          times{}",
         reached.len(),
@@ -182,6 +183,7 @@ fn crash_at_every_point_then_recover() {
         counts.seals,
         counts.merges,
         counts.reads,
+        counts.concurrent_reads,
         model.durable.len(),
         model.removed.len(),
         if fsck_runs == 0 {

@@ -9,7 +9,7 @@
 //! created, no leftovers, fsck clean). One cut in three is strict (every unflushed write
 //! lost); the others keep or tear unflushed writes at random.
 //!
-//! Environment: `SPINFS_POWER_CUTS` (default 10), `SPINFS_CRASH_SEED` (replay).
+//! Environment: `SPINFS_POWER_CUTS` (default 16), `SPINFS_CRASH_SEED` (replay).
 
 mod common;
 mod faults;
@@ -57,7 +57,7 @@ impl Drop for Unmount {
 #[test]
 fn power_cut_at_crash_points_and_random_moments_loses_nothing_durable() {
     let seed = seed_from("SPINFS_CRASH_SEED");
-    let cuts = env_u64("SPINFS_POWER_CUTS", 10);
+    let cuts = env_u64("SPINFS_POWER_CUTS", 16);
     println!("power loss: {cuts} cuts, SPINFS_CRASH_SEED={seed}");
     let rng = Arc::new(Mutex::new(Rng(seed)));
     let points: Vec<String> = registered_points()

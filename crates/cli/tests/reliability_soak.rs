@@ -220,7 +220,7 @@ fn reliability_soak() {
             t.iterations += 1;
             let tag = format!("e{}i{it}", t.epochs);
             let r = rng.lock().unwrap().next();
-            let at_point = r % 2 == 0;
+            let at_point = r.is_multiple_of(2);
             let point = format!(
                 "{}@{}",
                 points[((r >> 8) % points.len() as u64) as usize],
@@ -248,7 +248,7 @@ fn reliability_soak() {
                 let disk = dm.disk.clone();
                 let rng = rng.clone();
                 let done = cut_done.clone();
-                let strict = r % 3 == 0;
+                let strict = r.is_multiple_of(3);
                 Arc::new(move || {
                     let mut rng = rng.lock().unwrap();
                     disk.cut(strict, &mut |n| rng.below(n));
