@@ -12,9 +12,10 @@
 //! `cut` is the power failure: of the writes since the last flush each is dropped, kept, or
 //! torn at 512-byte sector granularity (every sector kept or lost on its own), chosen at
 //! random (or all dropped in the strict mode); the result becomes `disk(N+1)`, which the test
-//! mounts again (ext4 replays its journal, then spinfs recovers). What happens to the dead
-//! generation afterwards (the killed daemon's last writes, the lazy unmount) goes to its
-//! own file and is thrown away.
+//! mounts again (ext4 replays its journal, then spinfs recovers). The dead generation fails
+//! from the cut on (writes and flushes get EIO, as nothing completes on a disk without
+//! power: a process still running for the few milliseconds until it is killed must not see
+//! an fsync succeed that was not durable).
 //!
 //! Limits: one device with one cache (the store and the media fail together, which is the
 //! common case of a single machine, not separate media hardware that keeps power); writes
@@ -96,7 +97,7 @@ struct Generation_ {
     durable: Image,
     /// Writes since the last flush (the volatile cache), in order.
     pending: Vec<(u64, Vec<u8>)>,
-    /// Powered off: writes are accepted and forgotten.
+    /// Powered off: writes and flushes fail.
     dead: bool,
 }
 
@@ -235,12 +236,15 @@ impl Filesystem for DiskFs {
             return reply.error(Errno::ENOSPC);
         }
         let gen_ = &mut st.gens[g];
-        gen_.current.write(offset, data, &|_| true);
-        if !gen_.dead {
-            gen_.pending.push((offset, data.to_vec()));
-            st.stats.writes += 1;
-            st.stats.bytes += data.len() as u64;
+        if gen_.dead {
+            // powered off: nothing completes (a success here could reach a process that
+            // still runs after the cut and make it believe its data durable)
+            return reply.error(Errno::EIO);
         }
+        gen_.current.write(offset, data, &|_| true);
+        gen_.pending.push((offset, data.to_vec()));
+        st.stats.writes += 1;
+        st.stats.bytes += data.len() as u64;
         reply.written(data.len() as u32)
     }
 
@@ -268,12 +272,13 @@ impl Filesystem for DiskFs {
         };
         let mut st = self.state.lock().unwrap();
         let gen_ = &mut st.gens[g];
-        if !gen_.dead {
-            for (off, data) in std::mem::take(&mut gen_.pending) {
-                gen_.durable.write(off, &data, &|_| true);
-            }
-            st.stats.flushes += 1;
+        if gen_.dead {
+            return reply.error(Errno::EIO);
         }
+        for (off, data) in std::mem::take(&mut gen_.pending) {
+            gen_.durable.write(off, &data, &|_| true);
+        }
+        st.stats.flushes += 1;
         reply.ok()
     }
 
@@ -298,10 +303,11 @@ impl Filesystem for DiskFs {
         let end = (offset + length).min(st.size);
         let zeros = vec![0u8; end.saturating_sub(offset) as usize];
         let gen_ = &mut st.gens[g];
-        gen_.current.write(offset, &zeros, &|_| true);
-        if !gen_.dead {
-            gen_.pending.push((offset, zeros));
+        if gen_.dead {
+            return reply.error(Errno::EIO);
         }
+        gen_.current.write(offset, &zeros, &|_| true);
+        gen_.pending.push((offset, zeros));
         reply.ok()
     }
 

@@ -459,11 +459,12 @@ pub struct Counts {
     pub unsynced_last: Vec<(String, Vec<u8>)>,
 }
 
-/// One crash iteration's workload against a mounted site: rounds of durable files (and a
-/// durable removal), an unsynced writer in the background, forced seals and merges and
-/// reads of freshly archived files (chunk-cache fills), until the daemon dies or `rounds`
-/// are done. `killer`: SIGKILL the daemon after that delay (a crash at a random moment).
-/// Returns whether the daemon died during the workload.
+/// One crash iteration's workload against a mounted site: rounds of durable files (and
+/// durable removals), a chmod of an older file (a copy-up of an archived one), fsync'ed or
+/// not, forced seals and merges and reads of freshly archived files (chunk-cache fills),
+/// with an unsynced writer and a checking reader in the background, until the daemon dies
+/// or `rounds` are done. `killer`: crash at a random moment. Returns whether the daemon died
+/// during the workload.
 #[allow(clippy::too_many_arguments)]
 pub fn workload(
     site: &Site,
@@ -518,11 +519,12 @@ pub fn workload(
             }
         })
     });
-    // a concurrent reader of durable files: any successful read must return their bytes
-    // (a read may fail once the daemon is gone, or for a file removed meanwhile)
+    // a concurrent reader of durable files: any successful read must return their bytes;
+    // a read may fail only for a file removed meanwhile or once the daemon is gone
     let reader = {
         let dir = dir.clone();
         let stop = stop.clone();
+        let store = store.clone();
         let files: Vec<(String, Vec<u8>)> = model
             .durable
             .iter()
@@ -537,14 +539,21 @@ pub fn workload(
             while !stop.load(Ordering::Relaxed) && !files.is_empty() {
                 let (name, content) = &files[k % files.len()];
                 k += 1;
-                if let Ok(got) = fs::read(dir.join(name)) {
-                    assert!(
-                        got == *content,
-                        "{tag}: concurrent read of {name} returned other bytes ({} vs {})",
-                        got.len(),
-                        content.len()
-                    );
-                    ok += 1;
+                match fs::read(dir.join(name)) {
+                    Ok(got) => {
+                        assert!(
+                            got == *content,
+                            "{tag}: concurrent read of {name} returned other bytes ({} vs {})",
+                            got.len(),
+                            content.len()
+                        );
+                        ok += 1;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => {
+                        expect_dead(&store, &format!("{tag}: concurrent read of {name}: {e}"));
+                        break;
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
