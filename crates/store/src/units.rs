@@ -379,12 +379,21 @@ fn touch(st: &mut State, key: Key) -> Option<Arc<Vec<u8>>> {
     Some(data)
 }
 
-impl Drop for UnitCache {
-    /// Writes what is queued for the SSD cache before going.
-    fn drop(&mut self) {
+impl UnitCache {
+    /// Writes what is queued for the SSD cache and stops the writer: later units are not
+    /// written to the SSD cache. For a daemon about to exit while other threads still hold
+    /// the cache (the process would otherwise end in the middle of a cache write).
+    pub fn flush_and_stop(&self) {
         self.puts.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = w.join();
         }
+    }
+}
+
+impl Drop for UnitCache {
+    /// Writes what is queued for the SSD cache before going.
+    fn drop(&mut self) {
+        self.flush_and_stop();
     }
 }
