@@ -23,13 +23,14 @@ fi
 # fio (benchmarks), attr/acl (getfattr/setfacl; acl also for pjdfstest), ffmpeg (ffprobe), file,
 # strace (what sniffers read, in the video tests), libglib2.0-bin (gio, a file manager's sniff),
 # kmod (modprobe), mount + util-linux (mount, findmnt, mountpoint, losetup), procps, python3
-# (runner helpers), time (/usr/bin/time).
+# (runner helpers), time (/usr/bin/time), e2fsprogs (mkfs.ext4 for the power-loss test's
+# simulated disk).
 # Build: build-essential + pkg-config for the cargo tools, libacl1-dev (pjdfstest links libacl
 # through the exacl crate), ca-certificates for crates.io over TLS.
 APT_PACKAGES=(
     fuse3 erofs-utils fio attr acl libacl1-dev ffmpeg file strace libglib2.0-bin
     build-essential pkg-config ca-certificates
-    kmod mount util-linux procps python3 time
+    kmod mount util-linux procps python3 time e2fsprogs
 )
 
 missing=()
@@ -48,7 +49,7 @@ fi
 
 # Kernel modules the tests mount with (built in on some kernels: ignore modprobe failures, the
 # checks below say what is really missing).
-for m in fuse overlay erofs; do
+for m in fuse overlay erofs loop; do
     modprobe "$m" 2>/dev/null || true
 done
 [ -e /dev/fuse ] || echo "install-deps: WARNING: /dev/fuse missing; FUSE mounts will fail" >&2

@@ -132,6 +132,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     let config = store.config().clone();
     let reader = store.reader()?;
     let cache = store.chunk_cache()?;
+    let units = store.unit_cache()?;
     let model = store.media_model();
     let archiver = Archiver::start(store, vol.clone());
     let status_fn = {
@@ -167,6 +168,11 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     })
     .with_context(|| format!("cannot mount on {}", mnt.display()))?;
     archiver.shutdown();
+    // Archived layers (held by threads that outlive this function) share the unit cache:
+    // finish its SSD cache writes now rather than exit in the middle of one.
+    if let Some(u) = &units {
+        u.flush_and_stop();
+    }
     let _ = std::fs::remove_file(layout.control_socket());
     tracing::info!("unmounted; daemon exits");
     Ok(())

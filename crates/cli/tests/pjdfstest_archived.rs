@@ -17,12 +17,10 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Last resort: ignored because it fails in about 3 runs out of 10, always (after the fixes on
-/// this branch) with the known hard-link bug that archive.rs
-/// `hard_links_of_an_archived_inode_follow_unlink` reproduces deterministically: when a seal
-/// lands between pjdfstest's link() and its unlink()/rename() over one name, the other name
-/// keeps nlink 2 and its old ctime (unlink::update_ctime_success::*,
-/// rename::to_multiply_linked::*). Run it with `--run-ignored all`.
+/// Every pjdfstest case, the permission ones included (chmod/chown/utimensat rules, write
+/// access for renames, modes and owners of new files, S_ISGID clearing), with seals landing
+/// between its steps. (It was ignored for a while for an archived hard-link nlink/ctime bug,
+/// fixed since; `security.rs` checks permissions on entries known to be archived.)
 #[test]
 fn pjdfstest_while_the_tree_is_archived_under_it() {
     let m = Mounted::new(&[

@@ -475,6 +475,7 @@ impl MediumWriter {
         // backend reported this ticket done, and Drop waits for every batch in flight.
         let ticket = unsafe { self.medium.backend().start_writes(&ops) }?;
         drop(ops);
+        spinfs_failpoints::fail_point!("media.append.objects_submitted");
         let scheduled = grant.is_some();
         self.inflight.push_back(InFlight {
             ticket,
@@ -520,8 +521,10 @@ impl MediumWriter {
         self.wait_all()?;
         let oc = self.open.as_mut().expect("still open");
         if oc.dirty {
+            spinfs_failpoints::fail_point!("media.commit.before_data_sync");
             self.medium.backend().sync(&[index])?;
             oc.dirty = false;
+            spinfs_failpoints::fail_point!("media.commit.after_data_sync");
         }
         if oc.pending.is_empty() {
             return Ok(0);
@@ -555,7 +558,9 @@ impl MediumWriter {
             fixed_buf: None,
         };
         self.medium.backend().write_batch(&[op])?;
+        spinfs_failpoints::fail_point!("media.commit.records_written");
         self.medium.backend().sync(&[oc.index])?;
+        spinfs_failpoints::fail_point!("media.commit.records_synced");
         oc.next_slot += n;
         oc.prev_crc = crc;
         oc.pending.clear();
@@ -621,6 +626,7 @@ impl MediumWriter {
         // CRC, which differs anyway unless the header is byte-identical).
         let mut meta = AlignedBuf::zeroed(2 * BLOCK as usize);
         meta[..BLOCK as usize].copy_from_slice(&blk);
+        spinfs_failpoints::fail_point!("media.header.before_sync");
         self.medium.backend().write_batch(&[WriteOp {
             container: index,
             offset: 0,
@@ -628,6 +634,7 @@ impl MediumWriter {
             fixed_buf: None,
         }])?;
         self.medium.backend().sync(&[index])?;
+        spinfs_failpoints::fail_point!("media.header.after_sync");
         self.stats.containers_opened += 1;
         tracing::info!(
             medium = self.medium.uri(),

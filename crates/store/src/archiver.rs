@@ -238,6 +238,7 @@ impl Archiver {
         self.vol
             .merged(&old, layer)
             .map_err(|e| format!("switching to merged layer {}: {e}", record.id))?;
+        spinfs_failpoints::fail_point!("merge.layer_swapped");
         tracing::info!(layer = record.id, level = record.level, "merged");
         Ok(Some(record.id))
     }
@@ -267,6 +268,7 @@ impl Archiver {
         self.vol
             .freeze(new_gen, &tree, &work)
             .map_err(|e| format!("freezing generation {}: {e}", frozen.generation))?;
+        spinfs_failpoints::fail_point!("seal.volume_frozen");
         self.seal_frozen(&mut store, frozen)
     }
 
@@ -292,9 +294,11 @@ impl Archiver {
         self.vol
             .sealed(frozen.generation, opened)
             .map_err(|e| format!("switching to the sealed layer: {e}"))?;
+        spinfs_failpoints::fail_point!("seal.layer_swapped");
         store
             .drop_generation(frozen.generation)
             .map_err(|e| e.to_string())?;
+        spinfs_failpoints::fail_point!("seal.tree_deleted");
         let Some(layer) = layer else {
             tracing::info!(
                 generation = frozen.generation,

@@ -225,9 +225,12 @@ impl Manifest {
             .map_err(io)?;
         f.write_all(&self.encode()).map_err(io)?;
         f.sync_all().map_err(io)?;
+        spinfs_failpoints::fail_point!("manifest.before_rename");
         fs::rename(&tmp, path).map_err(io)?;
+        spinfs_failpoints::fail_point!("manifest.after_rename");
         let dir = path.parent().unwrap_or(Path::new("."));
         File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        spinfs_failpoints::fail_point!("manifest.committed");
         Ok(())
     }
 }

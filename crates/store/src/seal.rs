@@ -242,6 +242,7 @@ struct MediaSink<'a> {
 
 impl BlobSink for MediaSink<'_> {
     fn write_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
+        spinfs_failpoints::fail_point!("seal.blob_chunk");
         self.writer
             .append(data)
             .map(drop)
@@ -280,6 +281,7 @@ pub fn seal_generation(
     // The heads first: they come from the SSD tree, which is still there.
     if head_size > 0 {
         write_heads(layout, &tree, head_size, generation, layer_id)?;
+        spinfs_failpoints::fail_point!("seal.heads_written");
     }
     let media = |error| SealError::Media { generation, error };
     let image = |error| SealError::Image { generation, error };
@@ -308,7 +310,9 @@ pub fn seal_generation(
             }),
         )
         .map_err(image)?;
-        Some(writer.finish_image().map_err(media)?)
+        let blob = writer.finish_image().map_err(media)?;
+        spinfs_failpoints::fail_point!("seal.blob_streamed");
+        Some(blob)
     } else {
         write_image(&tree, &opts, &mut meta, None).map_err(image)?;
         None
@@ -321,6 +325,7 @@ pub fn seal_generation(
         .map_err(media)?;
     writer.append(&meta).map_err(media)?;
     let meta_extents = writer.finish_image().map_err(media)?;
+    spinfs_failpoints::fail_point!("seal.meta_appended");
     let blob = blob.map(|b| ImageRecord::from_extents(&b));
     let sealed = Sealed {
         layer: LayerRecord {
@@ -336,11 +341,13 @@ pub fn seal_generation(
     };
     before_commit(&mut writer, &sealed).map_err(media)?;
     writer.commit().map_err(media)?;
+    spinfs_failpoints::fail_point!("seal.media_committed");
     publish_meta(layout, layer_id, &meta).map_err(|error| SealError::Io {
         generation,
         path: layout.layer_meta(layer_id),
         error,
     })?;
+    spinfs_failpoints::fail_point!("seal.meta_published");
     Ok(sealed)
 }
 
@@ -428,6 +435,8 @@ pub fn publish_meta(layout: &StoreLayout, id: u64, meta: &[u8]) -> std::io::Resu
     let mut f = fs::File::create(&tmp)?;
     f.write_all(meta)?;
     f.sync_all()?;
+    spinfs_failpoints::fail_point!("layer_meta.before_rename");
     fs::rename(&tmp, &path)?;
+    spinfs_failpoints::fail_point!("layer_meta.after_rename");
     fs::File::open(&dir)?.sync_all()
 }

@@ -285,6 +285,7 @@ impl Store {
                 "sealing a generation a crash interrupted"
             );
             self.seal_frozen(frozen)?;
+            spinfs_failpoints::fail_point!("recover.resealed");
         }
         let live_gens: Vec<u64> = vec![self.manifest.upper_gen];
         if let Ok(entries) = fs::read_dir(self.layout.gens()) {
@@ -317,6 +318,14 @@ impl Store {
                     fs::remove_file(e.path()).map_err(io_err("cannot remove", &e.path()))?;
                 }
             }
+        }
+        // A manifest commit interrupted before its rename.
+        let tmp_manifest = self.layout.manifest().with_extension("new");
+        match fs::remove_file(&tmp_manifest) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err("cannot remove", &tmp_manifest)(e));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -361,6 +370,7 @@ impl Store {
         self.manifest.next_gen += 1;
         self.manifest.next_layer += 1;
         self.manifest.commit(&self.layout.manifest())?;
+        spinfs_failpoints::fail_point!("seal.freeze_committed");
         Ok(frozen)
     }
 
@@ -399,6 +409,7 @@ impl Store {
         )?;
         self.manifest = with_sealed(&self.manifest, &sealed);
         self.manifest.commit(&self.layout.manifest())?;
+        spinfs_failpoints::fail_point!("seal.manifest_committed");
         Ok(Some(sealed.layer))
     }
 
@@ -492,6 +503,7 @@ impl Store {
         };
         let mut meta = Vec::new();
         write_image(&tree, &opts, &mut meta, None).map_err(|e| layer_err(format!("merge: {e}")))?;
+        spinfs_failpoints::fail_point!("merge.image_built");
         // Media first, then the SSD copy, then the manifest.
         let medium = self.medium()?;
         let sched = self.scheduler()?;
@@ -510,6 +522,7 @@ impl Store {
             .map_err(media_err)?;
         writer.append(&meta).map_err(media_err)?;
         let extents = writer.finish_image().map_err(media_err)?;
+        spinfs_failpoints::fail_point!("merge.meta_appended");
         let record = LayerRecord {
             id,
             meta: crate::manifest::ImageRecord::from_extents(&extents),
@@ -525,11 +538,15 @@ impl Store {
         // The state snapshot goes to the media in the merge's own commit.
         crate::state::append_snapshot(&mut writer, id, &next, &self.config).map_err(media_err)?;
         writer.commit().map_err(media_err)?;
+        spinfs_failpoints::fail_point!("merge.media_committed");
         seal::publish_meta(&self.layout, id, &meta)
             .map_err(io_err("cannot write", &self.layout.layer_meta(id)))?;
+        spinfs_failpoints::fail_point!("merge.meta_published");
         self.merge_head_caches(&newest_first, id)?;
+        spinfs_failpoints::fail_point!("merge.heads_merged");
         self.manifest = next;
         self.manifest.commit(&self.layout.manifest())?;
+        spinfs_failpoints::fail_point!("merge.manifest_committed");
         Ok(record)
     }
 

@@ -714,9 +714,12 @@ fn touch(st: &mut State, key: Key) -> Option<Unit> {
     Some(data)
 }
 
-impl Drop for UnitCache {
-    /// Writes what is queued for the SSD cache before going; drops queued read-ahead.
-    fn drop(&mut self) {
+impl UnitCache {
+    /// Writes what is queued for the SSD cache and stops the writer and the read-ahead
+    /// workers (queued read-ahead is dropped; later units are not written to the SSD cache).
+    /// For a daemon about to exit while other threads still hold the cache (the process would
+    /// otherwise end in the middle of a cache write), and for `Drop`.
+    pub fn flush_and_stop(&self) {
         self.shared.lock().closing = true;
         self.shared.work.notify_all();
         self.shared.put_cv.notify_all();
@@ -728,5 +731,12 @@ impl Drop for UnitCache {
         {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for UnitCache {
+    /// Writes what is queued for the SSD cache before going.
+    fn drop(&mut self) {
+        self.flush_and_stop();
     }
 }

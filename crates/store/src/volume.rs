@@ -1256,7 +1256,10 @@ impl Volume {
                 tv_nsec: a.mtime.nsec as i64,
             };
             sys::utimens_fd(fd.as_fd(), &[t, t])?;
-            sys::renameat2(work, &tmp, dir, name, libc::RENAME_NOREPLACE)
+            spinfs_failpoints::fail_point!("copy_up.prepared");
+            sys::renameat2(work, &tmp, dir, name, libc::RENAME_NOREPLACE)?;
+            spinfs_failpoints::fail_point!("copy_up.placed");
+            Ok(())
         })();
         if let Err(e) = result {
             let flags = if a.kind == FileKind::Directory {

@@ -426,6 +426,7 @@ impl ChunkCache {
                 return Err(e);
             }
         };
+        spinfs_failpoints::fail_point!("chunk_cache.entry_synced");
         let image_dir = self.image_dir(image);
         let path = self.entry_path(image, offset);
         let mut index = self.lock();
@@ -440,6 +441,7 @@ impl ChunkCache {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
+        spinfs_failpoints::fail_point!("chunk_cache.entry_placed");
         let tick = index.tick();
         index.insert((image, offset), len, tick);
         set_mtime(&file, &path, tick);

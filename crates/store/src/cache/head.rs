@@ -382,7 +382,9 @@ impl HeadCacheWriter {
         let file = self.out.get_ref();
         file.write_all_at(&h, 0).map_err(io("write"))?;
         file.sync_all().map_err(io("sync"))?;
+        spinfs_failpoints::fail_point!("head_cache.before_rename");
         fs::rename(&self.tmp, &self.path).map_err(io_err("rename into", &self.path))?;
+        spinfs_failpoints::fail_point!("head_cache.after_rename");
         self.done = true;
         let dir = match self.path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
