@@ -234,7 +234,7 @@ fn slow_foreground_reads_hold_background_writes() {
     };
     assert_eq!(d.class, Class::Foreground);
     // The read took 2 s (> 50 ms target): writes wait one window after it.
-    q.complete(&d, Duration::from_secs(2));
+    q.complete(&d, Duration::ZERO, Duration::from_secs(2));
     assert_eq!(
         q.next(Duration::from_secs(2)),
         Next::WaitUntil(Duration::from_secs(2) + 50 * MS)
