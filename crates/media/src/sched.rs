@@ -366,10 +366,15 @@ impl SchedQueue {
         self.next_with(now, &HashSet::new())
     }
 
-    /// Chooses the next operation at time `now` among requests whose container is not in
-    /// `busy` (containers with an operation in flight: one operation per container at a
-    /// time, so that a stalled container holds up only its own requests). `Idle` when only
-    /// requests of busy containers are pending.
+    /// A read of a container with a read in flight waits for it.
+    fn blocked(r: &Request, busy: &HashSet<u64>) -> bool {
+        r.op == Op::Read && busy.contains(&r.container)
+    }
+
+    /// Chooses the next operation at time `now`, leaving reads of the containers in `busy`
+    /// pending (containers with a read in flight: one read per container at a time, so that
+    /// a stalled container holds up only its own reads). `Idle` when only such reads are
+    /// pending.
     pub fn next_with(&mut self, now: Duration, busy: &HashSet<u64>) -> Next {
         if self.pending.is_empty() {
             return Next::Idle;
@@ -378,13 +383,13 @@ impl SchedQueue {
         let eligible: Vec<bool> = self
             .pending
             .iter()
-            .map(|r| !busy.contains(&r.container) && self.eligible_at(r, now) <= now)
+            .map(|r| !Self::blocked(r, busy) && self.eligible_at(r, now) <= now)
             .collect();
         if !eligible.iter().any(|&e| e) {
             return match self
                 .pending
                 .iter()
-                .filter(|r| !busy.contains(&r.container))
+                .filter(|r| !Self::blocked(r, busy))
                 .map(|r| self.eligible_at(r, now))
                 .min()
             {
@@ -962,6 +967,12 @@ fn worker(sh: &Arc<Shared>, jobs: &Mutex<mpsc::Receiver<Job>>) {
 
 fn serve_read(sh: &Shared, d: &Dispatch, replies: Vec<(Reply, u64, u64)>) {
     let res = sh.device.read(d.container, d.offset, d.len);
+    {
+        // Counted before anyone is answered, so a caller sees its own read in the stats.
+        let mut st = sh.lock();
+        st.stats.reads += 1;
+        st.stats.bytes_read += res.as_ref().map_or(0, |b| b.len() as u64);
+    }
     let mut first_err = None;
     let res = match res {
         Ok(b) => Ok(b),
@@ -989,7 +1000,4 @@ fn serve_read(sh: &Shared, d: &Dispatch, replies: Vec<(Reply, u64, u64)>) {
         };
         let _ = tx.send(out);
     }
-    let mut st = sh.lock();
-    st.stats.reads += 1;
-    st.stats.bytes_read += res.as_ref().map_or(0, |b| b.len() as u64);
 }
