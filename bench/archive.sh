@@ -17,6 +17,8 @@
 #   MODEL_BANDWIDTH     media model bandwidth in bytes/s (default 200000000)
 #   MODEL_SWITCH_MS     media model container switch (default 10)
 #   MODEL_SEEK_MS       media model seek (default 1)
+#   ARCH_MEDIA_IO       [media_io] settings for the run, "key=value;key=value" (TOML values,
+#                       e.g. 'background_io_class="inherit";background_write_adaptive=false')
 #   LAT_SECS            idle writer run (default 15)
 #   ARCH_PARTS          figures to measure, comma-separated: warm, cold, latency (default all)
 #   LAT_RATE LAT_BS LAT_FSYNC_EVERY
@@ -128,6 +130,20 @@ umount_spinfs() {
 mkdir -p "$mnt" "$kmnt"
 # No threshold seal during the run: every seal is the one this script asks for.
 timeout 300 "$SPINFS" mkfs "$store" --cache-size 4G --archive-threshold 64G >/dev/null
+if [ -n "${ARCH_MEDIA_IO:-}" ]; then
+    python3 - "$store/spinfs.toml" "$ARCH_MEDIA_IO" <<'EOF' || die "bad ARCH_MEDIA_IO"
+import re, sys
+path, settings = sys.argv[1], sys.argv[2]
+text = open(path).read()
+for kv in filter(None, settings.split(";")):
+    k, v = (x.strip() for x in kv.split("=", 1))
+    text, n = re.subn(rf"(?m)^{re.escape(k)} = .*$", f"{k} = {v}", text)
+    if n != 1:
+        sys.exit(f"no media_io key {k}")
+open(path, "w").write(text)
+EOF
+    echo "# media_io: $ARCH_MEDIA_IO"
+fi
 cp "$store/spinfs.toml" "$work/spinfs.toml.orig"
 mount_spinfs
 
