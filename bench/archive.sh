@@ -10,11 +10,17 @@
 #   BENCH_DIR           where the temporary directory goes (default /var/tmp, ext4)
 #   ARCH_READ_MIB       archived file read back (default 1024)
 #   ARCH_SEAL_MIB       generation sealed while the writer runs (default 2048)
+#   ARCH_SEAL_DATA      unique (default: every chunk differs, the seal writes it all to the
+#                       media) or pattern (64 MiB repeated: the seal reads it all and writes
+#                       64 MiB, deduplicated; a read-bound seal)
 #   BENCH_REPEAT        rounds of each read figure (default 3; median reported, runs listed)
 #   MODEL_BANDWIDTH     media model bandwidth in bytes/s (default 200000000)
 #   MODEL_SWITCH_MS     media model container switch (default 10)
 #   MODEL_SEEK_MS       media model seek (default 1)
+#   ARCH_MEDIA_IO       [media_io] settings for the run, "key=value;key=value" (TOML values,
+#                       e.g. 'background_io_class="inherit";background_write_adaptive=false')
 #   LAT_SECS            idle writer run (default 15)
+#   ARCH_PARTS          figures to measure, comma-separated: warm, cold, latency (default all)
 #   LAT_RATE LAT_BS LAT_FSYNC_EVERY
 #                       writer: LAT_RATE writes/s of LAT_BS bytes (default 500 x 4096) with an
 #                       fdatasync after every LAT_FSYNC_EVERY writes (default 16)
@@ -38,6 +44,11 @@ SPINFS=${1:-${SPINFS:-$here/../target/release/spinfs}}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 READ_MIB=${ARCH_READ_MIB:-1024}
 SEAL_MIB=${ARCH_SEAL_MIB:-2048}
+case ${ARCH_SEAL_DATA:-unique} in
+unique) SEAL_WRITE=seqwrite-unique ;;
+pattern) SEAL_WRITE=seqwrite ;;
+*) echo "archive.sh: ARCH_SEAL_DATA must be unique or pattern" >&2; exit 2 ;;
+esac
 REPEAT=${BENCH_REPEAT:-3}
 MODEL_BW=${MODEL_BANDWIDTH:-200000000}
 MODEL_SWITCH=${MODEL_SWITCH_MS:-10}
@@ -47,6 +58,8 @@ LAT_RATE=${LAT_RATE:-500}
 LAT_BS=${LAT_BS:-4096}
 LAT_FSYNC=${LAT_FSYNC_EVERY:-16}
 T=${BENCH_OP_TIMEOUT:-900}
+PARTS=${ARCH_PARTS:-warm,cold,latency}
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 die() { echo "archive.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (drop_caches, mounts)"
@@ -86,7 +99,7 @@ trap 'exit 130' INT TERM
 
 echo "# archive benchmark $(date -u +%Y-%m-%dT%H:%M:%SZ) kernel $(uname -r) nproc $(nproc)"
 echo "# base dir $work on $(findmnt -n -o FSTYPE -T "$work"); read file ${READ_MIB} MiB," \
-    "sealed ${SEAL_MIB} MiB; rounds $REPEAT (median); model ${MODEL_BW} B/s," \
+    "sealed ${SEAL_MIB} MiB (${ARCH_SEAL_DATA:-unique}); rounds $REPEAT (median); model ${MODEL_BW} B/s," \
     "switch ${MODEL_SWITCH} ms, seek ${MODEL_SEEK} ms; writer ${LAT_RATE}/s x ${LAT_BS} B," \
     "fdatasync every ${LAT_FSYNC}"
 
@@ -117,15 +130,32 @@ umount_spinfs() {
 mkdir -p "$mnt" "$kmnt"
 # No threshold seal during the run: every seal is the one this script asks for.
 timeout 300 "$SPINFS" mkfs "$store" --cache-size 4G --archive-threshold 64G >/dev/null
+if [ -n "${ARCH_MEDIA_IO:-}" ]; then
+    python3 - "$store/spinfs.toml" "$ARCH_MEDIA_IO" <<'EOF' || die "bad ARCH_MEDIA_IO"
+import re, sys
+path, settings = sys.argv[1], sys.argv[2]
+text = open(path).read()
+for kv in filter(None, settings.split(";")):
+    k, v = (x.strip() for x in kv.split("=", 1))
+    text, n = re.subn(rf"(?m)^{re.escape(k)} = .*$", f"{k} = {v}", text)
+    if n != 1:
+        sys.exit(f"no media_io key {k}")
+open(path, "w").write(text)
+EOF
+    echo "# media_io: $ARCH_MEDIA_IO"
+fi
 cp "$store/spinfs.toml" "$work/spinfs.toml.orig"
 mount_spinfs
 
 # --- reads of archived data -------------------------------------------------------------
+if part warm || part cold; then
 timeout "$T" "$work/fsbench" seqwrite "$mnt/big" "$READ_MIB" >/dev/null
 timeout "$T" "$SPINFS" archive "$store" --wait >/dev/null
 layer=$(timeout 60 "$SPINFS" status "$store" --json | python3 -c '
 import json, sys
 print([l["id"] for l in json.load(sys.stdin)["layers"] if l["kind"] == "archived"][0])')
+fi
+if part warm; then
 drop_caches
 first=$(seqread "$mnt/big")
 timeout "$T" "$SPINFS" export "$store" --layer "$layer" "$work/export" >/dev/null
@@ -155,8 +185,10 @@ echo "# warm runs: ${warm_runs[*]}; kernel erofs runs: ${kern_runs[*]}"
 echo "# after warm reads: $(python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print("media", json.dumps(v["media"]), "cache", json.dumps(v["cache"]))' "$st")"
 warm=$(median "${warm_runs[@]}")
 kern=$(median "${kern_runs[@]}")
+fi
 umount_spinfs
 
+if part cold; then
 # Cold reads through the media model: chunk cache emptied before every round.
 cp "$work/spinfs.toml.orig" "$store/spinfs.toml"
 printf '\n[media_model]\nswitch_ms = %s\nseek_ms = %s\nbandwidth = %s\n' \
@@ -174,16 +206,19 @@ done
 echo "# cold runs: ${cold_runs[*]}"
 cold=$(median "${cold_runs[@]}")
 cp "$work/spinfs.toml.orig" "$store/spinfs.toml"
+fi
 
+if part latency; then
 # --- write latency while a seal runs ----------------------------------------------------
-# Each round: SEAL_MIB MiB written and synced, the writer alone for LAT_SECS s (idle), then
+# Each round: SEAL_MIB MiB of unique data (nothing deduplicates: the seal writes it all to
+# the media) written and synced, the writer alone for LAT_SECS s (idle), then
 # the page cache dropped (a seal reads its generation back from the SSD, as it would long
 # after it was written) and the writer again while `spinfs archive --wait` seals it.
 mount_spinfs
 rm -f "$mnt/big"
 idle_p99s=() seal_p99s=() seal_secs=()
 for ((r = 1; r <= REPEAT; r++)); do
-    timeout "$T" "$work/fsbench" seqwrite "$mnt/seal.$r" "$SEAL_MIB" >/dev/null
+    timeout "$T" "$work/fsbench" "$SEAL_WRITE" "$mnt/seal.$r" "$SEAL_MIB" >/dev/null
     sync
     idle=$(timeout "$T" "$work/latwrite" "$mnt/lat-idle.$r" "$LAT_SECS" "$LAT_RATE" "$LAT_BS" "$LAT_FSYNC")
     stop=$work/stop-writer.$r
@@ -206,22 +241,30 @@ for ((r = 1; r <= REPEAT; r++)); do
         "$(paste -sd' ' <<<"$during"); seal ${seal_secs[-1]} s"
 done
 umount_spinfs
+fi
 
+if part latency; then
 seal_s=$(median "${seal_secs[@]}")
 idle_p99=$(median "${idle_p99s[@]}")
 seal_p99=$(median "${seal_p99s[@]}")
 echo "# write p99 runs (us): idle ${idle_p99s[*]}; during seal ${seal_p99s[*]}"
-
+fi
+if part warm; then
 echo "archived_first_read_MBps $first"
 echo "archived_warm_read_MBps $warm"
 echo "kernel_erofs_read_MBps $kern"
 ratio archived_warm_read_vs_kernel_erofs "$warm" "$kern"
+fi
+if part cold; then
 echo "archived_cold_read_MBps $cold"
 model_mbps=$(awk -v b="$MODEL_BW" 'BEGIN { printf "%.1f", b / 1e6 }')
 echo "model_bandwidth_MBps $model_mbps"
 ratio archived_cold_read_vs_model "$cold" "$model_mbps"
+fi
+if part latency; then
 echo "write_p99_idle_us $idle_p99"
 echo "write_p99_during_seal_us $seal_p99"
 echo "seal_seconds $seal_s"
 awk -v s="$seal_s" -v m="$SEAL_MIB" 'BEGIN { printf "seal_MBps %.1f\n", m * 1048576 / s / 1e6 }'
 ratio write_p99_during_seal_vs_idle "$seal_p99" "$idle_p99"
+fi

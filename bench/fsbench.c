@@ -3,6 +3,8 @@
  * show the filesystem, not an interpreter.
  *
  *   fsbench seqwrite FILE MIB   write MIB MiB in 1 MiB writes, fsync, close; prints MB/s
+ *   fsbench seqwrite-unique FILE MIB   the same, every MiB made unique (its first 8 bytes
+ *                               carry its index), so no chunk of the file deduplicates
  *   fsbench seqread FILE        read FILE to EOF in 1 MiB reads; prints MB/s
  *   fsbench meta DIR N          create (open O_CREAT|O_EXCL + close), stat, unlink N files;
  *                               prints ops/s with one op per create, stat and unlink (3N ops)
@@ -41,7 +43,7 @@ static void die(const char *what, const char *path)
     exit(1);
 }
 
-static int seqwrite(const char *path, long mib)
+static int seqwrite(const char *path, long mib, int unique)
 {
     unsigned char *buf = malloc(PATTERN);
     if (!buf)
@@ -64,6 +66,10 @@ static int seqwrite(const char *path, long mib)
             memcpy(buf + off + b, &at, 8);
         }
         size_t done = 0;
+        if (unique) {
+            uint64_t tag = (uint64_t)i ^ 0x5350494E46535543ull;
+            memcpy(buf + off, &tag, 8);
+        }
         while (done < CHUNK) {
             ssize_t n = write(fd, buf + off + done, CHUNK - done);
             if (n < 0) {
@@ -152,11 +158,13 @@ static int meta(const char *dir, long n)
 int main(int argc, char **argv)
 {
     if (argc == 4 && strcmp(argv[1], "seqwrite") == 0)
-        return seqwrite(argv[2], atol(argv[3]));
+        return seqwrite(argv[2], atol(argv[3]), 0);
+    if (argc == 4 && strcmp(argv[1], "seqwrite-unique") == 0)
+        return seqwrite(argv[2], atol(argv[3]), 1);
     if (argc == 3 && strcmp(argv[1], "seqread") == 0)
         return seqread(argv[2]);
     if (argc == 4 && strcmp(argv[1], "meta") == 0)
         return meta(argv[2], atol(argv[3]));
-    fprintf(stderr, "usage: fsbench seqwrite FILE MIB | seqread FILE | meta DIR N\n");
+    fprintf(stderr, "usage: fsbench seqwrite[-unique] FILE MIB | seqread FILE | meta DIR N\n");
     return 2;
 }

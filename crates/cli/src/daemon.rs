@@ -117,7 +117,9 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     raise_fd_limit();
     // Before any other thread exists, so that all of them inherit the blocked signals.
     spawn_signal_handler(mnt.to_path_buf());
-    store.recover()?;
+    // A generation a crash left frozen is not sealed here: the mount serves it as the frozen
+    // layer at once and the archiver seals it again in the background.
+    store.recover_leftovers()?;
     let upper = store.manifest().upper_gen;
     let tree = store.layout().generation_tree(upper);
     let work = store.layout().generation_work(upper);
@@ -126,6 +128,18 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
         Volume::new(&tree, &work, upper, lowers)
             .with_context(|| format!("cannot open the writable layer {}", tree.display()))?,
     );
+    if let Some(frozen) = store.manifest().frozen.clone() {
+        let ftree = store.layout().generation_tree(frozen.generation);
+        vol.restore_frozen(frozen.generation, &ftree)
+            .with_context(|| format!("cannot open the frozen generation {}", ftree.display()))?;
+    }
+    // Seal and merge writes yield to the writable layer's fsyncs (the media may share its
+    // disk): the scheduler hears how long each took.
+    match store.scheduler() {
+        Ok(sched) => vol.set_sync_observer(Box::new(move |d| sched.report_foreground_sync(d))),
+        // The mount does not need the media to serve the SSD: seals will report it.
+        Err(e) => tracing::warn!("media not available at mount: {e}"),
+    }
     let usage = tree_usage(&tree).with_context(|| format!("cannot measure {}", tree.display()))?;
     vol.set_upper_bytes(usage.bytes);
     let layout = store.layout().clone();

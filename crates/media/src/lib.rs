@@ -10,6 +10,7 @@ pub mod backend;
 pub mod buf;
 pub mod catalog;
 pub mod error;
+pub mod fault;
 pub mod layout;
 pub mod medium;
 pub mod model;
@@ -22,9 +23,12 @@ pub use catalog::{
     Catalogue, ContainerSummary, DamagedObject, IncompleteImage, VerifyReport, verify,
 };
 pub use error::{MediaError, Result};
+pub use fault::{FaultAction, FaultArea, FaultBackend, FaultOp, FaultRule};
 pub use layout::{Extent, Geometry, ImageExtents, ImageKind, ImageRef, MediumId};
 pub use medium::Medium;
 pub use model::{MediaModel, ModelCounters, ModelDevice, ModelParams};
 pub use reader::{MediumReader, ReadOptions};
-pub use sched::{Class, Device, MediaScheduler, PendingRead, Policy, SchedConfig, WriteGrant};
+pub use sched::{
+    AdaptiveStats, Class, Device, MediaScheduler, PendingRead, Policy, SchedConfig, WriteGrant,
+};
 pub use writer::{CommitInfo, MediumWriter, WriterStats};

@@ -193,11 +193,12 @@ pub fn simulate(cfg: SchedConfig, params: ModelParams, mut requests: Vec<Request
                     d.op == crate::sched::Op::Write,
                 );
                 dispatches.push((now, d.clone()));
+                let started = now;
                 now += t;
                 for id in &d.ids {
                     completions.push((*id, now));
                 }
-                q.complete(&d, now);
+                q.complete(&d, started, now);
             }
             Next::WaitUntil(t) => now = next_arrival.map_or(t, |a| a.min(t)).max(now),
             Next::Idle => match next_arrival {

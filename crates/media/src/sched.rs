@@ -18,7 +18,7 @@
 use crate::buf::AlignedBuf;
 use crate::error::{MediaError, Result};
 use crate::medium::Medium;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -67,6 +67,13 @@ pub struct SchedConfig {
     pub bg_write_burst: u64,
     /// Foreground read latency above which background writes back off; zero = off.
     pub latency_target: Duration,
+    /// Adapt the background write rate to foreground sync latency (see
+    /// [`SchedQueue::foreground_sync`]): halve it when a sync reported while background
+    /// writes run is slower than the sync target, raise it again step by step otherwise.
+    pub adaptive: bool,
+    /// Sync latency target of the adaptive rate; zero = twice the sync latency measured
+    /// while no background write runs.
+    pub sync_target: Duration,
 }
 
 impl Default for SchedConfig {
@@ -83,8 +90,57 @@ impl Default for SchedConfig {
             bg_write_rate: 0,
             bg_write_burst: 8 << 20,
             latency_target: Duration::ZERO,
+            adaptive: false,
+            sync_target: Duration::ZERO,
         }
     }
+}
+
+/// Background writes within this time of a sync make it a sync "during background writes".
+const BG_RECENT: Duration = Duration::from_millis(250);
+/// Sync target until enough quiet syncs were measured (automatic target).
+const DEFAULT_SYNC_TARGET: Duration = Duration::from_millis(20);
+/// Smallest automatic sync target.
+const MIN_SYNC_TARGET: Duration = Duration::from_millis(2);
+/// Quiet syncs measured before the automatic target uses them.
+const BASELINE_SAMPLES: u32 = 8;
+/// The adaptive rate is raised at most this often...
+const INCREASE_EVERY: Duration = Duration::from_millis(200);
+/// ...by this fraction of the measured write bandwidth; it is lowered at most once per
+/// `DECREASE_EVERY`, to half, never below `1 / MIN_RATE_DIV` of that bandwidth.
+const INCREASE_DIV: f64 = 16.0;
+const DECREASE_EVERY: Duration = Duration::from_millis(100);
+const MIN_RATE_DIV: f64 = 16.0;
+/// Floor of the adaptive rate whatever the bandwidth estimate (bytes/s).
+const MIN_RATE: f64 = 1024.0 * 1024.0;
+
+/// The adaptive background write rate (see `SchedConfig::adaptive`).
+#[derive(Debug, Default, Clone)]
+struct Adaptive {
+    /// Current limit in bytes/s; None = not limiting.
+    rate: Option<f64>,
+    /// Background write bandwidth of the device (EWMA over granted writes), bytes/s.
+    bandwidth: Option<f64>,
+    /// Sync latency while no background write runs (EWMA), and how many were seen.
+    baseline: Option<f64>,
+    samples: u32,
+    last_bg: Option<Duration>,
+    last_decrease: Duration,
+    last_increase: Duration,
+    decreases: u64,
+}
+
+/// What the adaptive write rate is doing (for status and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AdaptiveStats {
+    /// Current limit in bytes/s (None: not limiting).
+    pub rate: Option<f64>,
+    /// Measured background write bandwidth, bytes/s.
+    pub bandwidth: Option<f64>,
+    /// Sync target in use.
+    pub sync_target: Duration,
+    /// Times the rate was halved.
+    pub decreases: u64,
 }
 
 /// A request as the queue sees it. Times are offsets from the scheduler's epoch.
@@ -134,6 +190,7 @@ pub struct SchedQueue {
     tokens: f64,
     tokens_at: Duration,
     wbt_hold_until: Duration,
+    adaptive: Adaptive,
 }
 
 impl SchedQueue {
@@ -147,7 +204,92 @@ impl SchedQueue {
             tokens,
             tokens_at: Duration::ZERO,
             wbt_hold_until: Duration::ZERO,
+            adaptive: Adaptive::default(),
         }
+    }
+
+    /// The background write rate in force: the configured cap and the adaptive rate.
+    fn rate(&self) -> Option<f64> {
+        let cap = (self.cfg.bg_write_rate > 0).then_some(self.cfg.bg_write_rate as f64);
+        match (cap, self.adaptive.rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn sync_target(&self) -> Duration {
+        if !self.cfg.sync_target.is_zero() {
+            return self.cfg.sync_target;
+        }
+        match self.adaptive.baseline {
+            Some(b) if self.adaptive.samples >= BASELINE_SAMPLES => {
+                Duration::from_secs_f64(2.0 * b).max(MIN_SYNC_TARGET)
+            }
+            _ => DEFAULT_SYNC_TARGET,
+        }
+    }
+
+    /// What the adaptive write rate is doing.
+    pub fn adaptive_stats(&self) -> AdaptiveStats {
+        AdaptiveStats {
+            rate: self.adaptive.rate,
+            bandwidth: self.adaptive.bandwidth,
+            sync_target: self.sync_target(),
+            decreases: self.adaptive.decreases,
+        }
+    }
+
+    /// Reports a sync of foreground data (an fsync of the writable layer, on a disk the
+    /// media may share) that took `latency`, finished at `now`. Without background writes
+    /// in the last moments it measures the quiet latency; during them, one slower than the
+    /// sync target halves the background write rate (starting from the measured write
+    /// bandwidth) and holds background writes for that latency, like wbt shrinking its
+    /// queue depth. `next` raises the rate again while syncs stay fast.
+    pub fn foreground_sync(&mut self, now: Duration, latency: Duration) {
+        if !self.cfg.adaptive {
+            return;
+        }
+        let a = &mut self.adaptive;
+        let busy = a.last_bg.is_some_and(|t| now.saturating_sub(t) < BG_RECENT);
+        if !busy {
+            let l = latency.as_secs_f64();
+            a.baseline = Some(match a.baseline {
+                Some(b) => b + (l - b) / 8.0,
+                None => l,
+            });
+            a.samples += 1;
+            return;
+        }
+        let target = self.sync_target();
+        if latency <= target {
+            return;
+        }
+        self.wbt_hold_until = self.wbt_hold_until.max(now + latency);
+        let a = &mut self.adaptive;
+        if now < a.last_decrease + DECREASE_EVERY && a.decreases > 0 {
+            return;
+        }
+        let Some(bw) = a.bandwidth else { return };
+        let floor = (bw / MIN_RATE_DIV).max(MIN_RATE);
+        a.rate = Some((a.rate.unwrap_or(bw) / 2.0).max(floor));
+        a.last_decrease = now;
+        a.last_increase = now;
+        a.decreases += 1;
+    }
+
+    /// Additive increase of the adaptive rate while no sync complains.
+    fn adapt(&mut self, now: Duration) {
+        let a = &mut self.adaptive;
+        let (Some(rate), Some(bw)) = (a.rate, a.bandwidth) else {
+            return;
+        };
+        if now < a.last_increase + INCREASE_EVERY {
+            return;
+        }
+        let steps = ((now - a.last_increase).as_secs_f64() / INCREASE_EVERY.as_secs_f64()).floor();
+        let r = rate + steps * bw / INCREASE_DIV;
+        a.rate = (r < bw).then_some(r);
+        a.last_increase = now;
     }
 
     pub fn config(&self) -> &SchedConfig {
@@ -187,10 +329,11 @@ impl SchedQueue {
     }
 
     fn refill(&mut self, now: Duration) {
+        self.adapt(now);
         if now > self.tokens_at {
             let dt = (now - self.tokens_at).as_secs_f64();
-            self.tokens = (self.tokens + dt * self.cfg.bg_write_rate as f64)
-                .min(self.cfg.bg_write_burst as f64);
+            let rate = self.rate().unwrap_or(f64::INFINITY);
+            self.tokens = (self.tokens + dt * rate).min(self.cfg.bg_write_burst as f64);
             self.tokens_at = now;
         }
     }
@@ -205,10 +348,10 @@ impl SchedQueue {
             return now;
         }
         let mut at = now;
-        if self.cfg.bg_write_rate > 0 {
+        if let Some(rate) = self.rate() {
             let need = (r.len as f64).min(self.cfg.bg_write_burst as f64);
             if self.tokens < need {
-                let secs = (need - self.tokens) / self.cfg.bg_write_rate as f64;
+                let secs = (need - self.tokens) / rate;
                 at = at.max(now + Duration::from_secs_f64(secs) + Duration::from_nanos(1));
             }
         }
@@ -220,6 +363,19 @@ impl SchedQueue {
 
     /// Chooses the next operation at time `now`.
     pub fn next(&mut self, now: Duration) -> Next {
+        self.next_with(now, &HashSet::new())
+    }
+
+    /// A read of a container with a read in flight waits for it.
+    fn blocked(r: &Request, busy: &HashSet<u64>) -> bool {
+        r.op == Op::Read && busy.contains(&r.container)
+    }
+
+    /// Chooses the next operation at time `now`, leaving reads of the containers in `busy`
+    /// pending (containers with a read in flight: one read per container at a time, so that
+    /// a stalled container holds up only its own reads). `Idle` when only such reads are
+    /// pending.
+    pub fn next_with(&mut self, now: Duration, busy: &HashSet<u64>) -> Next {
         if self.pending.is_empty() {
             return Next::Idle;
         }
@@ -227,16 +383,19 @@ impl SchedQueue {
         let eligible: Vec<bool> = self
             .pending
             .iter()
-            .map(|r| self.eligible_at(r, now) <= now)
+            .map(|r| !Self::blocked(r, busy) && self.eligible_at(r, now) <= now)
             .collect();
         if !eligible.iter().any(|&e| e) {
-            let t = self
+            return match self
                 .pending
                 .iter()
+                .filter(|r| !Self::blocked(r, busy))
                 .map(|r| self.eligible_at(r, now))
                 .min()
-                .expect("non-empty");
-            return Next::WaitUntil(t);
+            {
+                Some(t) => Next::WaitUntil(t),
+                None => Next::Idle,
+            };
         }
         let pick = match self.cfg.policy {
             Policy::Fifo => self.pick_fifo(&eligible),
@@ -332,8 +491,11 @@ impl SchedQueue {
                 d.oldest_arrival = d.oldest_arrival.min(r.arrival);
             }
         }
-        if Self::throttled_write(&first) && self.cfg.bg_write_rate > 0 {
-            self.tokens -= first.len as f64;
+        if Self::throttled_write(&first) {
+            if self.rate().is_some() {
+                self.tokens -= first.len as f64;
+            }
+            self.adaptive.last_bg = Some(self.tokens_at);
         }
         match self.head {
             Some((c, _)) if c == d.container => self.batch_count += 1,
@@ -343,14 +505,34 @@ impl SchedQueue {
         d
     }
 
-    /// Reports that `d` finished at `now` (feeds the latency target).
-    pub fn complete(&mut self, d: &Dispatch, now: Duration) {
-        let target = self.cfg.latency_target;
-        if d.class == Class::Foreground && !target.is_zero() {
-            let latency = now.saturating_sub(d.oldest_arrival);
-            if latency > target {
-                self.wbt_hold_until = self.wbt_hold_until.max(now + target);
+    /// Reports that `d`, dispatched at `started`, finished at `now` (feeds the latency
+    /// target and the background write bandwidth estimate).
+    pub fn complete(&mut self, d: &Dispatch, started: Duration, now: Duration) {
+        if d.class == Class::Foreground {
+            self.foreground_latency(now, now.saturating_sub(d.oldest_arrival));
+        }
+        if d.op == Op::Write && d.class == Class::Background {
+            let a = &mut self.adaptive;
+            a.last_bg = Some(now);
+            let secs = now.saturating_sub(started).as_secs_f64();
+            if secs > 0.0 && d.len >= 64 * 1024 {
+                let bw = d.len as f64 / secs;
+                a.bandwidth = Some(match a.bandwidth {
+                    Some(b) => b + (bw - b) / 8.0,
+                    None => bw,
+                });
             }
+        }
+    }
+
+    /// Reports a foreground operation (a media read, or I/O the user waited for elsewhere,
+    /// such as an fsync of the writable layer on a disk the media share) that took
+    /// `latency`, finished at `now`: above the latency target, background writes hold off
+    /// for one target's time (like wbt).
+    pub fn foreground_latency(&mut self, now: Duration, latency: Duration) {
+        let target = self.cfg.latency_target;
+        if !target.is_zero() && latency > target {
+            self.wbt_hold_until = self.wbt_hold_until.max(now + target);
         }
     }
 }
@@ -362,6 +544,12 @@ pub trait Device: Send + Sync {
     fn read(&self, container: u64, offset: u64, len: u64) -> Result<AlignedBuf>;
     /// Called when a write of `len` bytes at `offset` is granted (a model accounts for it).
     fn granting_write(&self, _container: u64, _offset: u64, _len: u64) {}
+    /// Operations the device serves at once (on different containers). A modelled library
+    /// with one drive serves one; a disk or an object store serves several, so that one
+    /// stalled container does not hold up the others.
+    fn max_inflight(&self) -> usize {
+        1
+    }
 }
 
 impl Device for Medium {
@@ -374,7 +562,13 @@ impl Device for Medium {
         buf.set_len(n.min(len as usize));
         Ok(buf)
     }
+    fn max_inflight(&self) -> usize {
+        MEDIUM_INFLIGHT
+    }
 }
+
+/// Operations in flight at once on a medium (each on its own container).
+pub const MEDIUM_INFLIGHT: usize = 4;
 
 /// Counters of a scheduler.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -392,7 +586,7 @@ pub struct SchedStats {
 
 enum Reply {
     Read(mpsc::Sender<Result<Vec<u8>>>),
-    Write(mpsc::Sender<mpsc::Sender<()>>),
+    Write(mpsc::Sender<WriteGrant>),
 }
 
 struct State {
@@ -401,6 +595,10 @@ struct State {
     next_id: u64,
     shutdown: bool,
     stats: SchedStats,
+    /// Containers with a read in flight.
+    busy: HashSet<u64>,
+    /// Operations in flight (reads being served, write grants held).
+    inflight: usize,
 }
 
 struct Shared {
@@ -410,16 +608,35 @@ struct Shared {
     epoch: Instant,
 }
 
-/// Exclusive use of the device for one granted background write; dropping it tells the
-/// scheduler the write is done.
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An operation dispatched as `d` at `started` is over: its container and slot are
+    /// free again.
+    fn finish(&self, d: &Dispatch, started: Duration) {
+        let mut st = self.lock();
+        st.inflight -= 1;
+        if d.op == Op::Read {
+            st.busy.remove(&d.container);
+        }
+        let now = self.epoch.elapsed();
+        st.q.complete(d, started, now);
+        self.cv.notify_all();
+    }
+}
+
+/// Use of one container of the device for one granted background write; dropping it tells
+/// the scheduler the write is done (other containers are served meanwhile).
 pub struct WriteGrant {
-    done: Option<mpsc::Sender<()>>,
+    done: Option<(Arc<Shared>, Dispatch, Duration)>,
 }
 
 impl Drop for WriteGrant {
     fn drop(&mut self) {
-        if let Some(d) = self.done.take() {
-            let _ = d.send(());
+        if let Some((sh, d, started)) = self.done.take() {
+            sh.finish(&d, started);
         }
     }
 }
@@ -437,7 +654,7 @@ pub struct PendingRead {
 
 impl PendingRead {
     /// Waits for the data until `deadline` (forever when None); on timeout the request is
-    /// withdrawn if it has not been dispatched yet.
+    /// withdrawn if it has not been dispatched yet (a dispatched one finishes unseen).
     pub fn wait(self, deadline: Option<Instant>) -> Result<Vec<u8>> {
         let uri = || self.sched.shared.device.uri().to_string();
         let res = match deadline {
@@ -468,14 +685,22 @@ impl PendingRead {
     }
 }
 
-/// The scheduler thread in front of a device.
+/// The scheduler: a dispatcher thread choosing operations, and worker threads carrying them
+/// out, at most `Device::max_inflight` operations at once and one read per container.
 pub struct MediaScheduler {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Work handed to a worker thread.
+enum Job {
+    Read(Dispatch, Vec<(Reply, u64, u64)>, Duration),
+    Write(Dispatch, Vec<(Reply, u64, u64)>, Duration),
+}
+
 impl MediaScheduler {
     pub fn new(device: Arc<dyn Device>, cfg: SchedConfig) -> Arc<MediaScheduler> {
+        let workers = device.max_inflight().max(1);
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
                 q: SchedQueue::new(cfg),
@@ -483,15 +708,27 @@ impl MediaScheduler {
                 next_id: 0,
                 shutdown: false,
                 stats: SchedStats::default(),
+                busy: HashSet::new(),
+                inflight: 0,
             }),
             cv: Condvar::new(),
             device,
             epoch: Instant::now(),
         });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let sh = shared.clone();
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("media-io-{i}"))
+                .spawn(move || worker(&sh, &rx))
+                .expect("spawn a media I/O thread");
+        }
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("media-sched".into())
-            .spawn(move || dispatcher(&s2))
+            .spawn(move || dispatcher(&s2, workers, tx))
             .expect("spawn the media scheduler thread");
         Arc::new(MediaScheduler {
             shared,
@@ -500,7 +737,7 @@ impl MediaScheduler {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.st.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     pub fn stats(&self) -> SchedStats {
@@ -510,6 +747,29 @@ impl MediaScheduler {
     /// Pending requests per class.
     pub fn depth(&self) -> [usize; 3] {
         self.lock().q.depth()
+    }
+
+    /// Reports a foreground operation outside the media that took `latency` (for instance
+    /// an fsync of the writable layer): over the latency target, background writes hold off
+    /// (see [`SchedQueue::foreground_latency`]).
+    pub fn report_foreground_latency(&self, latency: Duration) {
+        let mut st = self.lock();
+        let now = self.shared.epoch.elapsed();
+        st.q.foreground_latency(now, latency);
+    }
+
+    /// Reports a foreground sync (fsync of the writable layer) that took `latency`: feeds
+    /// the adaptive background write rate (see [`SchedQueue::foreground_sync`]).
+    pub fn report_foreground_sync(&self, latency: Duration) {
+        let mut st = self.lock();
+        let now = self.shared.epoch.elapsed();
+        st.q.foreground_sync(now, latency);
+        self.shared.cv.notify_all();
+    }
+
+    /// What the adaptive background write rate is doing.
+    pub fn adaptive_stats(&self) -> AdaptiveStats {
+        self.lock().q.adaptive_stats()
     }
 
     fn submit(
@@ -580,6 +840,7 @@ impl MediaScheduler {
     }
 
     /// Waits until a write of `len` bytes at `offset` of `container` may go to the device.
+    /// The container is the writer's until the grant is dropped.
     pub fn acquire_write(
         &self,
         class: Class,
@@ -589,10 +850,9 @@ impl MediaScheduler {
     ) -> Result<WriteGrant> {
         let (tx, rx) = mpsc::channel();
         self.submit(class, Op::Write, container, offset, len, Reply::Write(tx))?;
-        let done = rx.recv().map_err(|_| MediaError::SchedulerStopped {
+        rx.recv().map_err(|_| MediaError::SchedulerStopped {
             medium: self.shared.device.uri().to_string(),
-        })?;
-        Ok(WriteGrant { done: Some(done) })
+        })
     }
 }
 
@@ -606,16 +866,23 @@ impl Drop for MediaScheduler {
     }
 }
 
-fn dispatcher(sh: &Shared) {
+fn dispatcher(sh: &Arc<Shared>, max_inflight: usize, jobs: mpsc::Sender<Job>) {
     loop {
-        let (d, replies) = {
-            let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+        let job = {
+            let mut st = sh.lock();
             let d = loop {
                 if st.shutdown && st.q.is_empty() {
+                    // Workers finish what they hold, then see the channel closed. Nobody
+                    // waits on a request any more: waiters hold the scheduler alive.
                     return;
                 }
+                if st.inflight >= max_inflight {
+                    st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
                 let now = sh.epoch.elapsed();
-                match st.q.next(now) {
+                let State { q, busy, .. } = &mut *st;
+                match q.next_with(now, busy) {
                     Next::Dispatch(d) => break d,
                     Next::WaitUntil(t) => {
                         let wait = t.saturating_sub(now).max(Duration::from_micros(50));
@@ -631,66 +898,106 @@ fn dispatcher(sh: &Shared) {
             st.stats.dispatches += 1;
             st.stats.merged += d.ids.len() as u64 - 1;
             st.stats.expired += d.expired as u64;
+            st.inflight += 1;
+            // A read holds its container (a stalled container then ties up one worker, and
+            // its other requests wait, timing out, instead of taking more). A write grant
+            // only takes a slot: the writer does its own I/O, and reads of data already
+            // committed in that container need not wait for it.
+            if d.op == Op::Read {
+                st.busy.insert(d.container);
+            }
             let replies: Vec<(Reply, u64, u64)> = d
                 .ids
                 .iter()
                 .filter_map(|id| st.replies.remove(id))
                 .collect();
-            (d, replies)
-        };
-        match d.op {
-            Op::Read => {
-                let res = sh.device.read(d.container, d.offset, d.len);
-                let mut first_err = None;
-                let res = match res {
-                    Ok(b) => Ok(b),
-                    Err(e) => {
-                        let msg = e.to_string();
-                        first_err = Some(e);
-                        Err(msg)
-                    }
-                };
-                for (reply, offset, len) in replies {
-                    let Reply::Read(tx) = reply else { continue };
-                    let out = match &res {
-                        Ok(buf) => {
-                            let start = ((offset - d.offset) as usize).min(buf.len());
-                            let end = (start + len as usize).min(buf.len());
-                            Ok(buf[start..end].to_vec())
-                        }
-                        Err(msg) => Err(first_err.take().unwrap_or_else(|| {
-                            MediaError::io(
-                                sh.device.uri(),
-                                format!("merged read of container {}", d.container),
-                                std::io::Error::other(msg.clone()),
-                            )
-                        })),
-                    };
-                    let _ = tx.send(out);
-                }
-                let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
-                st.stats.reads += 1;
-                st.stats.bytes_read += res.as_ref().map_or(0, |b| b.len() as u64);
+            let now = sh.epoch.elapsed();
+            match d.op {
+                Op::Read => Job::Read(d, replies, now),
+                Op::Write => Job::Write(d, replies, now),
             }
-            Op::Write => {
+        };
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+            // No worker left (cannot happen while the dispatcher holds the sender, but a
+            // request must never be left without an answer).
+            let (Job::Read(d, _, t) | Job::Write(d, _, t)) = &job;
+            sh.finish(d, *t);
+        }
+    }
+}
+
+fn worker(sh: &Arc<Shared>, jobs: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        match job {
+            Job::Read(d, replies, started) => {
+                serve_read(sh, &d, replies);
+                sh.finish(&d, started);
+            }
+            Job::Write(d, replies, _) => {
                 sh.device.granting_write(d.container, d.offset, d.len);
                 {
-                    let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut st = sh.lock();
                     st.stats.writes += 1;
                     st.stats.bytes_written += d.len;
                 }
+                // One grant per dispatch (writes are never merged); the container is the
+                // writer's until it drops the grant, which finishes the dispatch.
+                // The write's time starts when the writer may write.
+                let started = sh.epoch.elapsed();
+                let mut grant = Some(WriteGrant {
+                    done: Some((sh.clone(), d.clone(), started)),
+                });
                 for (reply, _, _) in replies {
                     let Reply::Write(tx) = reply else { continue };
-                    let (done_tx, done_rx) = mpsc::channel();
-                    if tx.send(done_tx).is_ok() {
-                        // The device is the writer's until it drops the grant.
-                        let _ = done_rx.recv();
+                    if let Some(g) = grant.take() {
+                        // A writer gone meanwhile drops the grant it was sent: finished.
+                        let _ = tx.send(g);
                     }
                 }
+                // No writer waits any more (withdrawn): the dispatch is over.
+                drop(grant);
             }
         }
-        let mut st = sh.st.lock().unwrap_or_else(|p| p.into_inner());
-        let now = sh.epoch.elapsed();
-        st.q.complete(&d, now);
+    }
+}
+
+fn serve_read(sh: &Shared, d: &Dispatch, replies: Vec<(Reply, u64, u64)>) {
+    let res = sh.device.read(d.container, d.offset, d.len);
+    {
+        // Counted before anyone is answered, so a caller sees its own read in the stats.
+        let mut st = sh.lock();
+        st.stats.reads += 1;
+        st.stats.bytes_read += res.as_ref().map_or(0, |b| b.len() as u64);
+    }
+    let mut first_err = None;
+    let res = match res {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let msg = e.to_string();
+            first_err = Some(e);
+            Err(msg)
+        }
+    };
+    for (reply, offset, len) in replies {
+        let Reply::Read(tx) = reply else { continue };
+        let out = match &res {
+            Ok(buf) => {
+                let start = ((offset - d.offset) as usize).min(buf.len());
+                let end = (start + len as usize).min(buf.len());
+                Ok(buf[start..end].to_vec())
+            }
+            Err(msg) => Err(first_err.take().unwrap_or_else(|| {
+                MediaError::io(
+                    sh.device.uri(),
+                    format!("merged read of container {}", d.container),
+                    std::io::Error::other(msg.clone()),
+                )
+            })),
+        };
+        let _ = tx.send(out);
     }
 }

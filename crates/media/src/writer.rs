@@ -27,6 +27,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Largest write made under one scheduler grant.
+const SCHEDULED_WRITE: u64 = 1 << 20;
+
 struct OpenContainer {
     index: u64,
     next_object: u64,
@@ -442,21 +445,58 @@ impl MediumWriter {
             oc.unrecorded -= 1;
             oc.dirty = true;
         }
-        let first = &queued[0];
-        let grant = match self.sched.clone() {
-            Some(s) => {
-                // The scheduler owns the device until a grant is dropped: finish the batch
-                // in flight before asking for the next grant.
-                self.wait_all()?;
-                Some(s.acquire_write(
-                    Class::Background,
-                    first.container,
-                    g.data_to_container(first.object * g.object_size),
-                    total,
-                )?)
+        if self.sched.is_some() {
+            // Scheduled writes go in pieces of at most SCHEDULED_WRITE bytes, one grant
+            // each: the device is never tied up long by background data, and the rate
+            // limit paces it smoothly.
+            let mut start = 0;
+            while start < queued.len() {
+                let mut end = start + 1;
+                let mut bytes = queued[start].fill.next_multiple_of(BLOCK);
+                while end < queued.len() {
+                    let b = queued[end].fill.next_multiple_of(BLOCK);
+                    if bytes + b > SCHEDULED_WRITE {
+                        break;
+                    }
+                    bytes += b;
+                    end += 1;
+                }
+                self.write_scheduled(&queued[start..end], bytes)?;
+                start = end;
             }
-            None => None,
-        };
+        } else {
+            self.start_batch(&queued, None)?;
+        }
+        self.stats.batches += 1;
+        self.stats.bytes_written += total;
+        self.stats.objects_written += queued.len() as u64;
+        self.objects_since_commit += queued.len() as u64;
+        Ok(())
+    }
+
+    /// Writes `part` (`bytes` padded bytes) under a scheduler grant, waiting for it.
+    fn write_scheduled(&mut self, part: &[Staged], bytes: u64) -> Result<()> {
+        let g = self.medium.geometry();
+        let s = self.sched.clone().expect("scheduled writer");
+        // A grant is held until its batch is written: finish the batch in flight before
+        // asking for the next one.
+        self.wait_all()?;
+        let first = &part[0];
+        let grant = s.acquire_write(
+            Class::Background,
+            first.container,
+            g.data_to_container(first.object * g.object_size),
+            bytes,
+        )?;
+        self.start_batch(part, Some(grant))?;
+        // Release the grant as soon as the batch is written, not when the writer next
+        // needs a buffer (it may sit idle for long).
+        self.wait_all()
+    }
+
+    /// Hands `queued` to the backend as one batch.
+    fn start_batch(&mut self, queued: &[Staged], grant: Option<WriteGrant>) -> Result<()> {
+        let g = self.medium.geometry();
         let ops: Vec<WriteOp<'_>> = queued
             .iter()
             .map(|s| WriteOp {
@@ -476,21 +516,11 @@ impl MediumWriter {
         let ticket = unsafe { self.medium.backend().start_writes(&ops) }?;
         drop(ops);
         spinfs_failpoints::fail_point!("media.append.objects_submitted");
-        let scheduled = grant.is_some();
         self.inflight.push_back(InFlight {
             ticket,
             bufs: queued.iter().map(|s| s.buf).collect(),
             _grant: grant,
         });
-        if scheduled {
-            // A grant holds the device: release it as soon as the batch is written, not
-            // when the writer next needs a buffer (it may sit idle for long).
-            self.wait_all()?;
-        }
-        self.stats.batches += 1;
-        self.stats.bytes_written += total;
-        self.stats.objects_written += queued.len() as u64;
-        self.objects_since_commit += queued.len() as u64;
         Ok(())
     }
 

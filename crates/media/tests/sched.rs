@@ -234,7 +234,7 @@ fn slow_foreground_reads_hold_background_writes() {
     };
     assert_eq!(d.class, Class::Foreground);
     // The read took 2 s (> 50 ms target): writes wait one window after it.
-    q.complete(&d, Duration::from_secs(2));
+    q.complete(&d, Duration::ZERO, Duration::from_secs(2));
     assert_eq!(
         q.next(Duration::from_secs(2)),
         Next::WaitUntil(Duration::from_secs(2) + 50 * MS)
@@ -307,4 +307,171 @@ fn read_times_out_on_slow_media_and_is_withdrawn() {
     drop(s);
     // The withdrawn read never reached the device.
     assert_eq!(dev.counters().switches, 1);
+}
+
+/// A device whose container 1 hangs until released; every read returns `len` bytes.
+struct HangingDevice {
+    release: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    inflight: usize,
+}
+
+impl Device for HangingDevice {
+    fn uri(&self) -> &str {
+        "test:hanging"
+    }
+    fn read(&self, container: u64, _offset: u64, len: u64) -> Result<buf::AlignedBuf> {
+        if container == 1 {
+            let mut r = self.release.lock().unwrap();
+            while !*r {
+                r = self.cv.wait(r).unwrap();
+            }
+        }
+        Ok(buf::AlignedBuf::zeroed(len as usize))
+    }
+    fn max_inflight(&self) -> usize {
+        self.inflight
+    }
+}
+
+#[test]
+fn a_stalled_container_holds_up_only_its_own_requests() {
+    let dev = Arc::new(HangingDevice {
+        release: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+        inflight: 4,
+    });
+    let s = MediaScheduler::new(dev.clone(), SchedConfig::default());
+    let stuck = s.submit_read(Class::Foreground, 1, 0, 4096).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // Another request for the stalled container waits and times out, without taking a
+    // second worker...
+    let e = s
+        .read(
+            Class::Foreground,
+            1,
+            8192,
+            4096,
+            Some(Duration::from_millis(100)),
+        )
+        .unwrap_err();
+    assert!(matches!(e, MediaError::Timeout { .. }), "{e}");
+    // ...while other containers are served, and a write is granted.
+    for c in [0, 2, 3, 0, 2] {
+        let got = s
+            .read(Class::Foreground, c, 0, 4096, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(got.len(), 4096);
+    }
+    drop(
+        s.acquire_write(Class::Background, 1, 1 << 20, 4096)
+            .unwrap(),
+    );
+    assert_eq!(s.stats().timeouts, 1);
+    *dev.release.lock().unwrap() = true;
+    dev.cv.notify_all();
+    assert_eq!(stuck.wait(None).unwrap().len(), 4096);
+    // The container is served again.
+    assert_eq!(
+        s.read(Class::Foreground, 1, 0, 4096, Some(Duration::from_secs(5)))
+            .unwrap()
+            .len(),
+        4096
+    );
+}
+
+#[test]
+fn adaptive_rate_halves_on_slow_syncs_during_background_writes_and_recovers() {
+    let cfg = SchedConfig {
+        adaptive: true,
+        bg_write_burst: 1 << 20,
+        ..far_deadlines()
+    };
+    let mut q = SchedQueue::new(cfg);
+    let mut t = Duration::ZERO;
+    // Quiet syncs of 1 ms: the automatic target becomes 2 ms.
+    for _ in 0..10 {
+        t += 10 * MS;
+        q.foreground_sync(t, MS);
+    }
+    assert_eq!(q.adaptive_stats().sync_target, 2 * MS);
+    assert_eq!(q.adaptive_stats().rate, None);
+    // Background writes of 1 MiB taking 10 ms each: 100 MiB/s measured, not limited.
+    let write = |q: &mut SchedQueue, id: u64, t: &mut Duration| {
+        q.push(Request {
+            id,
+            class: Class::Background,
+            op: Op::Write,
+            container: 0,
+            offset: id << 20,
+            len: 1 << 20,
+            arrival: *t,
+        });
+        let d = loop {
+            match q.next(*t) {
+                Next::Dispatch(d) => break d,
+                Next::WaitUntil(w) => *t = w,
+                Next::Idle => panic!("idle with a write pending"),
+            }
+        };
+        let started = *t;
+        *t += 10 * MS;
+        q.complete(&d, started, *t);
+    };
+    let start = t;
+    for id in 0..20 {
+        write(&mut q, id, &mut t);
+    }
+    assert_eq!(t - start, 200 * MS, "unlimited: back to back");
+    let bw = q.adaptive_stats().bandwidth.unwrap();
+    assert!((bw - (100 << 20) as f64).abs() < 1.0, "{bw}");
+    // A slow sync while they run: halved, and writes hold for that sync's time.
+    q.foreground_sync(t, 30 * MS);
+    let st = q.adaptive_stats();
+    assert_eq!(st.rate, Some(bw / 2.0));
+    assert_eq!(st.decreases, 1);
+    // Another slow one at once does not halve again (one decrease per 100 ms).
+    q.foreground_sync(t + MS, 30 * MS);
+    assert_eq!(q.adaptive_stats().decreases, 1);
+    // Slow syncs keep coming while writes go on: down to the floor (1/16 of the
+    // bandwidth), never below.
+    let mut id = 1000;
+    for _ in 0..8 {
+        let last = t;
+        while t < last + 110 * MS {
+            write(&mut q, id, &mut t);
+            id += 1;
+        }
+        q.foreground_sync(t, 30 * MS);
+    }
+    assert_eq!(q.adaptive_stats().rate, Some(bw / 16.0));
+    t += 100 * MS;
+    // At 1/16 of the bandwidth (plus the burst), 20 MiB take about 3 s instead of 200 ms,
+    // less as the rate climbs back (1/16 every 200 ms without complaints).
+    let before = t;
+    for id in 20..40 {
+        write(&mut q, id, &mut t);
+    }
+    let took = t - before;
+    assert!(
+        took > Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // Quiet for long enough: the limit is lifted.
+    t += Duration::from_secs(5);
+    q.push(Request {
+        id: 99,
+        class: Class::Foreground,
+        op: Op::Read,
+        container: 0,
+        offset: 0,
+        len: 4096,
+        arrival: t,
+    });
+    assert!(matches!(q.next(t), Next::Dispatch(_)));
+    assert_eq!(q.adaptive_stats().rate, None);
+    // Fast syncs during background writes change nothing.
+    write(&mut q, 100, &mut t);
+    q.foreground_sync(t, MS);
+    assert_eq!(q.adaptive_stats().rate, None);
 }

@@ -8,10 +8,21 @@
 use crate::store::Store;
 use crate::volume::Volume;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the writable layer's size is checked against the threshold.
 const TICK: Duration = Duration::from_millis(500);
+/// Wait before retrying a failed seal or merge; doubled at each failure in a row.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// Longest wait between retries.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// When to try again after `failures` failures in a row.
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
 
 #[derive(Debug, Default, Clone)]
 struct State {
@@ -50,8 +61,17 @@ pub struct Archiver {
 
 impl Archiver {
     /// Starts the worker thread.
+    ///
+    /// A frozen generation left by a crash (see `Store::recover_leftovers`) is sealed again
+    /// at once, in the background: the mount serves it as the frozen layer meanwhile, and a
+    /// seal requested now waits for that seal and one more.
     pub fn start(store: Store, vol: Arc<Volume>) -> Arc<Archiver> {
         let threshold = store.config().archive_threshold;
+        let priority = (
+            store.config().media_io.background_io_class.clone(),
+            store.config().media_io.background_nice,
+        );
+        let resealing = store.manifest().frozen.is_some();
         let snapshot = Mutex::new(store.manifest().clone());
         let a = Arc::new(Archiver {
             snapshot,
@@ -59,14 +79,21 @@ impl Archiver {
             store: Mutex::new(store),
             vol,
             threshold,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                sealing: resealing,
+                started: resealing as u64,
+                ..State::default()
+            }),
             cv: Condvar::new(),
             last: Mutex::new(None),
         });
         let worker = a.clone();
         std::thread::Builder::new()
             .name("spinfs-archiver".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                set_background_priority(&priority.0, priority.1);
+                worker.run(resealing)
+            })
             .expect("spawn archiver thread");
         a
     }
@@ -139,7 +166,14 @@ impl Archiver {
         self.cv.notify_all();
     }
 
-    fn run(self: Arc<Self>) {
+    fn run(self: Arc<Self>, resealing: bool) {
+        let mut failures = 0u32;
+        let mut retry_at: Option<Instant> = None;
+        if resealing {
+            // Marked as started in `start`, so that requests count it as running.
+            let result = self.seal_once(false);
+            self.seal_done(result, &mut failures, &mut retry_at);
+        }
         loop {
             let asked = {
                 let mut st = self.state.lock().unwrap();
@@ -156,9 +190,13 @@ impl Archiver {
                 st.requested = 0;
                 asked
             };
-            self.merge_step();
+            let backing_off = retry_at.is_some_and(|t| Instant::now() < t);
+            self.merge_step(backing_off);
             let full = self.vol.upper_bytes() >= self.threshold;
-            if !asked && !full {
+            // A frozen generation left by a failed seal is sealed again when its retry is
+            // due (it stays readable as the frozen layer meanwhile).
+            let frozen = self.snapshot.lock().unwrap().frozen.is_some();
+            if !asked && (backing_off || (!full && !frozen)) {
                 continue;
             }
             {
@@ -166,38 +204,56 @@ impl Archiver {
                 st.sealing = true;
                 st.started += 1;
             }
-            let result = self.seal_once();
-            let mut st = self.state.lock().unwrap();
-            st.sealing = false;
-            st.finished += 1;
-            match result {
-                Ok(outcome) => {
-                    st.last_error = None;
-                    *self.last.lock().unwrap() = Some(outcome);
-                }
-                Err(e) => {
-                    tracing::error!("seal failed: {e}");
-                    st.last_error = Some(e);
-                    // Waiters get the error now; then do not spin on a persistent failure:
-                    // wait a while before trying again.
-                    self.cv.notify_all();
-                    drop(st);
-                    std::thread::sleep(Duration::from_secs(5));
-                    continue;
-                }
-            }
-            self.cv.notify_all();
+            let result = self.seal_once(asked);
+            self.seal_done(result, &mut failures, &mut retry_at);
         }
     }
 
-    /// Runs the merges that are due (and one forced merge if asked for).
-    fn merge_step(&self) {
+    /// Records the outcome of a seal, answers waiters, schedules a retry after a failure.
+    fn seal_done(
+        &self,
+        result: Result<SealOutcome, String>,
+        failures: &mut u32,
+        retry_at: &mut Option<Instant>,
+    ) {
+        let mut st = self.state.lock().unwrap();
+        st.sealing = false;
+        st.finished += 1;
+        match result {
+            Ok(outcome) => {
+                st.last_error = None;
+                *failures = 0;
+                *retry_at = None;
+                *self.last.lock().unwrap() = Some(outcome);
+            }
+            Err(e) => {
+                *failures += 1;
+                let delay = retry_delay(*failures);
+                tracing::error!(
+                    failures = *failures,
+                    "seal failed (retry in {delay:?}, or at the next request): {e}"
+                );
+                st.last_error = Some(e);
+                // Do not spin on a persistent failure: the next attempt waits, unless a
+                // seal is requested meanwhile.
+                *retry_at = Some(Instant::now() + delay);
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Runs the merges that are due (and one forced merge if asked for). While seals are
+    /// failing (`backing_off`), only a forced merge runs: the media are likely at fault.
+    fn merge_step(&self, backing_off: bool) {
         let forced = {
             let mut st = self.state.lock().unwrap();
             let f = st.merge_requested > 0;
             st.merge_requested = 0;
             f
         };
+        if backing_off && !forced {
+            return;
+        }
         let mut first = true;
         loop {
             let result = self.merge_once(forced && first);
@@ -243,15 +299,31 @@ impl Archiver {
         Ok(Some(record.id))
     }
 
-    fn seal_once(&self) -> Result<SealOutcome, String> {
+    /// Seals a frozen generation left by a crash or a failed seal, then (when `asked`) the
+    /// writable generation.
+    fn seal_once(&self, asked: bool) -> Result<SealOutcome, String> {
         let mut store = self.store.lock().unwrap();
         if let Some(frozen) = store.manifest().frozen.clone() {
-            // An earlier seal failed after the freeze: seal that generation again. Freezing
-            // once more would overwrite the manifest's record of it while the volume still
-            // writes into the tree the manifest would then call frozen (and the next mount
-            // would delete the forgotten generation's tree as a leftover).
-            return self.seal_frozen(&mut store, frozen);
+            // An earlier seal failed after the freeze, or a crash interrupted it: seal that
+            // generation again first. Freezing once more would overwrite the manifest's
+            // record of it while the volume still writes into the tree the manifest would
+            // then call frozen (and the next mount would delete the forgotten generation's
+            // tree as a leftover).
+            let out = self.seal_frozen(&mut store, frozen)?;
+            if !asked {
+                return Ok(out);
+            }
+            // A request asks for what is in the writable generation now.
+            return match self.freeze_and_seal(&mut store)? {
+                SealOutcome::Empty => Ok(out),
+                o => Ok(o),
+            };
         }
+        self.freeze_and_seal(&mut store)
+    }
+
+    /// Freezes the writable generation and seals it.
+    fn freeze_and_seal(&self, store: &mut Store) -> Result<SealOutcome, String> {
         let upper = store.layout().generation_tree(store.manifest().upper_gen);
         let empty = std::fs::read_dir(&upper)
             .map_err(|e| format!("{}: {e}", upper.display()))?
@@ -269,7 +341,7 @@ impl Archiver {
             .freeze(new_gen, &tree, &work)
             .map_err(|e| format!("freezing generation {}: {e}", frozen.generation))?;
         spinfs_failpoints::fail_point!("seal.volume_frozen");
-        self.seal_frozen(&mut store, frozen)
+        self.seal_frozen(store, frozen)
     }
 
     /// Seals the frozen generation, swaps its layer into the volume, drops its tree.
@@ -317,5 +389,43 @@ impl Archiver {
             files: layer.files,
             bytes: layer.bytes,
         })
+    }
+}
+
+/// Gives the calling thread (the archiver) a low I/O priority and a higher nice value, so
+/// that seals and merges yield the disk and the CPU to the mount's users. `class` is
+/// "idle", "best-effort" (its lowest level) or "inherit". Failures are logged, not fatal.
+pub fn set_background_priority(class: &str, nice: i32) {
+    const IOPRIO_CLASS_BE: libc::c_int = 2;
+    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    let prio = match class {
+        "idle" => Some(IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
+        "best-effort" => Some((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
+        _ => None,
+    };
+    if let Some(prio) = prio {
+        // SAFETY: ioprio_set on the calling thread (who = 0) with a valid priority value.
+        let r = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) };
+        if r != 0 {
+            tracing::warn!(
+                "cannot set the archiver's I/O priority to {class}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if nice > 0 {
+        // SAFETY: gettid has no arguments; setpriority on this thread's id.
+        let r = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+        };
+        if r != 0 {
+            tracing::warn!(
+                "cannot set the archiver's nice value to {nice}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }

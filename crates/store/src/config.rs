@@ -49,6 +49,89 @@ pub struct StoreConfig {
     /// archived reads pay its switch, seek and transfer times on top of the real I/O.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_model: Option<MediaModelConfig>,
+    /// Injected media faults for tests (`[[media_fault]]` tables; absent = none): media
+    /// operations matching a rule stall, fail or read short (see `spinfs_media::fault`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media_fault: Vec<MediaFaultConfig>,
+}
+
+/// One injected media fault (`[[media_fault]]`), for tests of failing and slow media.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaFaultConfig {
+    /// "read", "write" (data, record log and new containers), "sync" or "any".
+    pub op: String,
+    /// "error" (EIO), "stall" (wait `stall_ms`, then proceed), "hang" (wait while the rule
+    /// is active), "short" (reads return half the bytes asked).
+    pub action: String,
+    /// Containers concerned (default all).
+    #[serde(default)]
+    pub containers: Vec<u64>,
+    /// "metadata" (headers and record logs), "data" (objects) or "any" (default).
+    #[serde(default)]
+    pub area: Option<String>,
+    /// First and last object index (within a container) concerned (default all).
+    #[serde(default)]
+    pub objects: Option<[u64; 2]>,
+    /// Duration of a stall.
+    #[serde(default)]
+    pub stall_ms: u64,
+    /// Matching operations let through before the fault starts.
+    #[serde(default)]
+    pub after: u64,
+    /// The rule is active only while this file exists (switch a fault on and off on a
+    /// running mount).
+    #[serde(default)]
+    pub while_exists: Option<PathBuf>,
+}
+
+impl MediaFaultConfig {
+    /// The media crate's rule this describes, or why it cannot be one.
+    pub fn rule(&self) -> Result<spinfs_media::FaultRule, ConfigError> {
+        use spinfs_media::{FaultAction, FaultArea, FaultOp};
+        let bad = |m: String| ConfigError::Invalid(format!("media_fault: {m}"));
+        let op = match self.op.as_str() {
+            "read" => FaultOp::Read,
+            "write" => FaultOp::Write,
+            "sync" => FaultOp::Sync,
+            "any" => FaultOp::Any,
+            o => return Err(bad(format!("op '{o}' is not read, write, sync or any"))),
+        };
+        let action = match self.action.as_str() {
+            "error" => FaultAction::Error,
+            "stall" if self.stall_ms > 0 => {
+                FaultAction::Stall(std::time::Duration::from_millis(self.stall_ms))
+            }
+            "stall" => return Err(bad("a stall needs stall_ms > 0".into())),
+            "hang" => FaultAction::Hang,
+            "short" => FaultAction::ShortRead,
+            a => {
+                return Err(bad(format!(
+                    "action '{a}' is not error, stall, hang or short"
+                )));
+            }
+        };
+        let area = match self.area.as_deref() {
+            None | Some("any") => FaultArea::Any,
+            Some("metadata") => FaultArea::Metadata,
+            Some("data") => FaultArea::Data,
+            Some(a) => return Err(bad(format!("area '{a}' is not metadata, data or any"))),
+        };
+        if let Some([a, b]) = self.objects
+            && a > b
+        {
+            return Err(bad(format!("objects [{a}, {b}] is an empty range")));
+        }
+        Ok(spinfs_media::FaultRule {
+            op,
+            containers: self.containers.clone(),
+            area,
+            objects: self.objects.map(|[a, b]| (a, b)),
+            action,
+            after: self.after,
+            while_exists: self.while_exists.clone(),
+        })
+    }
 }
 
 /// A media model in the read path of archived data (see `spinfs_media::ModelDevice`):
@@ -114,6 +197,22 @@ pub struct MediaIoConfig {
     pub latency_target_ms: u64,
     /// A media read not served within this time fails instead of stalling the mount.
     pub request_timeout_ms: u64,
+    /// I/O priority class of the archiver's I/O (reading frozen generations, writing seals
+    /// and merges): "idle" (served when the disk has nothing else to do, within the I/O
+    /// scheduler's aging limit), "best-effort" (lowest level of the default class) or
+    /// "inherit". Only I/O schedulers that honour priorities (mq-deadline, bfq) act on it.
+    pub background_io_class: String,
+    /// CPU nice value of the archiver thread (0-19): seals hash and checksum every byte.
+    pub background_nice: i32,
+    /// Adapt the background media write rate to the latency of fsync/fdatasync on the
+    /// writable layer (for media sharing a disk with the SSD store): a sync slower than the
+    /// target while seal or merge writes run halves their rate (from the measured write
+    /// bandwidth, down to 1/16 of it) and holds them briefly; fast syncs raise it again by
+    /// 1/16 of the bandwidth every 200 ms. `background_write_rate` stays a hard cap.
+    pub background_write_adaptive: bool,
+    /// The sync latency target of that adaptation; 0 = twice the sync latency measured
+    /// while no background write runs (20 ms until 8 such syncs were seen).
+    pub sync_latency_target_ms: u64,
 }
 
 impl Default for MediaIoConfig {
@@ -128,6 +227,10 @@ impl Default for MediaIoConfig {
             background_write_burst: 8 * MIB,
             latency_target_ms: 0,
             request_timeout_ms: 60_000,
+            background_io_class: "idle".into(),
+            background_nice: 10,
+            background_write_adaptive: true,
+            sync_latency_target_ms: 0,
         }
     }
 }
@@ -144,6 +247,18 @@ impl MediaIoConfig {
             || self.background_deadline_ms == 0
         {
             return bad("media_io deadlines must be at least 1 ms".into());
+        }
+        if !["idle", "best-effort", "inherit"].contains(&self.background_io_class.as_str()) {
+            return bad(format!(
+                "media_io.background_io_class '{}' is not idle, best-effort or inherit",
+                self.background_io_class
+            ));
+        }
+        if !(0..=19).contains(&self.background_nice) {
+            return bad(format!(
+                "media_io.background_nice {} is not within 0-19",
+                self.background_nice
+            ));
         }
         if self.request_timeout_ms == 0 {
             return bad("media_io.request_timeout_ms must be at least 1 ms".into());
@@ -172,6 +287,8 @@ impl MediaIoConfig {
             bg_write_rate: self.background_write_rate,
             bg_write_burst: self.background_write_burst,
             latency_target: Duration::from_millis(self.latency_target_ms),
+            adaptive: self.background_write_adaptive,
+            sync_target: Duration::from_millis(self.sync_latency_target_ms),
         }
     }
 
@@ -196,6 +313,7 @@ impl Default for StoreConfig {
             max_open_images: 64,
             media_io: MediaIoConfig::default(),
             media_model: None,
+            media_fault: Vec::new(),
         }
     }
 }
@@ -347,6 +465,9 @@ impl StoreConfig {
         self.media_io.validate()?;
         if let Some(m) = &self.media_model {
             m.validate()?;
+        }
+        for f in &self.media_fault {
+            f.rule()?;
         }
         Ok(())
     }

@@ -69,16 +69,91 @@ fn recorded_ino(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Option<u64> {
 
 /// Reads a file of the frozen tree by directory descriptor and name, opening it for each
 /// read: paths of deep trees can exceed PATH_MAX, and a descriptor per file would not scale.
+///
+/// Reads bypass the page cache (O_DIRECT, where the filesystem allows it): a seal reads a
+/// whole generation once, and buffered reads with their read-ahead both flood the disk queue
+/// ahead of the mount's own writes and fsyncs (measured on mq-deadline: a concurrent buffered
+/// sequential read multiplies fdatasync p99 by 3-5, a direct one leaves it unchanged) and
+/// fill the page cache with data about to be deleted. Ranges with no data (SEEK_DATA) read
+/// as zeros without I/O, so sparse files stay cheap.
 struct TreeFile {
     dir: Arc<OwnedFd>,
     name: CString,
 }
 
+/// Alignment of direct reads.
+const DIRECT_ALIGN: u64 = 4096;
+
+thread_local! {
+    /// The aligned buffer of direct reads, reused by the sealing thread.
+    static DIRECT_BUF: std::cell::RefCell<spinfs_media::buf::AlignedBuf> =
+        std::cell::RefCell::new(spinfs_media::buf::AlignedBuf::zeroed(0));
+}
+
+impl TreeFile {
+    fn open(&self, flags: i32) -> std::io::Result<std::fs::File> {
+        sys::openat(self.dir.as_fd(), &self.name, flags, 0)
+            .map(std::fs::File::from)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.0))
+    }
+}
+
 impl ReadAt for TreeFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let fd = sys::openat(self.dir.as_fd(), &self.name, libc::O_RDONLY, 0)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
-        std::fs::File::from(fd).read_exact_at(buf, offset)
+        use std::os::fd::AsRawFd;
+        let len = buf.len() as u64;
+        let file = match self.open(libc::O_RDONLY | libc::O_DIRECT) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return self.open(libc::O_RDONLY)?.read_exact_at(buf, offset);
+            }
+            Err(e) => return Err(e),
+        };
+        // A hole up to the end of the range (or of the file): zeros, no I/O.
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
+        if (data < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
+            || (data >= 0 && data as u64 >= offset + len)
+        {
+            buf.fill(0);
+            return Ok(());
+        }
+        let start = offset - offset % DIRECT_ALIGN;
+        let end = (offset + len).next_multiple_of(DIRECT_ALIGN);
+        DIRECT_BUF.with(|cell| {
+            let mut aligned = cell.borrow_mut();
+            if aligned.capacity() < (end - start) as usize {
+                *aligned = spinfs_media::buf::AlignedBuf::zeroed((end - start) as usize);
+            }
+            let want = (end - start) as usize;
+            let space = &mut aligned.full_mut()[..want];
+            let mut done = 0usize;
+            while done < want {
+                // `space` is aligned and `done` a multiple of the alignment, as O_DIRECT
+                // requires.
+                match FileExt::read_at(&file, &mut space[done..], start + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        done += n;
+                        if done % DIRECT_ALIGN as usize != 0 {
+                            break; // end of file
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let from = (offset - start) as usize;
+            if done < from + len as usize {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shorter than its size in the frozen tree",
+                ));
+            }
+            let bytes = &space[..done];
+            buf.copy_from_slice(&bytes[from..from + len as usize]);
+            Ok(())
+        })
     }
 }
 
@@ -140,16 +215,12 @@ pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), Sea
                 libc::S_IFDIR => NodeKind::Dir(Vec::new()),
                 libc::S_IFREG => {
                     stats.bytes += st.st_size as u64;
-                    // A short path lets the writer find holes with SEEK_DATA; a long one is
-                    // read through the directory descriptor.
-                    let source = if path.as_os_str().len() < 2048 {
-                        Source::Path(path.clone())
-                    } else {
-                        Source::Reader(Arc::new(TreeFile {
-                            dir: dir.clone(),
-                            name: cname.clone(),
-                        }))
-                    };
+                    // Read through the directory descriptor (any depth), bypassing the
+                    // page cache (see `TreeFile`).
+                    let source = Source::Reader(Arc::new(TreeFile {
+                        dir: dir.clone(),
+                        name: cname.clone(),
+                    }));
                     NodeKind::File(FileData {
                         size: st.st_size as u64,
                         chunk_bits: None,

@@ -174,7 +174,29 @@ impl Store {
             error,
         };
         let geometry = self.config.geometry().map_err(media_err)?;
-        let m = Medium::open(&uri, geometry, BackendOptions::default()).map_err(media_err)?;
+        let m = if self.config.media_fault.is_empty() {
+            Medium::open(&uri, geometry, BackendOptions::default()).map_err(media_err)?
+        } else {
+            // Injected faults (tests): the backend behind a wrapper that applies them.
+            let rules = self
+                .config
+                .media_fault
+                .iter()
+                .map(|f| f.rule())
+                .collect::<Result<Vec<_>, _>>()?;
+            tracing::warn!(
+                rules = rules.len(),
+                "media faults are injected ([[media_fault]])"
+            );
+            let inner = spinfs_media::open_backend(
+                &uri,
+                geometry.container_size,
+                BackendOptions::default(),
+            )
+            .map_err(media_err)?;
+            let backend = Arc::new(spinfs_media::FaultBackend::new(inner, geometry, rules));
+            Medium::with_backend(backend, geometry).map_err(media_err)?
+        };
         self.medium = Some(m.clone());
         Ok(m)
     }
@@ -287,7 +309,24 @@ impl Store {
             self.seal_frozen(frozen)?;
             spinfs_failpoints::fail_point!("recover.resealed");
         }
-        let live_gens: Vec<u64> = vec![self.manifest.upper_gen];
+        self.recover_leftovers()
+    }
+
+    /// `recover` without sealing: a frozen generation stays (its tree is kept) for the
+    /// caller to serve and seal in the background (the mount does: `Archiver::start`).
+    /// Everything else a crash left behind is removed, including whatever an interrupted
+    /// seal of the frozen generation had written on the SSD (its meta and head files);
+    /// what it wrote on the media after the last commit is ignored by the next writer.
+    pub fn recover_leftovers(&mut self) -> Result<(), StoreError> {
+        let mut live_gens: Vec<u64> = vec![self.manifest.upper_gen];
+        if let Some(frozen) = &self.manifest.frozen {
+            tracing::info!(
+                generation = frozen.generation,
+                layer = frozen.layer,
+                "a crash interrupted the seal of a generation: it stays frozen and is sealed again"
+            );
+            live_gens.push(frozen.generation);
+        }
         if let Ok(entries) = fs::read_dir(self.layout.gens()) {
             for e in entries.flatten() {
                 let keep = e

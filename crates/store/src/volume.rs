@@ -349,7 +349,12 @@ pub struct Volume {
     /// Held shared by every operation that changes the writable tree, exclusively while a
     /// generation is frozen: nothing can land in a tree after it was frozen.
     gate: RwLock<()>,
+    /// See `set_sync_observer`.
+    sync_observer: std::sync::OnceLock<SyncObserver>,
 }
+
+/// Told how long each fsync of a writable file took.
+pub type SyncObserver = Box<dyn Fn(std::time::Duration) + Send + Sync>;
 
 thread_local! {
     /// How many gate guards this thread holds (the gate is not re-entrant by itself).
@@ -437,6 +442,7 @@ impl Volume {
             next_tmp: AtomicU64::new(0),
             upper_bytes: AtomicI64::new(0),
             gate: RwLock::new(()),
+            sync_observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -592,6 +598,38 @@ impl Volume {
         ns.epoch = self.stack().epoch;
         drop(ns);
         self.upper_bytes.fetch_add(st.st_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Puts the tree `tree` of generation `generation` below the writable one as the
+    /// frozen generation, as `freeze` leaves it: a generation that a crash left frozen is
+    /// served from the SSD while the archiver seals it again. Called before the volume
+    /// serves anything.
+    pub fn restore_frozen(&self, generation: u64, tree: &Path) -> SysResult<()> {
+        let root_fd = open_dir_path(tree)?;
+        let root_backing_ino = sys::fstat(root_fd.as_fd())?.st_ino;
+        let _gate = self.exclusive_gate();
+        let old = self.stack();
+        if old.frozen.is_some() {
+            return Err(Errno(libc::EBUSY));
+        }
+        let stack = Arc::new(Stack {
+            epoch: old.epoch + 1,
+            generation: old.generation,
+            root_backing_ino: old.root_backing_ino,
+            work: old.work.clone(),
+            frozen: Some(Arc::new(FrozenTree {
+                generation,
+                root_backing_ino,
+                root: Arc::new(root_fd),
+            })),
+            archived: old.archived.clone(),
+        });
+        let root = self.node(ROOT_INO)?;
+        let mut st = root.st.write().unwrap();
+        st.place.lower = stack.lower_roots()?;
+        st.epoch = stack.epoch;
+        *self.stack.write().unwrap() = stack;
         Ok(())
     }
 
@@ -2097,10 +2135,23 @@ impl Volume {
     pub fn fsync(&self, fh: u64, datasync: bool) -> SysResult<()> {
         let h = self.handle(fh)?;
         match &h.kind {
-            HandleKind::Upper(fd) => sys::fsync(fd.as_fd(), datasync),
+            HandleKind::Upper(fd) => {
+                let started = std::time::Instant::now();
+                let r = sys::fsync(fd.as_fd(), datasync);
+                if let Some(observe) = self.sync_observer.get() {
+                    observe(started.elapsed());
+                }
+                r
+            }
             // Archived data is durable on the media already.
             _ => Ok(()),
         }
+    }
+
+    /// Calls `observe` with the duration of every fsync/fdatasync of a writable file (the
+    /// media scheduler paces background writes by it). Set once.
+    pub fn set_sync_observer(&self, observe: SyncObserver) {
+        let _ = self.sync_observer.set(observe);
     }
 
     pub fn fallocate(&self, fh: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
