@@ -126,6 +126,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
         Volume::new(&tree, &work, upper, lowers)
             .with_context(|| format!("cannot open the writable layer {}", tree.display()))?,
     );
+    vol.set_chunk_size(store.config().chunk_size);
     let usage = tree_usage(&tree).with_context(|| format!("cannot measure {}", tree.display()))?;
     vol.set_upper_bytes(usage.bytes);
     let layout = store.layout().clone();
@@ -137,6 +138,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     let status_fn = {
         let archiver = archiver.clone();
         let layout = layout.clone();
+        let vol = vol.clone();
         Arc::new(move || {
             let manifest = archiver.manifest();
             let upper = tree_usage(&layout.generation_tree(manifest.upper_gen)).unwrap_or_default();
@@ -144,7 +146,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
                 .frozen
                 .as_ref()
                 .and_then(|f| tree_usage(&layout.generation_tree(f.generation)).ok());
-            status_json(
+            let mut v = status_json(
                 &manifest,
                 &config,
                 true,
@@ -153,7 +155,15 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
                 reader.stats(),
                 cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
                 model.as_ref().map(|m| m.counters()),
-            )
+            );
+            let s = vol.stack_stats();
+            v["stacking"] = serde_json::json!({
+                "stacked_copy_ups": s.stacked_copy_ups,
+                "chunks_copied_up": s.chunks_copied,
+                "bytes_copied_up": s.bytes_copied,
+                "unstacked": s.unstacked,
+            });
+            v
         })
     };
     spinfs_store::control::serve(&layout, archiver.clone(), status_fn)

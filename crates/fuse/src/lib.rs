@@ -118,6 +118,21 @@ impl Default for MountConfig {
 struct Backing {
     id: BackingId,
     opens: usize,
+    /// (device, inode) of the backing file.
+    file: (u64, u64),
+}
+
+fn file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a stat into the buffer on success.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
 }
 
 /// The FUSE filesystem.
@@ -164,13 +179,22 @@ impl SpinFs {
         &self,
         ino: u64,
         fh: u64,
+        file: std::os::fd::BorrowedFd<'_>,
         open_backing: impl FnOnce() -> io::Result<BackingId>,
     ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Backing>>> {
         let mut map = self.backing.lock().unwrap();
+        let file = file_id(file)?;
+        if let Some(b) = map.get(&ino)
+            && b.file != file
+        {
+            // The inode moved to another backing file (a freeze, a copy-up) while handles
+            // on the old one are open: this one is served by the daemon.
+            return None;
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(ino) {
             match open_backing() {
                 Ok(id) => {
-                    slot.insert(Backing { id, opens: 0 });
+                    slot.insert(Backing { id, opens: 0, file });
                 }
                 Err(e) => {
                     tracing::warn!("passthrough unavailable ({e}); serving I/O through the daemon");
@@ -515,9 +539,15 @@ impl Filesystem for SpinFs {
             && self.passthrough.load(Ordering::Relaxed)
             && let Some(fd) = handle.backing_fd()
             && self.cached_opens.lock().unwrap().get(&ino.0).is_none()
-            && let Some(map) = self.backing_for(ino.0, fh, || reply.open_backing(fd))
+            && let Some(map) = self.backing_for(ino.0, fh, fd, || reply.open_backing(fd))
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &map[&ino.0].id);
+        }
+        if regular && self.backing.lock().unwrap().contains_key(&ino.0) {
+            // Passthrough handles of this inode are open (on the backing file it had when
+            // they were opened): the kernel refuses a cached open beside them, so this
+            // daemon-served handle bypasses the page cache.
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
         }
         if regular {
             // The kernel refuses passthrough opens of an inode while cached opens exist.
@@ -740,7 +770,7 @@ impl Filesystem for SpinFs {
         if self.passthrough.load(Ordering::Relaxed)
             && let Some(fd) = handle.backing_fd()
             && self.cached_opens.lock().unwrap().get(&attr.ino).is_none()
-            && let Some(map) = self.backing_for(attr.ino, fh, || reply.open_backing(fd))
+            && let Some(map) = self.backing_for(attr.ino, fh, fd, || reply.open_backing(fd))
         {
             let id = &map[&attr.ino].id;
             return reply.created_passthrough(

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod markers;
 pub mod seal;
 pub mod size;
+pub mod stackmap;
 pub mod status;
 pub mod store;
 pub mod sys;

@@ -12,7 +12,7 @@
 
 use crate::archive::ArchivedLayer;
 use crate::lower::{
-    FrozenTree, LowerPart, cstr, tree_is_opaque, tree_is_whiteout, tree_recorded_ino,
+    FrozenTree, LowerPart, cstr, lower_lookup, tree_is_opaque, tree_is_whiteout, tree_recorded_ino,
 };
 use crate::markers;
 use crate::sys::{self, Errno, FsCreds, SysResult};
@@ -23,6 +23,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+mod stacking;
+pub use stacking::StackStats;
+use stacking::{StackCounters, StackedFile};
 
 /// The root directory's inode number.
 pub const ROOT_INO: u64 = 1;
@@ -220,6 +224,8 @@ enum HandleKind {
     Lower(LowerPart),
     /// A directory with lower parts: its merged listing, taken at opendir.
     Merged(Vec<DirEntry>),
+    /// A stacked file (chunks above and below), served by the daemon.
+    Stacked(Arc<StackedFile>),
 }
 
 /// An open file or directory.
@@ -295,6 +301,11 @@ impl Stack {
 pub struct Volume {
     stack: RwLock<Arc<Stack>>,
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    /// Stacked files someone holds, by inode number (one shared state per inode).
+    stacked: Mutex<HashMap<u64, std::sync::Weak<StackedFile>>>,
+    /// log2 of the stacking granule (the store's chunk size).
+    chunk_bits: AtomicU8,
+    stack_counters: StackCounters,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
@@ -386,6 +397,9 @@ impl Volume {
         Ok(Volume {
             stack: RwLock::new(Arc::new(stack)),
             nodes: RwLock::new(nodes),
+            stacked: Mutex::new(HashMap::new()),
+            chunk_bits: AtomicU8::new(spinfs_erofs::writer::DEFAULT_CHUNK_BITS),
+            stack_counters: StackCounters::default(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
@@ -465,10 +479,14 @@ impl Volume {
             };
             old_places.push((ino, fd, parent, pfd, name));
         }
+        // Stacked files someone holds go on reading their lower files where they are until
+        // they are carried over to the new tree below.
+        let carried = self.pin_stacked(&old.archived);
         let frozen = Arc::new(FrozenTree {
             generation: old.generation,
             root_backing_ino: old.root_backing_ino,
             root: old_root,
+            below: old.archived.clone(),
         });
         let stack = Arc::new(Stack {
             epoch: old.epoch + 1,
@@ -498,6 +516,7 @@ impl Volume {
                 );
             }
         }
+        self.carry_stacked_over(carried);
         Ok(())
     }
 
@@ -776,34 +795,7 @@ impl Volume {
     /// instance, and for a directory every further one down to an opaque one. `Ok(None)` when
     /// the name does not exist below or a whiteout hides it.
     fn lower_lookup(parts: &[LowerPart], name: &[u8]) -> SysResult<Option<Vec<LowerPart>>> {
-        let mut found: Vec<LowerPart> = Vec::new();
-        for p in parts {
-            let Some(child) = p.lookup(name)? else {
-                continue;
-            };
-            let is_dir = child.is_dir();
-            if found.is_empty() {
-                if child.is_whiteout()? {
-                    return Ok(None);
-                }
-                let opaque = is_dir && child.is_opaque()?;
-                found.push(child);
-                if !is_dir || opaque {
-                    break;
-                }
-            } else {
-                // Below a directory: only directories merge; anything else ends the merge.
-                if !is_dir {
-                    break;
-                }
-                let opaque = child.is_opaque()?;
-                found.push(child);
-                if opaque {
-                    break;
-                }
-            }
-        }
-        Ok(if found.is_empty() { None } else { Some(found) })
+        lower_lookup(parts, name)
     }
 
     /// Resolves `name` in a directory placed at `dir`. `Ok(None)` = does not exist.
@@ -944,7 +936,19 @@ impl Volume {
                     a.ino = ino;
                     return Ok(a);
                 }
-                HandleKind::Lower(part) => return Ok(part.attr(ino)),
+                HandleKind::Lower(part) => match self.live_stacked(ino) {
+                    Some(sf) => {
+                        let st = sys::fstat(sf.st.read().unwrap().fd.as_fd())?;
+                        let mut a = Attr::from_stat(&st, ino);
+                        a.ino = ino;
+                        return Ok(a);
+                    }
+                    None => return Ok(part.attr(ino)),
+                },
+                HandleKind::Stacked(sf) => {
+                    let st = sys::fstat(sf.st.read().unwrap().fd.as_fd())?;
+                    return Ok(Attr::from_stat(&st, ino));
+                }
                 HandleKind::Merged(_) => {}
             }
         }
@@ -1133,7 +1137,13 @@ impl Volume {
                     libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
                     0o600,
                 )?;
+                // File stacking: no data is copied, chunks come up when they change.
+                let stacked = a.size > 0;
+                if stacked {
+                    self.make_stacked(part, f.as_fd())?;
+                }
                 match part.tree_fd() {
+                    _ if stacked => {}
                     // On the SSD already: let the kernel copy (and keep holes).
                     Some(src) => {
                         let src = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
@@ -1288,6 +1298,16 @@ impl Volume {
             Some(_) => None,
             None => Some(self.copy_up(ino)?),
         };
+        let stacked = match (&handle, &upper) {
+            (Some(h), _) if matches!(h.kind, HandleKind::Stacked(_)) => match &h.kind {
+                HandleKind::Stacked(sf) => Some(sf.clone()),
+                _ => None,
+            },
+            (_, Some(u)) if handle_fd.is_none() && self.node(ino)?.kind == FileKind::Regular => {
+                self.stacked_file(ino, u.as_fd())?
+            }
+            _ => None,
+        };
         let target: BorrowedFd<'_> = match (&handle_fd, &upper) {
             (Some(fd), _) => *fd,
             (None, Some(u)) => u.as_fd(),
@@ -1305,6 +1325,9 @@ impl Volume {
         }
         if let Some(size) = set.size {
             match handle_fd {
+                _ if stacked.is_some() => {
+                    self.stacked_truncate(stacked.as_ref().expect("checked"), size)?
+                }
                 Some(fd) => sys::ftruncate(fd, size)?,
                 None => {
                     let f = sys::reopen(target, libc::O_WRONLY)?;
@@ -1863,6 +1886,7 @@ impl Volume {
             (HandleKind::Upper(fd), true) => {
                 sys::fstat(fd.as_fd()).map_or(0, |st| st.st_size as u64)
             }
+            (HandleKind::Stacked(sf), true) => self.stacked_usage(sf),
             _ => 0,
         };
         self.handles.write().unwrap().insert(
@@ -1880,10 +1904,15 @@ impl Volume {
 
     /// Adds the growth of a writable handle's file since it was last counted.
     fn count_growth(&self, h: &Handle) {
-        if let (true, HandleKind::Upper(fd)) = (h.writable, &h.kind)
-            && let Ok(st) = sys::fstat(fd.as_fd())
-        {
-            let now = st.st_size as u64;
+        if !h.writable {
+            return;
+        }
+        let now = match &h.kind {
+            HandleKind::Upper(fd) => sys::fstat(fd.as_fd()).ok().map(|st| st.st_size as u64),
+            HandleKind::Stacked(sf) => Some(self.stacked_usage(sf)),
+            _ => None,
+        };
+        if let Some(now) = now {
             let before = h.counted.swap(now, Ordering::Relaxed);
             self.upper_bytes
                 .fetch_add(now as i64 - before as i64, Ordering::Relaxed);
@@ -1922,7 +1951,14 @@ impl Volume {
             None if writes || n.kind != FileKind::Regular => Some(self.copy_up(ino)?),
             None => None,
         };
+        let stacked = match &upper {
+            Some(fd) if n.kind == FileKind::Regular && self.stack().may_have_recorded() => {
+                self.stacked_file(ino, fd.as_fd())?
+            }
+            _ => None,
+        };
         let kind = match upper {
+            _ if stacked.is_some() => HandleKind::Stacked(stacked.expect("checked")),
             Some(fd) => HandleKind::Upper(sys::reopen(fd.as_fd(), Self::backing_flags(flags))?),
             None => HandleKind::Lower(place.lower.first().cloned().ok_or(Errno::EIO)?),
         };
@@ -1973,7 +2009,14 @@ impl Volume {
                 }
             }
             HandleKind::Lower(part) => {
-                done = part.read(offset, &mut buf)?;
+                // Copied up (stacked) since it was opened: read the file as it is now.
+                done = match self.live_stacked(h.ino) {
+                    Some(sf) => self.stacked_read(&sf, offset, &mut buf)?,
+                    None => part.read(offset, &mut buf)?,
+                };
+            }
+            HandleKind::Stacked(sf) => {
+                done = self.stacked_read(sf, offset, &mut buf)?;
             }
             HandleKind::Merged(_) => return Err(Errno::EISDIR),
         }
@@ -1983,6 +2026,9 @@ impl Volume {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
         let h = self.handle(fh)?;
+        if let HandleKind::Stacked(sf) = &h.kind {
+            return self.stacked_write(sf, offset, data);
+        }
         let fd = h.fd()?;
         let mut done = 0;
         while done < data.len() {
@@ -2002,6 +2048,7 @@ impl Volume {
         let h = self.handle(fh)?;
         match &h.kind {
             HandleKind::Upper(fd) => sys::fsync(fd.as_fd(), datasync),
+            HandleKind::Stacked(sf) => self.stacked_fsync(sf, datasync),
             // Archived data is durable on the media already.
             _ => Ok(()),
         }
@@ -2009,6 +2056,9 @@ impl Volume {
 
     pub fn fallocate(&self, fh: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
         let h = self.handle(fh)?;
+        if let HandleKind::Stacked(sf) = &h.kind {
+            return self.stacked_fallocate(sf, mode, offset, len);
+        }
         sys::fallocate(h.fd()?, mode, offset, len)
     }
 
@@ -2016,6 +2066,20 @@ impl Volume {
         let h = self.handle(fh)?;
         match &h.kind {
             HandleKind::Upper(fd) => sys::lseek(fd.as_fd(), offset, whence),
+            HandleKind::Stacked(sf) => {
+                let data = match whence {
+                    libc::SEEK_DATA => true,
+                    libc::SEEK_HOLE => false,
+                    _ => return Err(Errno::EINVAL),
+                };
+                if offset < 0 {
+                    return Err(Errno(libc::ENXIO));
+                }
+                match self.stacked_seek(sf, offset as u64, data)? {
+                    Some(o) => Ok(o as i64),
+                    None => Err(Errno(libc::ENXIO)),
+                }
+            }
             HandleKind::Lower(part) => {
                 let data = match whence {
                     libc::SEEK_DATA => true,
@@ -2044,6 +2108,10 @@ impl Volume {
     ) -> SysResult<usize> {
         let hi = self.handle(fh_in)?;
         let ho = self.handle(fh_out)?;
+        if matches!(ho.kind, HandleKind::Stacked(_)) {
+            let data = self.read(fh_in, off_in, len.min(8 << 20) as u32)?;
+            return self.write(fh_out, off_out, &data);
+        }
         let out = ho.fd()?;
         match &hi.kind {
             HandleKind::Upper(fd) => {
@@ -2109,7 +2177,7 @@ impl Volume {
                 return Ok(list[start..].iter().take(1024).cloned().collect());
             }
             HandleKind::Upper(fd) => fd,
-            HandleKind::Lower(_) => return Err(Errno::ENOTDIR),
+            HandleKind::Lower(_) | HandleKind::Stacked(_) => return Err(Errno::ENOTDIR),
         };
         let _guard = h.dir_lock.lock().unwrap();
         let stack = self.stack();
