@@ -26,7 +26,7 @@ pub struct MountArgs {
     #[arg(long)]
     foreground: bool,
     /// Mount options: allow_other, ro, nosuid, nodev, noexec, noatime, sync, dirsync,
-    /// threads=N, nopassthrough.
+    /// threads=N, nopassthrough, nopassthrough_writes.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
 }
@@ -168,7 +168,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     };
     spinfs_store::control::serve(&layout, archiver.clone(), status_fn)
         .with_context(|| format!("cannot create {}", layout.control_socket().display()))?;
-    let fs = SpinFs::new(vol, cfg.passthrough);
+    let fs = SpinFs::new(vol, cfg.passthrough).with_passthrough_writes(cfg.passthrough_writes);
     tracing::info!(store = %layout.root().display(), mountpoint = %mnt.display(), "mounting");
     fs.mount(mnt, cfg, || {
         if let Some(mut p) = status.take() {

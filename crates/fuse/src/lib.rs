@@ -38,6 +38,9 @@ pub struct MountConfig {
     pub threads: usize,
     /// Use FUSE passthrough for regular files when the kernel offers it.
     pub passthrough: bool,
+    /// Also for files opened for writing. Without it, files open for writing are served by
+    /// the daemon, which lets a seal archive them while they stay open (file stacking).
+    pub passthrough_writes: bool,
 }
 
 impl MountConfig {
@@ -53,6 +56,8 @@ impl MountConfig {
                 "default_permissions" => {}
                 "passthrough" => self.passthrough = true,
                 "nopassthrough" => self.passthrough = false,
+                "passthrough_writes" => self.passthrough_writes = true,
+                "nopassthrough_writes" => self.passthrough_writes = false,
                 o if o.starts_with("threads=") => {
                     self.threads = o[8..]
                         .parse()
@@ -109,6 +114,7 @@ impl Default for MountConfig {
             flags: Vec::new(),
             threads: (cores * 2).clamp(4, 16),
             passthrough: true,
+            passthrough_writes: true,
         }
     }
 }
@@ -139,6 +145,7 @@ fn file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
 pub struct SpinFs {
     vol: Arc<Volume>,
     passthrough: AtomicBool,
+    passthrough_writes: bool,
     backing: Mutex<HashMap<u64, Backing>>,
     /// Handles opened in passthrough mode, by handle number → inode.
     passthrough_handles: Mutex<HashMap<u64, u64>>,
@@ -153,11 +160,24 @@ impl SpinFs {
         SpinFs {
             vol,
             passthrough: AtomicBool::new(passthrough),
+            passthrough_writes: true,
             backing: Mutex::new(HashMap::new()),
             passthrough_handles: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
             cached_handles: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether files opened for writing use passthrough (see `MountConfig`).
+    pub fn with_passthrough_writes(mut self, on: bool) -> SpinFs {
+        self.passthrough_writes = on;
+        self
+    }
+
+    /// Whether an open with `flags` gets passthrough (if the kernel and the file allow).
+    fn wants_passthrough(&self, flags: i32) -> bool {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        self.passthrough.load(Ordering::Relaxed) && (self.passthrough_writes || !writes)
     }
 
     /// Mounts and serves until unmounted. `ready` runs once the kernel handshake is done.
@@ -526,7 +546,8 @@ impl Filesystem for SpinFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fh, handle) = match self.vol.open(ino.0, flags.0) {
+        let wants = self.wants_passthrough(flags.0);
+        let (fh, handle) = match self.vol.open(ino.0, flags.0, !wants) {
             Ok(h) => h,
             Err(e) => return reply.error(err(e)),
         };
@@ -536,7 +557,7 @@ impl Filesystem for SpinFs {
             .map(|a| a.kind == FileKind::Regular)
             .unwrap_or(false);
         if regular
-            && self.passthrough.load(Ordering::Relaxed)
+            && wants
             && let Some(fd) = handle.backing_fd()
             && self.cached_opens.lock().unwrap().get(&ino.0).is_none()
             && let Some(map) = self.backing_for(ino.0, fh, fd, || reply.open_backing(fd))
@@ -761,13 +782,21 @@ impl Filesystem for SpinFs {
         let (attr, fh, handle) =
             match self
                 .vol
-                .create(parent.0, name, mode, umask, flags, &caller(req))
+                .create(
+                    parent.0,
+                    name,
+                    mode,
+                    umask,
+                    flags,
+                    &caller(req),
+                    !self.wants_passthrough(flags),
+                )
             {
                 Ok(r) => r,
                 Err(e) => return reply.error(err(e)),
             };
         let fattr = file_attr(&attr);
-        if self.passthrough.load(Ordering::Relaxed)
+        if self.wants_passthrough(flags)
             && let Some(fd) = handle.backing_fd()
             && self.cached_opens.lock().unwrap().get(&attr.ino).is_none()
             && let Some(map) = self.backing_for(attr.ino, fh, fd, || reply.open_backing(fd))

@@ -1940,8 +1940,10 @@ impl Volume {
         flags & !(libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL)
     }
 
-    /// Opens a file; returns the handle number.
-    pub fn open(&self, ino: u64, flags: i32) -> SysResult<(u64, Arc<Handle>)> {
+    /// Opens a file; returns the handle number. `daemon_io`: the caller serves this handle's
+    /// I/O through the daemon (no passthrough), so a regular file open for writing can stay
+    /// in a generation that is frozen and sealed while it is open (see `freeze`).
+    pub fn open(&self, ino: u64, flags: i32, daemon_io: bool) -> SysResult<(u64, Arc<Handle>)> {
         let _gate = self.shared_gate();
         let n = self.node(ino)?;
         let place = self.place(ino, &n)?;
@@ -1952,6 +1954,9 @@ impl Volume {
             None => None,
         };
         let stacked = match &upper {
+            Some(fd) if n.kind == FileKind::Regular && daemon_io => {
+                Some(self.daemon_file(ino, fd.as_fd())?)
+            }
             Some(fd) if n.kind == FileKind::Regular && self.stack().may_have_recorded() => {
                 self.stacked_file(ino, fd.as_fd())?
             }
@@ -1974,6 +1979,7 @@ impl Volume {
         umask: u32,
         flags: i32,
         caller: &Caller,
+        daemon_io: bool,
     ) -> SysResult<(Attr, u64, Arc<Handle>)> {
         let _gate = self.shared_gate();
         let cname = sys::cname(name)?;
@@ -1990,7 +1996,12 @@ impl Volume {
         })?;
         let fd = file.take().ok_or(Errno::EIO)?;
         let attr = self.remember_upper(parent, &place, &cname)?;
-        let fh = self.add_handle(attr.ino, HandleKind::Upper(fd), true);
+        let kind = if daemon_io && attr.kind == FileKind::Regular {
+            HandleKind::Stacked(self.daemon_file(attr.ino, fd.as_fd())?)
+        } else {
+            HandleKind::Upper(fd)
+        };
+        let fh = self.add_handle(attr.ino, kind, true);
         Ok((attr, fh, self.handle(fh)?))
     }
 

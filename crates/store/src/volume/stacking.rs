@@ -121,6 +121,29 @@ impl Volume {
         Ok(Some(sf))
     }
 
+    /// The shared daemon-served state of the regular file `ino` (stacked or not) whose upper
+    /// file is `upper`.
+    pub(super) fn daemon_file(&self, ino: u64, upper: BorrowedFd<'_>) -> SysResult<Arc<StackedFile>> {
+        if let Some(sf) = self.stacked_file(ino, upper)? {
+            return Ok(sf);
+        }
+        let mut reg = self.stacked.lock().unwrap();
+        if let Some(sf) = reg.get(&ino).and_then(Weak::upgrade) {
+            return Ok(sf);
+        }
+        let sf = Arc::new(StackedFile {
+            ino,
+            st: RwLock::new(StackState {
+                fd: sys::reopen(upper, libc::O_RDWR)?,
+                map: None,
+                below: None,
+            }),
+            lower: Mutex::new(None),
+        });
+        reg.insert(ino, Arc::downgrade(&sf));
+        Ok(sf)
+    }
+
     /// The live stacked state of `ino` if any handle or operation holds one.
     pub(super) fn live_stacked(&self, ino: u64) -> Option<Arc<StackedFile>> {
         self.stacked

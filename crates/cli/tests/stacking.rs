@@ -1,0 +1,346 @@
+//! File stacking (SPEC §2.1): archived files are changed without copying them whole. Only
+//! the chunks a change touches come up to the SSD and go to the media at the next seal;
+//! metadata changes copy no data; a file spreads over several images and reads back whole.
+//! Measured with the daemon's status counters (`stacking`, `media.bytes_written`).
+
+mod common;
+
+use common::*;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+/// Content of byte `pos` of a test file: non-zero, different in every chunk (so neither
+/// zero-chunk elision nor chunk dedup can make a test pass), cheap to generate.
+fn pattern(seed: u64, pos: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let p = pos + i as u64;
+        let x = (p / 4096).wrapping_mul(0x9E37_79B9).wrapping_add(seed) ^ (p % 4096);
+        *b = (x as u8) | 1;
+    }
+}
+
+fn write_pattern(path: &Path, seed: u64, size: u64) {
+    let mut f = File::create(path).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(MIB) as usize;
+        pattern(seed, pos, &mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        pos += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Reads `path` whole and checks it against `expect(pos, buf)`.
+fn check_file(path: &Path, size: u64, expect: &dyn Fn(u64, &mut [u8])) {
+    let mut f = File::open(path).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size, "{}", path.display());
+    let mut got = vec![0u8; MIB as usize];
+    let mut want = vec![0u8; MIB as usize];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(MIB) as usize;
+        f.read_exact(&mut got[..n]).unwrap();
+        expect(pos, &mut want[..n]);
+        if got[..n] != want[..n] {
+            let i = (0..n).find(|&i| got[i] != want[i]).unwrap();
+            panic!("{}: byte {} differs", path.display(), pos + i as u64);
+        }
+        pos += n as u64;
+    }
+}
+
+fn counter(m: &Mounted, name: &str) -> u64 {
+    status(m)["stacking"][name].as_u64().unwrap()
+}
+
+fn media_written(m: &Mounted) -> u64 {
+    status(m)["media"]["bytes_written"].as_u64().unwrap()
+}
+
+/// An overwrite of 4 KiB in the middle of a large archived file brings one chunk to the SSD
+/// and one chunk (plus a meta image) to the media.
+#[test]
+fn overwrite_in_a_large_archived_file_copies_one_chunk() {
+    let size: u64 = std::env::var("SPINFS_STACK_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048)
+        * MIB;
+    let chunk = 4 * MIB;
+    let mut m = Mounted::new(&["--archive-threshold", "64G"]);
+    let path = m.path("big");
+    write_pattern(&path, 7, size);
+    archive_now(&m);
+    let media_before = media_written(&m);
+    let at = size / 2 + 12_345;
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0xAB; 4096], at).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(counter(&m, "chunks_copied_up"), 1);
+    let copied = counter(&m, "bytes_copied_up");
+    assert!(copied <= chunk, "copied up {copied} bytes");
+    // The SSD holds the chunk, not the file.
+    let gens = m.store.join("gens");
+    let mut allocated = 0;
+    for g in std::fs::read_dir(&gens).unwrap() {
+        let p = g.unwrap().path().join("tree/big");
+        if let Ok(md) = std::fs::metadata(&p) {
+            allocated += md.blocks() * 512;
+        }
+    }
+    assert!(allocated <= chunk + 4096, "{allocated} bytes on the SSD");
+    let expect = |pos: u64, buf: &mut [u8]| {
+        pattern(7, pos, buf);
+        for (i, b) in buf.iter_mut().enumerate() {
+            let p = pos + i as u64;
+            if (at..at + 4096).contains(&p) {
+                *b = 0xAB;
+            }
+        }
+    };
+    check_file(&path, size, &expect);
+    archive_now(&m);
+    let sealed = media_written(&m) - media_before;
+    assert!(
+        sealed <= chunk + MIB,
+        "the seal after the overwrite wrote {sealed} bytes to the media"
+    );
+    m.remount();
+    check_file(&path, size, &expect);
+}
+
+/// chmod, chown, utimens, xattrs, rename and link of an archived file copy no data, and the
+/// next seal writes no blob data for it.
+#[test]
+fn metadata_changes_copy_no_data() {
+    let m = Mounted::new(&["--chunk-size", "1M"]);
+    let size = 24 * MIB + 333;
+    write_pattern(&m.path("f"), 3, size);
+    std::fs::create_dir(m.path("d")).unwrap();
+    archive_now(&m);
+    let media_before = media_written(&m);
+    let p = m.path("f");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&p, Some(1), Some(2)).unwrap();
+    let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    let ok = std::process::Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "v"])
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::rename(&p, m.path("d/g")).unwrap();
+    std::fs::hard_link(m.path("d/g"), m.path("h")).unwrap();
+    assert_eq!(counter(&m, "bytes_copied_up"), 0);
+    assert_eq!(counter(&m, "chunks_copied_up"), 0);
+    assert!(counter(&m, "stacked_copy_ups") >= 1);
+    let md = std::fs::metadata(m.path("h")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    assert_eq!((md.uid(), md.gid(), md.nlink()), (1, 2, 2));
+    assert_eq!(md.mtime(), 1_000_000);
+    check_file(&m.path("h"), size, &|pos, b| pattern(3, pos, b));
+    archive_now(&m);
+    let sealed = media_written(&m) - media_before;
+    assert!(sealed < 256 * 1024, "the seal wrote {sealed} bytes");
+    check_file(&m.path("d/g"), size, &|pos, b| pattern(3, pos, b));
+    assert!(!m.path("f").exists());
+}
+
+/// Every kind of change to a stacked file, across seals and merges: writes (inside and
+/// across chunks), appends, shrinking and extending truncates, punched holes, zeroed ranges,
+/// allocation, copy_file_range in both directions. SEEK_DATA/SEEK_HOLE agree with ext4.
+#[test]
+fn changes_of_every_kind_across_seals_and_merges() {
+    use std::os::fd::AsRawFd;
+    let mut m = Mounted::new(&[
+        "--chunk-size",
+        "64K",
+        "--object-size",
+        "64K",
+        "--container-size",
+        "32M",
+        "--merge-fanin",
+        "2",
+    ]);
+    let reference = tempfile::tempfile_in(test_root()).unwrap();
+    let size = 3 * MIB + 100;
+    write_pattern(&m.path("f"), 11, size);
+    let mut buf = vec![0u8; size as usize];
+    pattern(11, 0, &mut buf);
+    reference.write_all_at(&buf, 0).unwrap();
+    archive_now(&m);
+    let mut rng = 0x1234_5678_u64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let other = m.path("src");
+    write_pattern(&other, 5, MIB);
+    let other_ref = {
+        let mut v = vec![0u8; MIB as usize];
+        pattern(5, 0, &mut v);
+        v
+    };
+    for round in 0..24 {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(0)
+            .open(m.path("f"))
+            .unwrap();
+        for _ in 0..6 {
+            let len = reference.metadata().unwrap().len();
+            let off = next(len + 200_000);
+            let n = 1 + next(150_000);
+            let files = [f.as_raw_fd(), reference.as_raw_fd()];
+            match next(7) {
+                0 => {
+                    let data: Vec<u8> = (0..n).map(|i| (i as u8) ^ (round as u8) | 0x80).collect();
+                    f.write_all_at(&data, off).unwrap();
+                    reference.write_all_at(&data, off).unwrap();
+                }
+                1 => {
+                    let to = next(len + 100_000);
+                    f.set_len(to).unwrap();
+                    reference.set_len(to).unwrap();
+                }
+                2 | 3 => {
+                    let mode = match next(3) {
+                        0 => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        1 => libc::FALLOC_FL_ZERO_RANGE,
+                        _ => 0,
+                    };
+                    for fd in files {
+                        // SAFETY: plain syscall on open descriptors.
+                        let r = unsafe { libc::fallocate(fd, mode, off as i64, n as i64) };
+                        assert_eq!(r, 0, "fallocate {mode:#x}: {}", std::io::Error::last_os_error());
+                    }
+                }
+                4 => {
+                    // Append through O_APPEND.
+                    let data = vec![0x5A_u8 ^ round as u8; n as usize];
+                    OpenOptions::new()
+                        .append(true)
+                        .open(m.path("f"))
+                        .unwrap()
+                        .write_all(&data)
+                        .unwrap();
+                    reference.write_all_at(&data, len).unwrap();
+                }
+                5 => {
+                    // copy_file_range into the stacked file.
+                    let src = File::open(&other).unwrap();
+                    let cnt = n.min(MIB);
+                    let mut done = 0;
+                    while done < cnt {
+                        let mut oi = done as i64;
+                        let mut oo = (off + done) as i64;
+                        // SAFETY: plain syscall on open descriptors.
+                        let r = unsafe {
+                            libc::copy_file_range(
+                                src.as_raw_fd(),
+                                &mut oi,
+                                f.as_raw_fd(),
+                                &mut oo,
+                                (cnt - done) as usize,
+                                0,
+                            )
+                        };
+                        assert!(r > 0, "copy_file_range: {}", std::io::Error::last_os_error());
+                        done += r as u64;
+                    }
+                    reference
+                        .write_all_at(&other_ref[..cnt as usize], off)
+                        .unwrap();
+                }
+                _ => {
+                    // copy_file_range out of the stacked file.
+                    let out = m.path("copy");
+                    let _ = std::fs::remove_file(&out);
+                    std::fs::copy(m.path("f"), &out).unwrap();
+                    let a = std::fs::read(&out).unwrap();
+                    let mut b = vec![0u8; len as usize];
+                    reference.read_exact_at(&mut b, 0).unwrap();
+                    assert!(a == b, "round {round}: copy of the stacked file differs");
+                }
+            }
+        }
+        drop(f);
+        let len = reference.metadata().unwrap().len();
+        let got = std::fs::read(m.path("f")).unwrap();
+        let mut want = vec![0u8; len as usize];
+        reference.read_exact_at(&mut want, 0).unwrap();
+        assert_eq!(got.len(), want.len(), "round {round}: size");
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+            panic!("round {round}: byte {i} differs");
+        }
+        check_seek(&m.path("f"), &reference, len, round);
+        match round % 4 {
+            0 | 1 => archive_now(&m),
+            2 => {
+                archive_now(&m);
+                spinfs_ok(&["merge", m.store.to_str().unwrap(), "--wait"]);
+            }
+            _ => m.remount(),
+        }
+    }
+}
+
+/// SEEK_DATA/SEEK_HOLE on the mount are right: every hole it reports reads as zeros in the
+/// reference (ext4) file, every range ext4 reports as a hole of a whole 64 KiB chunk is a
+/// hole on the mount too, and the end of file is a hole.
+fn check_seek(path: &Path, reference: &File, len: u64, round: usize) {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap();
+    let seek = |fd: i32, pos: u64, whence: i32| -> Option<u64> {
+        // SAFETY: plain syscall on an open descriptor.
+        let r = unsafe { libc::lseek(fd, pos as i64, whence) };
+        (r >= 0).then_some(r as u64)
+    };
+    let mut data = vec![0u8; len as usize];
+    reference.read_exact_at(&mut data, 0).unwrap();
+    let mut pos = 0;
+    let mut holes = Vec::new();
+    while pos < len {
+        let h = seek(f.as_raw_fd(), pos, libc::SEEK_HOLE).expect("SEEK_HOLE");
+        assert!(h >= pos && h <= len, "round {round}: SEEK_HOLE {pos} = {h}");
+        if h == len {
+            break;
+        }
+        let d = seek(f.as_raw_fd(), h, libc::SEEK_DATA).unwrap_or(len);
+        assert!(d > h, "round {round}: SEEK_DATA {h} = {d}");
+        if let Some(i) = (h..d).find(|&i| data[i as usize] != 0) {
+            panic!("round {round}: byte {i} is data but lies in a reported hole {h}..{d}");
+        }
+        holes.push((h, d));
+        pos = d;
+    }
+    // Whole chunks ext4 holds no data in are holes on the mount.
+    let chunk = 64 * 1024;
+    let mut c = 0;
+    while (c + 1) * chunk <= len {
+        let rd = seek(reference.as_raw_fd(), c * chunk, libc::SEEK_DATA).unwrap_or(len);
+        if rd >= (c + 1) * chunk {
+            let covered = holes
+                .iter()
+                .any(|&(h, d)| h <= c * chunk && d >= (c + 1) * chunk);
+            assert!(covered, "round {round}: chunk {c} is a hole in ext4, data on the mount");
+        }
+        c += 1;
+    }
+}
