@@ -344,3 +344,137 @@ fn check_seek(path: &Path, reference: &File, len: u64, round: usize) {
         c += 1;
     }
 }
+
+/// An ext4 filesystem in a file, loop-mounted as a small SSD; unmounted on drop.
+struct SmallSsd {
+    dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl SmallSsd {
+    fn new(size_mib: u64) -> SmallSsd {
+        let dir = tempfile::Builder::new()
+            .prefix("ssd")
+            .tempdir_in(test_root())
+            .unwrap();
+        let img = dir.path().join("ssd.img");
+        File::create(&img).unwrap().set_len(size_mib * MIB).unwrap();
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+        };
+        run(std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        let mnt = dir.path().join("ssd");
+        std::fs::create_dir(&mnt).unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        SmallSsd { dir, mnt }
+    }
+}
+
+impl Drop for SmallSsd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// A spinfs mount on a store inside `ssd`, with its media on the big disk; unmounted on drop.
+struct SpinMount {
+    store: std::path::PathBuf,
+    mnt: std::path::PathBuf,
+    opts: String,
+}
+
+impl SpinMount {
+    fn mount(&self) {
+        spinfs_ok(&[
+            "mount",
+            self.store.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "-o",
+            &self.opts,
+        ]);
+    }
+    fn umount(&self) {
+        spinfs_ok(&["umount", self.mnt.to_str().unwrap()]);
+    }
+}
+
+impl Drop for SpinMount {
+    fn drop(&mut self) {
+        let out = spinfs(&["umount", self.mnt.to_str().unwrap()]);
+        if !out.status.success() {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// A file held open for writing across many seals (`cp` of a file larger than the SSD, with
+/// files open for writing served by the daemon): its sealed prefix goes to the media while
+/// it grows, so it fits although the SSD could never hold it; it spans many images and reads
+/// back byte-identical after a remount. Sizes scale with SPINFS_STACK_SSD_MIB /
+/// SPINFS_STACK_FILE_MIB / SPINFS_STACK_THRESHOLD_MIB (defaults 300 / 1024 / 64;
+/// scripts/stacking-soak.sh runs 5 GiB with a 1 GiB threshold).
+#[test]
+fn a_file_larger_than_the_ssd_is_written_through_one_descriptor() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (ssd_mib, file_mib, threshold_mib) = (
+        env("SPINFS_STACK_SSD_MIB", 300),
+        env("SPINFS_STACK_FILE_MIB", 1024),
+        env("SPINFS_STACK_THRESHOLD_MIB", 64),
+    );
+    let ssd = SmallSsd::new(ssd_mib);
+    let store = ssd.mnt.join("store");
+    let media = ssd.dir.path().join("media");
+    let mnt = ssd.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    spinfs_ok(&[
+        "mkfs",
+        store.to_str().unwrap(),
+        "--media",
+        &format!("dir:{}", media.display()),
+        "--archive-threshold",
+        &format!("{threshold_mib}M"),
+        "--cache-size",
+        "16M",
+    ]);
+    let m = SpinMount {
+        store: store.clone(),
+        mnt: mnt.clone(),
+        opts: "allow_other,nopassthrough_writes".into(),
+    };
+    m.mount();
+    let size = file_mib * MIB;
+    let src = ssd.dir.path().join("src");
+    write_pattern(&src, 42, size);
+    let out = std::process::Command::new("cp")
+        .arg(&src)
+        .arg(mnt.join("big"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cp: {}", stderr(&out));
+    spinfs_ok(&["archive", store.to_str().unwrap(), "--wait"]);
+    let st = status_of(&store);
+    let mut blobs = std::collections::BTreeSet::new();
+    for l in st["layers"].as_array().unwrap() {
+        for b in l["blobs"].as_array().into_iter().flatten() {
+            blobs.insert(b.as_u64().unwrap());
+        }
+    }
+    let expect_images = (file_mib / threshold_mib).min(5);
+    assert!(
+        blobs.len() as u64 >= expect_images,
+        "the file spans {} images: {st}",
+        blobs.len()
+    );
+    m.umount();
+    m.mount();
+    check_file(&mnt.join("big"), size, &|pos, b| pattern(42, pos, b));
+}

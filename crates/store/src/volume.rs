@@ -305,6 +305,11 @@ pub struct Volume {
     stacked: Mutex<HashMap<u64, std::sync::Weak<StackedFile>>>,
     /// log2 of the stacking granule (the store's chunk size).
     chunk_bits: AtomicU8,
+    /// Daemon-served writes wait for a seal while the writable tree holds more than this
+    /// (0 = never): flow control so that a file larger than the SSD can be written.
+    write_limit: AtomicU64,
+    /// Seals completed, with a condition variable for writers waiting on one.
+    seals_done: (Mutex<u64>, std::sync::Condvar),
     stack_counters: StackCounters,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -399,6 +404,8 @@ impl Volume {
             nodes: RwLock::new(nodes),
             stacked: Mutex::new(HashMap::new()),
             chunk_bits: AtomicU8::new(spinfs_erofs::writer::DEFAULT_CHUNK_BITS),
+            write_limit: AtomicU64::new(0),
+            seals_done: (Mutex::new(0), std::sync::Condvar::new()),
             stack_counters: StackCounters::default(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -593,7 +600,38 @@ impl Volume {
             st.epoch = stack.epoch;
             *self.stack.write().unwrap() = stack;
         }
+        *self.seals_done.0.lock().unwrap() += 1;
+        self.seals_done.1.notify_all();
         Ok(())
+    }
+
+    /// Sets the flow-control limit of daemon-served writes (see `write_limit`).
+    pub fn set_write_limit(&self, bytes: u64) {
+        self.write_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Flow control: while the writable tree holds more than the write limit, a daemon-served
+    /// writer waits for a seal to make room (bounded: after a while it goes on regardless).
+    fn throttle(&self, h: &Handle) {
+        let limit = self.write_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return;
+        }
+        self.count_growth(h);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut done = self.seals_done.0.lock().unwrap();
+        while self.upper_bytes.load(Ordering::Relaxed) > limit as i64 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!("writable layer over its limit and no seal came: writing on");
+                break;
+            }
+            let wait = (deadline - now).min(std::time::Duration::from_millis(100));
+            done = self.seals_done.1.wait_timeout(done, wait).unwrap().0;
+            drop(done);
+            self.count_growth(h);
+            done = self.seals_done.0.lock().unwrap();
+        }
     }
 
     /// Archived layers `old` (ids, adjacent in the stack) were merged into `layer`, which
@@ -2038,7 +2076,9 @@ impl Volume {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
         let h = self.handle(fh)?;
         if let HandleKind::Stacked(sf) = &h.kind {
-            return self.stacked_write(sf, offset, data);
+            let n = self.stacked_write(sf, offset, data)?;
+            self.throttle(&h);
+            return Ok(n);
         }
         let fd = h.fd()?;
         let mut done = 0;
