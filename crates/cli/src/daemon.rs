@@ -127,7 +127,8 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
             .with_context(|| format!("cannot open the writable layer {}", tree.display()))?,
     );
     vol.set_chunk_size(store.config().chunk_size);
-    // Daemon-served writers wait for a seal beyond 1.5 × the threshold (see Volume).
+    // Daemon-served writers wait for a seal beyond 1.5 × the threshold when the SSD is short
+    // of space (see Volume::throttle).
     let threshold = store.config().archive_threshold;
     vol.set_write_limit(threshold.saturating_add(threshold / 2));
     let usage = tree_usage(&tree).with_context(|| format!("cannot measure {}", tree.display()))?;

@@ -228,7 +228,12 @@ fn changes_of_every_kind_across_seals_and_merges() {
                     for fd in files {
                         // SAFETY: plain syscall on open descriptors.
                         let r = unsafe { libc::fallocate(fd, mode, off as i64, n as i64) };
-                        assert_eq!(r, 0, "fallocate {mode:#x}: {}", std::io::Error::last_os_error());
+                        assert_eq!(
+                            r,
+                            0,
+                            "fallocate {mode:#x}: {}",
+                            std::io::Error::last_os_error()
+                        );
                     }
                 }
                 4 => {
@@ -261,7 +266,11 @@ fn changes_of_every_kind_across_seals_and_merges() {
                                 0,
                             )
                         };
-                        assert!(r > 0, "copy_file_range: {}", std::io::Error::last_os_error());
+                        assert!(
+                            r > 0,
+                            "copy_file_range: {}",
+                            std::io::Error::last_os_error()
+                        );
                         done += r as u64;
                     }
                     reference
@@ -339,7 +348,10 @@ fn check_seek(path: &Path, reference: &File, len: u64, round: usize) {
             let covered = holes
                 .iter()
                 .any(|&(h, d)| h <= c * chunk && d >= (c + 1) * chunk);
-            assert!(covered, "round {round}: chunk {c} is a hole in ext4, data on the mount");
+            assert!(
+                covered,
+                "round {round}: chunk {c} is a hole in ext4, data on the mount"
+            );
         }
         c += 1;
     }
@@ -363,7 +375,9 @@ impl SmallSsd {
             let out = cmd.output().unwrap();
             assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
         };
-        run(std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img));
         let mnt = dir.path().join("ssd");
         std::fs::create_dir(&mnt).unwrap();
         run(std::process::Command::new("mount")
@@ -406,7 +420,10 @@ impl Drop for SpinMount {
     fn drop(&mut self) {
         let out = spinfs(&["umount", self.mnt.to_str().unwrap()]);
         if !out.status.success() {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.mnt).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
         }
     }
 }

@@ -779,22 +779,18 @@ impl Filesystem for SpinFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (attr, fh, handle) =
-            match self
-                .vol
-                .create(
-                    parent.0,
-                    name,
-                    mode,
-                    umask,
-                    flags,
-                    &caller(req),
-                    !self.wants_passthrough(flags),
-                )
-            {
-                Ok(r) => r,
-                Err(e) => return reply.error(err(e)),
-            };
+        let (attr, fh, handle) = match self.vol.create(
+            parent.0,
+            name,
+            mode,
+            umask,
+            flags,
+            &caller(req),
+            !self.wants_passthrough(flags),
+        ) {
+            Ok(r) => r,
+            Err(e) => return reply.error(err(e)),
+        };
         let fattr = file_attr(&attr);
         if self.wants_passthrough(flags)
             && let Some(fd) = handle.backing_fd()

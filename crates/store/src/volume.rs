@@ -305,8 +305,9 @@ pub struct Volume {
     stacked: Mutex<HashMap<u64, std::sync::Weak<StackedFile>>>,
     /// log2 of the stacking granule (the store's chunk size).
     chunk_bits: AtomicU8,
-    /// Daemon-served writes wait for a seal while the writable tree holds more than this
-    /// (0 = never): flow control so that a file larger than the SSD can be written.
+    /// Daemon-served writes wait for a seal while the writable tree holds more than this and
+    /// the SSD has less than this free (0 = never): flow control so that a file larger than
+    /// the SSD can be written.
     write_limit: AtomicU64,
     /// Seals completed, with a condition variable for writers waiting on one.
     seals_done: (Mutex<u64>, std::sync::Condvar),
@@ -610,27 +611,38 @@ impl Volume {
         self.write_limit.store(bytes, Ordering::Relaxed);
     }
 
-    /// Flow control: while the writable tree holds more than the write limit, a daemon-served
-    /// writer waits for a seal to make room (bounded: after a while it goes on regardless).
+    /// Flow control: while the writable tree holds more than the write limit and the SSD
+    /// has less than that left, a daemon-served writer waits for a seal to make room
+    /// (bounded: after a while it goes on regardless). Plenty of free space never waits.
     fn throttle(&self, h: &Handle) {
         let limit = self.write_limit.load(Ordering::Relaxed);
         if limit == 0 {
             return;
         }
         self.count_growth(h);
+        let over = || {
+            self.upper_bytes.load(Ordering::Relaxed) > limit as i64
+                && self
+                    .statfs()
+                    .is_ok_and(|s| s.bavail.saturating_mul(s.frsize as u64) < limit)
+        };
+        if !over() {
+            return;
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let mut done = self.seals_done.0.lock().unwrap();
-        while self.upper_bytes.load(Ordering::Relaxed) > limit as i64 {
+        loop {
             let now = std::time::Instant::now();
             if now >= deadline {
-                tracing::warn!("writable layer over its limit and no seal came: writing on");
+                tracing::warn!("the SSD is short of space and no seal came: writing on");
                 break;
             }
+            let done = self.seals_done.0.lock().unwrap();
             let wait = (deadline - now).min(std::time::Duration::from_millis(100));
-            done = self.seals_done.1.wait_timeout(done, wait).unwrap().0;
-            drop(done);
+            drop(self.seals_done.1.wait_timeout(done, wait).unwrap());
             self.count_growth(h);
-            done = self.seals_done.0.lock().unwrap();
+            if !over() {
+                break;
+            }
         }
     }
 

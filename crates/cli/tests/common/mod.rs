@@ -35,11 +35,18 @@ pub struct Mounted {
     pub store: PathBuf,
     pub mnt: PathBuf,
     mounted: bool,
+    /// `-o` options of every mount.
+    opts: String,
 }
 
 impl Mounted {
     /// mkfs with `mkfs_args` and mount with `-o allow_other` (tests act as other users too).
     pub fn new(mkfs_args: &[&str]) -> Mounted {
+        Mounted::with_options(mkfs_args, "allow_other")
+    }
+
+    /// Like `new`, mounting with `-o opts`.
+    pub fn with_options(mkfs_args: &[&str], opts: &str) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("m")
             .tempdir_in(test_root())
@@ -57,6 +64,7 @@ impl Mounted {
             store,
             mnt,
             mounted: false,
+            opts: opts.to_string(),
         };
         m.mount();
         m
@@ -68,7 +76,7 @@ impl Mounted {
             self.store.to_str().unwrap(),
             self.mnt.to_str().unwrap(),
             "-o",
-            "allow_other",
+            &self.opts,
         ]);
         self.mounted = true;
     }

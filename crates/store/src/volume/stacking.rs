@@ -123,7 +123,11 @@ impl Volume {
 
     /// The shared daemon-served state of the regular file `ino` (stacked or not) whose upper
     /// file is `upper`.
-    pub(super) fn daemon_file(&self, ino: u64, upper: BorrowedFd<'_>) -> SysResult<Arc<StackedFile>> {
+    pub(super) fn daemon_file(
+        &self,
+        ino: u64,
+        upper: BorrowedFd<'_>,
+    ) -> SysResult<Arc<StackedFile>> {
         if let Some(sf) = self.stacked_file(ino, upper)? {
             return Ok(sf);
         }
