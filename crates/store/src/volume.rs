@@ -1619,7 +1619,12 @@ impl Volume {
             && st.st_nlink == 1
             && r.kind == FileKind::Regular
         {
-            self.upper_bytes.fetch_sub(st.st_size, Ordering::Relaxed);
+            // A stacked file counts what it holds on the SSD, not its size.
+            let held = match crate::lower::tree_stack_map(fd.as_fd()) {
+                Ok(Some(_)) => st.st_blocks * 512,
+                _ => st.st_size,
+            };
+            self.upper_bytes.fetch_sub(held, Ordering::Relaxed);
         }
         if place.lower.is_empty() || !Self::exists_below(&place, name.to_bytes())? {
             let pfd = place.upper.ok_or(Errno::EIO)?;
