@@ -495,3 +495,100 @@ fn a_file_larger_than_the_ssd_is_written_through_one_descriptor() {
     m.mount();
     check_file(&mnt.join("big"), size, &|pos, b| pattern(42, pos, b));
 }
+
+/// The kernel is the oracle for images with stacked files: a layer whose file keeps most of
+/// its chunks in an older blob, exported, mounts with the kernel's erofs (one `device=` per
+/// blob, the older one first) and shows the same bytes as the mount; fsck.erofs accepts it.
+#[test]
+fn kernel_reads_a_stacked_layer_like_the_mount() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let m = Mounted::new(&["--chunk-size", "1M"]);
+    let size = 9 * MIB + 4321;
+    write_pattern(&m.path("f"), 9, size);
+    archive_now(&m);
+    let f = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    f.write_all_at(&[0x11; 5000], 3 * MIB - 100).unwrap();
+    f.set_len(7 * MIB + 5).unwrap();
+    f.write_all_at(&[0x22; 3000], 8 * MIB).unwrap();
+    drop(f);
+    archive_now(&m);
+    let st = status(&m);
+    let layer = st["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "archived")
+        .unwrap()
+        .clone();
+    let blobs = layer["blobs"].as_array().unwrap().len();
+    assert!(
+        blobs >= 2,
+        "the new layer references the older blob: {layer}"
+    );
+    let dir = m.dir.path().join("export");
+    let id = layer["id"].as_u64().unwrap();
+    spinfs_ok(&[
+        "export",
+        m.store.to_str().unwrap(),
+        "--layer",
+        &id.to_string(),
+        dir.to_str().unwrap(),
+    ]);
+    let meta = dir.join(format!("meta.{id}"));
+    let devs: Vec<std::path::PathBuf> =
+        (1..=blobs).map(|i| dir.join(format!("blob.{i}"))).collect();
+    let mut fsck = std::process::Command::new("fsck.erofs");
+    for d in &devs {
+        fsck.arg(format!("--device={}", d.display()));
+    }
+    let out = fsck.arg(&meta).output().unwrap();
+    assert!(out.status.success(), "fsck.erofs: {}", stderr(&out));
+    let target = m.dir.path().join("kernel");
+    std::fs::create_dir(&target).unwrap();
+    let opts = devs
+        .iter()
+        .map(|b| format!("device={}", b.display()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+    let (src, tgt, fstype, data) = (
+        c(&meta),
+        c(&target),
+        CString::new("erofs").unwrap(),
+        CString::new(opts.clone()).unwrap(),
+    );
+    // SAFETY: valid NUL-terminated strings for the duration of the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_RDONLY,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "mount -t erofs -o {opts}: {}",
+        std::io::Error::last_os_error()
+    );
+    let kernel = std::fs::read(target.join("f"));
+    // SAFETY: a valid path.
+    unsafe { libc::umount2(tgt.as_ptr(), libc::MNT_DETACH) };
+    let ours = std::fs::read(m.path("f")).unwrap();
+    let kernel = kernel.unwrap();
+    assert_eq!(kernel.len(), ours.len());
+    assert!(
+        kernel == ours,
+        "the kernel reads other bytes than the mount"
+    );
+    let mut want = vec![0u8; size as usize];
+    pattern(9, 0, &mut want);
+    want[(3 * MIB - 100) as usize..(3 * MIB + 4900) as usize].fill(0x11);
+    want.truncate((7 * MIB + 5) as usize);
+    want.resize((8 * MIB) as usize, 0);
+    want.extend_from_slice(&[0x22; 3000]);
+    assert!(ours == want, "the mount shows wrong bytes");
+}

@@ -443,7 +443,7 @@ impl Store {
         let newest_first: Vec<&LayerRecord> = inputs.iter().rev().collect();
         // One device per blob: layers with stacked files list older blobs again.
         let mut blob_ids = Vec::new();
-        let mut specs = Vec::new();
+        let mut specs: Vec<spinfs_erofs::DeviceSpec> = Vec::new();
         let mut remap: Vec<u16> = Vec::with_capacity(devices.len());
         for d in &devices {
             let rec = newest_first[d.layer];
@@ -454,7 +454,10 @@ impl Store {
                     layer_err(format!("layer {} has no device {}", rec.id, d.layer_device))
                 })?;
             match blob_ids.iter().position(|b| *b == blob) {
-                Some(i) => remap.push(i as u16 + 1),
+                Some(i) => {
+                    specs[i].blocks = specs[i].blocks.max(d.blocks);
+                    remap.push(i as u16 + 1)
+                }
                 None => {
                     blob_ids.push(blob);
                     specs.push(spinfs_erofs::DeviceSpec {
