@@ -55,7 +55,7 @@ for i in range(n):
 print(time.perf_counter() - t)
 '
 allocated() { # bytes allocated by the regular files under $1
-    find "$1" -type f -printf '%b\n' | awk '{s += $1 * 512} END {print s + 0}'
+    find "$1" -type f -printf '%b\n' | awk '{s += $1 * 512} END {printf "%d\n", s}'
 }
 
 # kernel overlayfs

@@ -596,7 +596,7 @@ impl LowerImages {
         map: &StackMap,
         size: u64,
         referenced: &mut Vec<u64>,
-    ) -> Result<(Vec<Chunk>, Option<u8>, Option<LowerData>), String> {
+    ) -> Result<ChunkPlan, String> {
         let path = String::from_utf8_lossy(&map.lower_path).into_owned();
         let (li, inode) = self
             .resolve(&map.lower_path)?
@@ -661,6 +661,9 @@ impl LowerImages {
         Ok((chunks, Some(bits), Some(lower)))
     }
 }
+
+/// A stacked file's chunks, their size (log2) and its lower file.
+type ChunkPlan = (Vec<Chunk>, Option<u8>, Option<LowerData>);
 
 /// The bytes of a lower file, read from its layer's head cache or the media.
 struct LowerData {

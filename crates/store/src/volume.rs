@@ -2026,6 +2026,7 @@ impl Volume {
         Ok((fh, self.handle(fh)?))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         parent: u64,
