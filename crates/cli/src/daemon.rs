@@ -26,7 +26,7 @@ pub struct MountArgs {
     #[arg(long)]
     foreground: bool,
     /// Mount options: allow_other, ro, nosuid, nodev, noexec, noatime, sync, dirsync,
-    /// threads=N, nopassthrough.
+    /// threads=N, nopassthrough, nopassthrough_writes.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
 }
@@ -140,6 +140,11 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
         // The mount does not need the media to serve the SSD: seals will report it.
         Err(e) => tracing::warn!("media not available at mount: {e}"),
     }
+    vol.set_chunk_size(store.config().chunk_size);
+    // Daemon-served writers wait for a seal beyond 1.5 × the threshold when the SSD is short
+    // of space (see Volume::throttle).
+    let threshold = store.config().archive_threshold;
+    vol.set_write_limit(threshold.saturating_add(threshold / 2));
     let usage = tree_usage(&tree).with_context(|| format!("cannot measure {}", tree.display()))?;
     vol.set_upper_bytes(usage.bytes);
     let layout = store.layout().clone();
@@ -152,6 +157,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     let status_fn = {
         let archiver = archiver.clone();
         let layout = layout.clone();
+        let vol = vol.clone();
         Arc::new(move || {
             let manifest = archiver.manifest();
             let upper = tree_usage(&layout.generation_tree(manifest.upper_gen)).unwrap_or_default();
@@ -159,7 +165,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
                 .frozen
                 .as_ref()
                 .and_then(|f| tree_usage(&layout.generation_tree(f.generation)).ok());
-            status_json(
+            let mut v = status_json(
                 &manifest,
                 &config,
                 true,
@@ -168,12 +174,20 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
                 reader.stats(),
                 cache.as_ref().map(|c| c.stats()).unwrap_or_default(),
                 model.as_ref().map(|m| m.counters()),
-            )
+            );
+            let s = vol.stack_stats();
+            v["stacking"] = serde_json::json!({
+                "stacked_copy_ups": s.stacked_copy_ups,
+                "chunks_copied_up": s.chunks_copied,
+                "bytes_copied_up": s.bytes_copied,
+                "unstacked": s.unstacked,
+            });
+            v
         })
     };
     spinfs_store::control::serve(&layout, archiver.clone(), status_fn)
         .with_context(|| format!("cannot create {}", layout.control_socket().display()))?;
-    let fs = SpinFs::new(vol, cfg.passthrough);
+    let fs = SpinFs::new(vol, cfg.passthrough).with_passthrough_writes(cfg.passthrough_writes);
     tracing::info!(store = %layout.root().display(), mountpoint = %mnt.display(), "mounting");
     fs.mount(mnt, cfg, || {
         if let Some(mut p) = status.take() {

@@ -53,18 +53,39 @@ fn fsx_100k_operations_of_every_kind() {
 /// must stay exact whatever layer each byte lives in.
 #[test]
 fn fsx_with_seals_and_merges_mid_run() {
-    let m = Mounted::new(&[
-        "--container-size",
-        "32M",
-        "--object-size",
-        "64K",
-        "--chunk-size",
-        "64K",
-        "--archive-threshold",
-        "1M",
-        "--merge-fanin",
-        "2",
-    ]);
+    fsx_with_seals("allow_other", "SPINFS_FSX_SEAL_OPS", "30000");
+}
+
+/// The same with the fsx file served by the daemon (`nopassthrough_writes`): it stays open
+/// across every seal, so each seal archives it and it goes on as a stacked file whose chunks
+/// are spread over many images (file stacking under every operation kind fsx has).
+#[test]
+fn fsx_on_a_stacked_file_with_seals_and_merges_mid_run() {
+    fsx_with_seals(
+        "allow_other,nopassthrough_writes",
+        "SPINFS_FSX_STACK_OPS",
+        // ~3.7 ms per operation here with a seal or merge every ~150 ms (10k ops: 37 s), so
+        // 200k would take ~12 minutes of CI: scripts/stacking-soak.sh runs 1M.
+        "20000",
+    );
+}
+
+fn fsx_with_seals(opts: &str, ops_var: &str, default_ops: &str) {
+    let m = Mounted::with_options(
+        &[
+            "--container-size",
+            "32M",
+            "--object-size",
+            "64K",
+            "--chunk-size",
+            "64K",
+            "--archive-threshold",
+            "1M",
+            "--merge-fanin",
+            "2",
+        ],
+        opts,
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let store = m.store.to_str().unwrap().to_string();
     let bg = {
@@ -83,7 +104,7 @@ fn fsx_with_seals_and_merges_mid_run() {
             seals
         })
     };
-    let nops = std::env::var("SPINFS_FSX_SEAL_OPS").unwrap_or_else(|_| "30000".into());
+    let nops = std::env::var(ops_var).unwrap_or_else(|_| default_ops.into());
     let result = std::panic::catch_unwind(|| {
         run_script(
             Command::new(repo().join("scripts/fsx.sh"))

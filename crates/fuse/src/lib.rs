@@ -38,6 +38,9 @@ pub struct MountConfig {
     pub threads: usize,
     /// Use FUSE passthrough for regular files when the kernel offers it.
     pub passthrough: bool,
+    /// Also for files opened for writing. Without it, files open for writing are served by
+    /// the daemon, which lets a seal archive them while they stay open (file stacking).
+    pub passthrough_writes: bool,
 }
 
 impl MountConfig {
@@ -53,6 +56,8 @@ impl MountConfig {
                 "default_permissions" => {}
                 "passthrough" => self.passthrough = true,
                 "nopassthrough" => self.passthrough = false,
+                "passthrough_writes" => self.passthrough_writes = true,
+                "nopassthrough_writes" => self.passthrough_writes = false,
                 o if o.starts_with("threads=") => {
                     self.threads = o[8..]
                         .parse()
@@ -109,6 +114,7 @@ impl Default for MountConfig {
             flags: Vec::new(),
             threads: (cores * 2).clamp(4, 16),
             passthrough: true,
+            passthrough_writes: true,
         }
     }
 }
@@ -118,12 +124,28 @@ impl Default for MountConfig {
 struct Backing {
     id: BackingId,
     opens: usize,
+    /// (device, inode) of the backing file.
+    file: (u64, u64),
+}
+
+fn file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a stat into the buffer on success.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
 }
 
 /// The FUSE filesystem.
 pub struct SpinFs {
     vol: Arc<Volume>,
     passthrough: AtomicBool,
+    passthrough_writes: bool,
     backing: Mutex<HashMap<u64, Backing>>,
     /// Handles opened in passthrough mode, by handle number → inode.
     passthrough_handles: Mutex<HashMap<u64, u64>>,
@@ -138,11 +160,24 @@ impl SpinFs {
         SpinFs {
             vol,
             passthrough: AtomicBool::new(passthrough),
+            passthrough_writes: true,
             backing: Mutex::new(HashMap::new()),
             passthrough_handles: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
             cached_handles: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether files opened for writing use passthrough (see `MountConfig`).
+    pub fn with_passthrough_writes(mut self, on: bool) -> SpinFs {
+        self.passthrough_writes = on;
+        self
+    }
+
+    /// Whether an open with `flags` gets passthrough (if the kernel and the file allow).
+    fn wants_passthrough(&self, flags: i32) -> bool {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        self.passthrough.load(Ordering::Relaxed) && (self.passthrough_writes || !writes)
     }
 
     /// Mounts and serves until unmounted. `ready` runs once the kernel handshake is done.
@@ -164,13 +199,22 @@ impl SpinFs {
         &self,
         ino: u64,
         fh: u64,
+        file: std::os::fd::BorrowedFd<'_>,
         open_backing: impl FnOnce() -> io::Result<BackingId>,
     ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Backing>>> {
         let mut map = self.backing.lock().unwrap();
+        let file = file_id(file)?;
+        if let Some(b) = map.get(&ino)
+            && b.file != file
+        {
+            // The inode moved to another backing file (a freeze, a copy-up) while handles
+            // on the old one are open: this one is served by the daemon.
+            return None;
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(ino) {
             match open_backing() {
                 Ok(id) => {
-                    slot.insert(Backing { id, opens: 0 });
+                    slot.insert(Backing { id, opens: 0, file });
                 }
                 Err(e) => {
                     tracing::warn!("passthrough unavailable ({e}); serving I/O through the daemon");
@@ -505,7 +549,8 @@ impl Filesystem for SpinFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fh, handle) = match self.vol.open(ino.0, flags.0) {
+        let wants = self.wants_passthrough(flags.0);
+        let (fh, handle) = match self.vol.open(ino.0, flags.0, !wants) {
             Ok(h) => h,
             Err(e) => return reply.error(err(e)),
         };
@@ -515,10 +560,10 @@ impl Filesystem for SpinFs {
             .map(|a| a.kind == FileKind::Regular)
             .unwrap_or(false);
         if regular
-            && self.passthrough.load(Ordering::Relaxed)
+            && wants
             && let Some(fd) = handle.backing_fd()
             && self.cached_opens.lock().unwrap().get(&ino.0).is_none()
-            && let Some(map) = self.backing_for(ino.0, fh, || reply.open_backing(fd))
+            && let Some(map) = self.backing_for(ino.0, fh, fd, || reply.open_backing(fd))
         {
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &map[&ino.0].id);
         }
@@ -529,6 +574,12 @@ impl Filesystem for SpinFs {
             // problem 4); sequential readers get the daemon's own read-ahead instead (units).
             // Direct-I/O opens do not put the inode in cached mode, so they do not block
             // passthrough opens either.
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        if regular && self.backing.lock().unwrap().contains_key(&ino.0) {
+            // Passthrough handles of this inode are open (on the backing file it had when
+            // they were opened): the kernel refuses a cached open beside them, so this
+            // daemon-served handle bypasses the page cache.
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
         }
         if regular {
@@ -745,19 +796,23 @@ impl Filesystem for SpinFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (attr, fh, handle) =
-            match self
-                .vol
-                .create(parent.0, name, mode, umask, flags, &caller(req))
-            {
-                Ok(r) => r,
-                Err(e) => return reply.error(err(e)),
-            };
+        let (attr, fh, handle) = match self.vol.create(
+            parent.0,
+            name,
+            mode,
+            umask,
+            flags,
+            &caller(req),
+            !self.wants_passthrough(flags),
+        ) {
+            Ok(r) => r,
+            Err(e) => return reply.error(err(e)),
+        };
         let fattr = file_attr(&attr);
-        if self.passthrough.load(Ordering::Relaxed)
+        if self.wants_passthrough(flags)
             && let Some(fd) = handle.backing_fd()
             && self.cached_opens.lock().unwrap().get(&attr.ino).is_none()
-            && let Some(map) = self.backing_for(attr.ino, fh, || reply.open_backing(fd))
+            && let Some(map) = self.backing_for(attr.ino, fh, fd, || reply.open_backing(fd))
         {
             let id = &map[&attr.ino].id;
             return reply.created_passthrough(

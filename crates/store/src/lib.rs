@@ -15,6 +15,7 @@ pub mod markers;
 pub mod seal;
 pub mod size;
 pub mod state;
+pub mod stackmap;
 pub mod status;
 pub mod store;
 pub mod sys;

@@ -3,6 +3,7 @@
 
 use crate::archive::{ArchivedLayer, Xattr};
 use crate::markers;
+use crate::stackmap::{STACK_XATTR, StackMap};
 use crate::sys::{self, Errno, SysResult};
 use crate::volume::{Attr, FileKind, ROOT_INO, Timestamp};
 use spinfs_erofs::{FileType, Inode};
@@ -16,6 +17,21 @@ pub struct FrozenTree {
     /// Backing inode number of the tree's root (it is the volume's root).
     pub root_backing_ino: u64,
     pub root: Arc<OwnedFd>,
+    /// The archived layers below it when it was frozen (newest first): the lower files of
+    /// its stacked files are found there.
+    pub below: Vec<Arc<ArchivedLayer>>,
+}
+
+impl FrozenTree {
+    /// The lower file of one of this tree's stacked files.
+    fn stacked_lower(&self, map: &StackMap) -> SysResult<Option<LowerPart>> {
+        let roots = self
+            .below
+            .iter()
+            .map(LowerPart::image_root)
+            .collect::<SysResult<Vec<_>>>()?;
+        resolve_path(&roots, &map.lower_path)
+    }
 }
 
 #[derive(Clone)]
@@ -23,12 +39,201 @@ pub enum LowerPart {
     Image {
         layer: Arc<ArchivedLayer>,
         inode: Inode,
+        /// Path from the layer root (components joined by `/`; empty for the root).
+        path: Arc<[u8]>,
     },
     Tree {
         tree: Arc<FrozenTree>,
         fd: Arc<OwnedFd>,
         st: libc::stat,
+        path: Arc<[u8]>,
     },
+}
+
+fn child_path(parent: &[u8], name: &[u8]) -> Arc<[u8]> {
+    if parent.is_empty() {
+        Arc::from(name)
+    } else {
+        let mut v = Vec::with_capacity(parent.len() + 1 + name.len());
+        v.extend_from_slice(parent);
+        v.push(b'/');
+        v.extend_from_slice(name);
+        Arc::from(v)
+    }
+}
+
+/// Lower parts of `name` below a directory whose lower parts are `parts`: the topmost
+/// instance, and for a directory every further one down to an opaque one. `Ok(None)` when
+/// the name does not exist below or a whiteout hides it.
+pub(crate) fn lower_lookup(parts: &[LowerPart], name: &[u8]) -> SysResult<Option<Vec<LowerPart>>> {
+    let mut found: Vec<LowerPart> = Vec::new();
+    for p in parts {
+        let Some(child) = p.lookup(name)? else {
+            continue;
+        };
+        let is_dir = child.is_dir();
+        if found.is_empty() {
+            if child.is_whiteout()? {
+                return Ok(None);
+            }
+            let opaque = is_dir && child.is_opaque()?;
+            found.push(child);
+            if !is_dir || opaque {
+                break;
+            }
+        } else {
+            // Below a directory: only directories merge; anything else ends the merge.
+            if !is_dir {
+                break;
+            }
+            let opaque = child.is_opaque()?;
+            found.push(child);
+            if opaque {
+                break;
+            }
+        }
+    }
+    Ok(if found.is_empty() { None } else { Some(found) })
+}
+
+/// The file at `path` (components joined by `/`) in the namespace the layer roots `roots`
+/// (newest first) show.
+pub(crate) fn resolve_path(roots: &[LowerPart], path: &[u8]) -> SysResult<Option<LowerPart>> {
+    let mut parts = roots.to_vec();
+    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        if parts.is_empty() || !parts[0].is_dir() {
+            return Ok(None);
+        }
+        match lower_lookup(&parts, comp)? {
+            Some(p) => parts = p,
+            None => return Ok(None),
+        }
+    }
+    Ok(parts.into_iter().next())
+}
+
+/// The stack map of an SSD tree file, if it is a stacked file.
+pub(crate) fn tree_stack_map(fd: std::os::fd::BorrowedFd<'_>) -> SysResult<Option<StackMap>> {
+    let name = cstr(STACK_XATTR);
+    let n = match sys::getxattr_fd(fd, &name, &mut []) {
+        Ok(n) => n,
+        Err(Errno(libc::ENODATA)) | Err(Errno(libc::ENOTSUP)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut v = vec![0u8; n];
+    let n = sys::getxattr_fd(fd, &name, &mut v)?;
+    v.truncate(n);
+    match StackMap::decode(&v) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            tracing::error!("a stacked file's chunk map is damaged");
+            Err(e)
+        }
+    }
+}
+
+/// Reads `[offset, offset + buf.len())` of a stacked file (upper descriptor `upper`, readable)
+/// clipped to its size: upper chunks from the upper file, below chunks from `lower` up to the
+/// map's limit, zeros beyond. Returns the bytes read.
+pub(crate) fn stacked_read(
+    upper: std::os::fd::BorrowedFd<'_>,
+    map: &StackMap,
+    lower: Option<&LowerPart>,
+    offset: u64,
+    buf: &mut [u8],
+) -> SysResult<usize> {
+    let size = sys::fstat(upper)?.st_size as u64;
+    if offset >= size {
+        return Ok(0);
+    }
+    let end = (offset + buf.len() as u64).min(size);
+    let bits = map.chunk_bits;
+    let mut pos = offset;
+    while pos < end {
+        let c = pos >> bits;
+        let cend = ((c + 1) << bits).min(end);
+        let out = &mut buf[(pos - offset) as usize..(cend - offset) as usize];
+        let filled = if map.is_below(c) {
+            let (_, le) = map.lower_range(c);
+            let lend = cend.min(le).max(pos);
+            if lend > pos {
+                let lower = lower.ok_or(Errno::EIO)?;
+                let want = (lend - pos) as usize;
+                let mut done = 0;
+                while done < want {
+                    let n = lower.read(pos + done as u64, &mut out[done..want])?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                done
+            } else {
+                0
+            }
+        } else {
+            let mut done = 0;
+            while done < out.len() {
+                let n = sys::pread(upper, &mut out[done..], pos + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            done
+        };
+        out[filled..].fill(0);
+        pos = cend;
+    }
+    Ok((end - offset) as usize)
+}
+
+/// SEEK_DATA (`data`) or SEEK_HOLE from `offset` in a stacked file; `None` = ENXIO.
+pub(crate) fn stacked_seek(
+    upper: std::os::fd::BorrowedFd<'_>,
+    map: &StackMap,
+    lower: Option<&LowerPart>,
+    offset: u64,
+    data: bool,
+) -> SysResult<Option<u64>> {
+    let size = sys::fstat(upper)?.st_size as u64;
+    if offset >= size {
+        return Ok(None);
+    }
+    let bits = map.chunk_bits;
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    let mut pos = offset;
+    while pos < size {
+        let c = pos >> bits;
+        let cend = ((c + 1) << bits).min(size);
+        if map.is_below(c) {
+            let (_, le) = map.lower_range(c);
+            let lend = cend.min(le);
+            if pos < lend {
+                let lower = lower.ok_or(Errno::EIO)?;
+                let r = lower.seek(pos, data)?;
+                match r {
+                    Some(x) if x < lend => return Ok(Some(x.max(pos))),
+                    _ if !data && lend < cend => return Ok(Some(lend)),
+                    _ => {}
+                }
+            } else if !data {
+                return Ok(Some(pos));
+            }
+        } else {
+            match sys::lseek(upper, pos as i64, whence) {
+                Ok(x) if (x as u64) < cend => return Ok(Some(x as u64)),
+                Ok(_) | Err(Errno(libc::ENXIO)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        pos = cend;
+    }
+    Ok(if data { None } else { Some(size) })
 }
 
 fn kind_of_type(t: FileType) -> FileKind {
@@ -92,6 +297,7 @@ impl LowerPart {
         Ok(LowerPart::Image {
             layer: layer.clone(),
             inode: layer.root()?,
+            path: Arc::from(&b""[..]),
         })
     }
 
@@ -101,6 +307,7 @@ impl LowerPart {
             tree: tree.clone(),
             fd: tree.root.clone(),
             st,
+            path: Arc::from(&b""[..]),
         })
     }
 
@@ -118,13 +325,14 @@ impl LowerPart {
     /// The entry `name` of this directory, whiteouts included.
     pub fn lookup(&self, name: &[u8]) -> SysResult<Option<LowerPart>> {
         match self {
-            LowerPart::Image { layer, inode } => {
+            LowerPart::Image { layer, inode, path } => {
                 Ok(layer.lookup(inode, name)?.map(|i| LowerPart::Image {
                     layer: layer.clone(),
                     inode: i,
+                    path: child_path(path, name),
                 }))
             }
-            LowerPart::Tree { tree, fd, .. } => {
+            LowerPart::Tree { tree, fd, path, .. } => {
                 let c = CString::new(name).map_err(|_| Errno::EINVAL)?;
                 match sys::open_path(fd.as_fd(), &c) {
                     Ok(child) => {
@@ -133,6 +341,7 @@ impl LowerPart {
                             tree: tree.clone(),
                             fd: Arc::new(child),
                             st,
+                            path: child_path(path, name),
                         }))
                     }
                     Err(Errno(libc::ENOENT)) => Ok(None),
@@ -144,22 +353,22 @@ impl LowerPart {
 
     pub fn is_whiteout(&self) -> SysResult<bool> {
         match self {
-            LowerPart::Image { layer, inode } => layer.is_whiteout(inode),
+            LowerPart::Image { layer, inode, .. } => layer.is_whiteout(inode),
             LowerPart::Tree { fd, st, .. } => Ok(tree_is_whiteout(fd.as_fd(), st)),
         }
     }
 
     pub fn is_opaque(&self) -> SysResult<bool> {
         match self {
-            LowerPart::Image { layer, inode } => layer.is_opaque(inode),
+            LowerPart::Image { layer, inode, .. } => layer.is_opaque(inode),
             LowerPart::Tree { fd, .. } => Ok(tree_is_opaque(fd.as_fd())),
         }
     }
 
     pub fn ino(&self) -> SysResult<u64> {
         match self {
-            LowerPart::Image { layer, inode } => layer.ino(inode),
-            LowerPart::Tree { tree, fd, st } => {
+            LowerPart::Image { layer, inode, .. } => layer.ino(inode),
+            LowerPart::Tree { tree, fd, st, .. } => {
                 if st.st_ino == tree.root_backing_ino {
                     return Ok(ROOT_INO);
                 }
@@ -181,7 +390,9 @@ impl LowerPart {
 
     pub fn attr(&self, ino: u64) -> Attr {
         match self {
-            LowerPart::Image { inode: i, layer } => {
+            LowerPart::Image {
+                inode: i, layer, ..
+            } => {
                 let t = Timestamp {
                     sec: i.mtime,
                     nsec: i.mtime_nsec,
@@ -217,15 +428,17 @@ impl LowerPart {
     /// Every entry of this directory except "." and "..".
     pub fn entries(&self) -> SysResult<Vec<(Vec<u8>, LowerPart)>> {
         match self {
-            LowerPart::Image { layer, inode } => layer
+            LowerPart::Image { layer, inode, path } => layer
                 .entries(inode)?
                 .into_iter()
                 .map(|(name, nid, _)| {
+                    let path = child_path(path, &name);
                     Ok((
                         name,
                         LowerPart::Image {
                             layer: layer.clone(),
                             inode: layer.inode(nid)?,
+                            path,
                         },
                     ))
                 })
@@ -256,7 +469,7 @@ impl LowerPart {
 
     pub fn readlink(&self) -> SysResult<Vec<u8>> {
         match self {
-            LowerPart::Image { layer, inode } => layer.readlink(inode),
+            LowerPart::Image { layer, inode, .. } => layer.readlink(inode),
             LowerPart::Tree { fd, .. } => sys::readlink_fd(fd.as_fd()),
         }
     }
@@ -264,7 +477,7 @@ impl LowerPart {
     /// User-visible xattrs.
     pub fn xattrs(&self) -> SysResult<Vec<Xattr>> {
         match self {
-            LowerPart::Image { layer, inode } => layer.xattrs(inode),
+            LowerPart::Image { layer, inode, .. } => layer.xattrs(inode),
             LowerPart::Tree { fd, .. } => Ok(tree_raw_xattrs(fd.as_fd())?
                 .into_iter()
                 .filter_map(|(n, v)| markers::unescape_xattr(&n).map(|n| (n, v)))
@@ -275,7 +488,7 @@ impl LowerPart {
     /// Stored xattrs (markers and escapes as they are), without the inode number.
     pub fn raw_xattrs(&self) -> SysResult<Vec<Xattr>> {
         match self {
-            LowerPart::Image { layer, inode } => layer.raw_xattrs(inode),
+            LowerPart::Image { layer, inode, .. } => layer.raw_xattrs(inode),
             LowerPart::Tree { fd, .. } => tree_raw_xattrs(fd.as_fd()),
         }
     }
@@ -283,9 +496,13 @@ impl LowerPart {
     /// Reads file data; returns the bytes read (short at end of file).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> SysResult<usize> {
         match self {
-            LowerPart::Image { layer, inode } => layer.read(inode, offset, buf),
-            LowerPart::Tree { fd, .. } => {
+            LowerPart::Image { layer, inode, .. } => layer.read(inode, offset, buf),
+            LowerPart::Tree { fd, tree, .. } => {
                 let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
+                if let Some(map) = tree_stack_map(f.as_fd())? {
+                    let lower = tree.stacked_lower(&map)?;
+                    return stacked_read(f.as_fd(), &map, lower.as_ref(), offset, buf);
+                }
                 let mut done = 0;
                 while done < buf.len() {
                     let n = sys::pread(f.as_fd(), &mut buf[done..], offset + done as u64)?;
@@ -325,9 +542,13 @@ impl LowerPart {
     /// First data (or hole) offset at or after `offset`; `None` past the end.
     pub fn seek(&self, offset: u64, data: bool) -> SysResult<Option<u64>> {
         match self {
-            LowerPart::Image { layer, inode } => layer.seek(inode, offset, data),
-            LowerPart::Tree { fd, .. } => {
+            LowerPart::Image { layer, inode, .. } => layer.seek(inode, offset, data),
+            LowerPart::Tree { fd, tree, .. } => {
                 let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
+                if let Some(map) = tree_stack_map(f.as_fd())? {
+                    let lower = tree.stacked_lower(&map)?;
+                    return stacked_seek(f.as_fd(), &map, lower.as_ref(), offset, data);
+                }
                 let whence = if data {
                     libc::SEEK_DATA
                 } else {
@@ -339,6 +560,13 @@ impl LowerPart {
                     Err(e) => Err(e),
                 }
             }
+        }
+    }
+
+    /// Path from the layer root (components joined by `/`).
+    pub fn path(&self) -> &[u8] {
+        match self {
+            LowerPart::Image { path, .. } | LowerPart::Tree { path, .. } => path,
         }
     }
 

@@ -5,14 +5,19 @@
 //! commit makes both durable, and only then is the meta published on the SSD
 //! (`layers/<id>.meta`) and the manifest switched by the caller.
 
+use crate::cache::HeadCache;
 use crate::layout::StoreLayout;
+use crate::manifest::Manifest;
 use crate::manifest::{ImageRecord, LayerRecord};
 use crate::markers::{CTIME_XATTR, INO_XATTR, REALDEV_XATTR};
+use crate::stackmap::StackMap;
 use crate::sys::{self, Errno};
 use spinfs_erofs::ReadAt;
 use spinfs_erofs::{
-    BlobSink, FileData, Metadata, Node, NodeId, NodeKind, Source, Tree, WriteOptions, write_image,
+    BlobSink, Chunk, DeviceReader, DeviceSpec, FileData, Image, Inode, Metadata, Node, NodeId,
+    NodeKind, Source, Tree, WriteOptions, write_image,
 };
+use spinfs_media::{ImageExtents, MediumReader, ReadOptions};
 use spinfs_media::{ImageKind, ImageRef, MediaScheduler, Medium, MediumWriter};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -161,7 +166,12 @@ impl ReadAt for TreeFile {
 /// inode number 1; markers (whiteouts, opaque directories, escaped user xattrs) are kept as
 /// they are, since images use the same conventions as the SSD tree. The walk goes by
 /// directory descriptors, so depth is unlimited.
-pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), SealError> {
+pub fn build_tree(
+    root: &Path,
+    generation: u64,
+    lowers: Option<&Arc<LowerImages>>,
+) -> Result<(Tree, TreeStats, Vec<u64>), SealError> {
+    let mut referenced: Vec<u64> = Vec::new();
     let err = |path: &Path, e: Errno| SealError::Io {
         generation,
         path: path.to_path_buf(),
@@ -213,6 +223,37 @@ pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), Sea
             let meta = metadata_of(pfd.as_fd(), &st, generation).map_err(|e| err(&path, e))?;
             let kind = match fmt {
                 libc::S_IFDIR => NodeKind::Dir(Vec::new()),
+                libc::S_IFREG
+                    if crate::lower::tree_stack_map(pfd.as_fd())
+                        .map_err(|e| err(&path, e))?
+                        .is_some() =>
+                {
+                    stats.bytes += st.st_size as u64;
+                    let map = crate::lower::tree_stack_map(pfd.as_fd())
+                        .map_err(|e| err(&path, e))?
+                        .ok_or_else(|| err(&path, Errno::EIO))?;
+                    let lowers = lowers.ok_or_else(|| err(&path, Errno::EIO))?;
+                    let (chunks, chunk_bits, lower) = lowers
+                        .plan(&map, st.st_size as u64, &mut referenced)
+                        .map_err(|e| SealError::Io {
+                            generation,
+                            path: path.clone(),
+                            error: std::io::Error::other(e),
+                        })?;
+                    NodeKind::File(FileData {
+                        size: st.st_size as u64,
+                        chunk_bits,
+                        chunks: Some(chunks),
+                        source: Some(Source::Reader(Arc::new(StackedSource {
+                            upper: TreeFile {
+                                dir: dir.clone(),
+                                name: cname.clone(),
+                            },
+                            map,
+                            lower,
+                        }))),
+                    })
+                }
                 libc::S_IFREG => {
                     stats.bytes += st.st_size as u64;
                     // Read through the directory descriptor (any depth), bypassing the
@@ -254,7 +295,7 @@ pub fn build_tree(root: &Path, generation: u64) -> Result<(Tree, TreeStats), Sea
             }
         }
     }
-    Ok((tree, stats))
+    Ok((tree, stats, referenced))
 }
 
 /// Every xattr of an inode (by descriptor), sorted by name.
@@ -289,7 +330,11 @@ fn metadata_of(
 ) -> Result<Metadata, Errno> {
     let mut xattrs = xattrs_of(fd)?;
     let recorded = recorded_ino(&xattrs);
-    xattrs.retain(|(n, _)| n.as_slice() != INO_XATTR && n.as_slice() != CTIME_XATTR);
+    xattrs.retain(|(n, _)| {
+        n.as_slice() != INO_XATTR
+            && n.as_slice() != CTIME_XATTR
+            && n.as_slice() != crate::stackmap::STACK_XATTR
+    });
     // EROFS inodes keep only mtime: ctime travels in a marker so it does not move at a seal.
     let mut ctime = st.st_ctime.to_le_bytes().to_vec();
     ctime.extend_from_slice(&(st.st_ctime_nsec as u32).to_le_bytes());
@@ -346,9 +391,18 @@ pub fn seal_generation(
     tree_root: &Path,
     generation: u64,
     layer_id: u64,
+    lowers: Option<&Arc<LowerImages>>,
     before_commit: BeforeCommit<'_>,
 ) -> Result<Sealed, SealError> {
-    let (tree, stats) = build_tree(tree_root, generation)?;
+    let (tree, stats, referenced) = build_tree(tree_root, generation, lowers)?;
+    // Blobs that stacked files' below chunks stay in: devices 1..=n, the new blob n+1.
+    let devices: Vec<DeviceSpec> = referenced
+        .iter()
+        .map(|id| DeviceSpec {
+            tag: format!("blob.{id}").into_bytes(),
+            blocks: lowers.map_or(0, |l| l.blob_blocks(*id)),
+        })
+        .collect();
     // The heads first: they come from the SSD tree, which is still there.
     if head_size > 0 {
         write_heads(layout, &tree, head_size, generation, layer_id)?;
@@ -361,10 +415,11 @@ pub fn seal_generation(
         chunk_bits: chunk_size.trailing_zeros() as u8,
         new_blob_tag: format!("blob.{layer_id}").into_bytes(),
         volume_name: format!("spinfs.{layer_id}").into_bytes(),
+        devices,
         ..WriteOptions::default()
     };
     let mut meta = Vec::new();
-    let has_data = stats.bytes > 0;
+    let has_data = stats.bytes > 0 && has_new_data(&tree);
     let blob = if has_data {
         writer
             .begin_image(ImageRef {
@@ -402,7 +457,11 @@ pub fn seal_generation(
         layer: LayerRecord {
             id: layer_id,
             meta: ImageRecord::from_extents(&meta_extents),
-            devices: blob.iter().map(|b| b.id).collect(),
+            devices: referenced
+                .iter()
+                .copied()
+                .chain(blob.iter().map(|b| b.id))
+                .collect(),
             generations: vec![generation],
             files: stats.files,
             bytes: stats.bytes,
@@ -420,6 +479,17 @@ pub fn seal_generation(
     })?;
     spinfs_failpoints::fail_point!("seal.meta_published");
     Ok(sealed)
+}
+
+/// Whether any chunk of `tree` is new data (else no blob is written).
+fn has_new_data(tree: &Tree) -> bool {
+    (0..tree.len() as NodeId).any(|id| match &tree.node(id).kind {
+        NodeKind::File(f) => match &f.chunks {
+            None => f.size > 0,
+            Some(c) => c.contains(&Chunk::New),
+        },
+        _ => false,
+    })
 }
 
 /// Writes the head cache of a layer: the first and the last `head_size` bytes of every
@@ -510,4 +580,280 @@ pub fn publish_meta(layout: &StoreLayout, id: u64, meta: &[u8]) -> std::io::Resu
     fs::rename(&tmp, &path)?;
     spinfs_failpoints::fail_point!("layer_meta.after_rename");
     fs::File::open(&dir)?.sync_all()
+}
+
+/// The archived layers below a generation being sealed, as the seal needs them for stacked
+/// files: where each lower file is (by path, with overlay lookup rules), its chunk table, and
+/// its bytes (head cache, else the media) for the few chunks that must be rewritten.
+pub struct LowerImages {
+    /// Newest first.
+    layers: Vec<LowerImage>,
+    blobs: HashMap<u64, ImageExtents>,
+    reader: Arc<MediumReader>,
+}
+
+struct LowerImage {
+    image: Image<fs::File>,
+    /// Blob ids of devices 1..=n.
+    devices: Vec<u64>,
+    heads: Option<HeadCache>,
+}
+
+impl LowerImages {
+    /// Opens the layers of `manifest` (meta images on the SSD).
+    pub fn open(
+        layout: &StoreLayout,
+        manifest: &Manifest,
+        reader: Arc<MediumReader>,
+    ) -> Result<LowerImages, String> {
+        let mut layers = Vec::new();
+        for rec in manifest.layers.iter().rev() {
+            let path = layout.layer_meta(rec.id);
+            let f = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let image = Image::open(f).map_err(|e| format!("{}: {e}", path.display()))?;
+            let heads_path = layout.layer_heads(rec.id);
+            let heads = if heads_path.exists() {
+                HeadCache::open(&heads_path).ok()
+            } else {
+                None
+            };
+            layers.push(LowerImage {
+                image,
+                devices: rec.devices.clone(),
+                heads,
+            });
+        }
+        let blobs = manifest
+            .blobs
+            .iter()
+            .map(|b| (b.id, b.to_extents(ImageKind::Blob)))
+            .collect();
+        Ok(LowerImages {
+            layers,
+            blobs,
+            reader,
+        })
+    }
+
+    fn blob_blocks(&self, id: u64) -> u64 {
+        self.blobs.get(&id).map_or(0, |b| b.length.div_ceil(4096))
+    }
+
+    /// The file at `path` in the namespace of all the layers: (layer index, inode).
+    fn resolve(&self, path: &[u8]) -> Result<Option<(usize, Inode)>, String> {
+        let e = |e: spinfs_erofs::Error| e.to_string();
+        let mut parts: Vec<(usize, Inode)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            parts.push((i, l.image.root().map_err(e)?));
+        }
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            if parts.is_empty() || !parts[0].1.is_dir() {
+                return Ok(None);
+            }
+            let mut found: Vec<(usize, Inode)> = Vec::new();
+            for (i, dir) in &parts {
+                let img = &self.layers[*i].image;
+                let Some(ent) = img.lookup(dir, comp).map_err(e)? else {
+                    continue;
+                };
+                let child = img.inode(ent.nid).map_err(e)?;
+                let is_dir = child.is_dir();
+                let opaque = is_dir
+                    && img
+                        .xattr(&child, crate::markers::OPAQUE_XATTR)
+                        .map_err(e)?
+                        .is_some_and(|v| v == b"y");
+                if found.is_empty() {
+                    let whiteout = child.is_whiteout()
+                        && img.xattr(&child, REALDEV_XATTR).map_err(e)?.is_none();
+                    if whiteout {
+                        return Ok(None);
+                    }
+                    found.push((*i, child));
+                    if !is_dir || opaque {
+                        break;
+                    }
+                } else {
+                    if !is_dir {
+                        break;
+                    }
+                    found.push((*i, child));
+                    if opaque {
+                        break;
+                    }
+                }
+            }
+            if found.is_empty() {
+                return Ok(None);
+            }
+            parts = found;
+        }
+        Ok(parts.into_iter().next())
+    }
+
+    /// The chunk plan of a stacked file of `size` bytes: below chunks whose bytes all count
+    /// point at the lower file's blob chunks (their blob ids are added to `referenced`, whose
+    /// order gives device numbers), the rest is new data or holes.
+    fn plan(
+        self: &Arc<Self>,
+        map: &StackMap,
+        size: u64,
+        referenced: &mut Vec<u64>,
+    ) -> Result<ChunkPlan, String> {
+        let path = String::from_utf8_lossy(&map.lower_path).into_owned();
+        let (li, inode) = self
+            .resolve(&map.lower_path)?
+            .ok_or_else(|| format!("stacked file: lower file {path} not found"))?;
+        if inode.file_type != spinfs_erofs::FileType::File || inode.size != map.lower_size {
+            return Err(format!("stacked file: lower file {path} changed"));
+        }
+        let layer = &self.layers[li];
+        let table = if inode.size > 0 {
+            Some(layer.image.chunk_table(&inode).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let bits = map.chunk_bits;
+        let cs = 1u64 << bits;
+        let n = size.div_ceil(cs);
+        let mut chunks = Vec::with_capacity(n as usize);
+        for c in 0..n {
+            if !map.is_below(c) {
+                chunks.push(Chunk::New);
+                continue;
+            }
+            let (ls, le) = map.lower_range(c);
+            let logical_end = ((c + 1) * cs).min(size);
+            if le <= ls {
+                chunks.push(Chunk::Hole);
+                continue;
+            }
+            let reference = match &table {
+                Some((tbits, refs)) if *tbits == bits && logical_end <= le => {
+                    refs.get(c as usize).copied()
+                }
+                _ => None,
+            };
+            match reference {
+                Some(None) => chunks.push(Chunk::Hole),
+                Some(Some((dev, block))) if dev >= 1 => {
+                    let blob = *layer
+                        .devices
+                        .get(dev as usize - 1)
+                        .ok_or_else(|| format!("stacked file {path}: no blob for device {dev}"))?;
+                    let pos = match referenced.iter().position(|b| *b == blob) {
+                        Some(p) => p,
+                        None => {
+                            referenced.push(blob);
+                            referenced.len() - 1
+                        }
+                    };
+                    chunks.push(Chunk::Existing {
+                        device: pos as u16 + 1,
+                        block,
+                    });
+                }
+                _ => chunks.push(Chunk::New),
+            }
+        }
+        let lower = LowerData {
+            images: self.clone(),
+            layer: li,
+            inode,
+        };
+        Ok((chunks, Some(bits), Some(lower)))
+    }
+}
+
+/// A stacked file's chunks, their size (log2) and its lower file.
+type ChunkPlan = (Vec<Chunk>, Option<u8>, Option<LowerData>);
+
+/// The bytes of a lower file, read from its layer's head cache or the media.
+struct LowerData {
+    images: Arc<LowerImages>,
+    layer: usize,
+    inode: Inode,
+}
+
+impl DeviceReader for LowerData {
+    fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let l = &self.images.layers[self.layer];
+        let blob = (device as usize)
+            .checked_sub(1)
+            .and_then(|i| l.devices.get(i))
+            .and_then(|id| self.images.blobs.get(id))
+            .ok_or_else(|| std::io::Error::other(format!("no blob for device {device}")))?;
+        let data = self
+            .images
+            .reader
+            .read(blob, offset, buf.len() as u64, ReadOptions::default())
+            .map_err(std::io::Error::other)?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
+impl LowerData {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let l = &self.images.layers[self.layer];
+        if let Some(heads) = &l.heads
+            && let Ok(Some(ino)) = l.image.spinfs_ino(&self.inode)
+            && let Ok(Some(head)) = heads.get(ino)
+            && offset + buf.len() as u64 <= head.len() as u64
+        {
+            buf.copy_from_slice(&head[offset as usize..offset as usize + buf.len()]);
+            return Ok(buf.len());
+        }
+        l.image
+            .read_data(&self.inode, offset, buf, self)
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// A stacked file of the frozen tree as the image shows it: upper chunks from the SSD, below
+/// chunks from the lower file up to the map's limit, zeros elsewhere.
+struct StackedSource {
+    upper: TreeFile,
+    map: StackMap,
+    lower: Option<LowerData>,
+}
+
+impl ReadAt for StackedSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let fd = sys::openat(self.upper.dir.as_fd(), &self.upper.name, libc::O_RDONLY, 0)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
+        let f = fs::File::from(fd);
+        let size = f.metadata()?.len();
+        buf.fill(0);
+        let end = (offset + buf.len() as u64).min(size);
+        let bits = self.map.chunk_bits;
+        let mut pos = offset;
+        while pos < end {
+            let c = pos >> bits;
+            let cend = ((c + 1) << bits).min(end);
+            let out = &mut buf[(pos - offset) as usize..(cend - offset) as usize];
+            if self.map.is_below(c) {
+                let (_, le) = self.map.lower_range(c);
+                let lend = cend.min(le).max(pos);
+                if lend > pos {
+                    let lower = self
+                        .lower
+                        .as_ref()
+                        .ok_or_else(|| std::io::Error::other("stacked file without lower"))?;
+                    lower.read(pos, &mut out[..(lend - pos) as usize])?;
+                }
+            } else {
+                let mut done = 0;
+                while done < out.len() {
+                    let n = FileExt::read_at(&f, &mut out[done..], pos + done as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+            }
+            pos = cend;
+        }
+        Ok(())
+    }
 }

@@ -431,6 +431,14 @@ impl Store {
         let sched = self.scheduler()?;
         let tree = self.layout.generation_tree(frozen.generation);
         let (manifest, config) = (&self.manifest, &self.config);
+        let lowers = Arc::new(
+            seal::LowerImages::open(
+                &self.layout,
+                &self.manifest,
+                Arc::new(spinfs_media::MediumReader::new(medium.clone(), None)),
+            )
+            .map_err(StoreError::Layer)?,
+        );
         let sealed = seal::seal_generation(
             &self.layout,
             &medium,
@@ -440,6 +448,7 @@ impl Store {
             &tree,
             frozen.generation,
             frozen.layer,
+            Some(&lowers),
             // The state snapshot goes to the media in the seal's own commit.
             &mut |writer, sealed| {
                 let next = with_sealed(manifest, sealed);
@@ -498,11 +507,13 @@ impl Store {
             let f = File::open(&path).map_err(io_err("cannot open", &path))?;
             images.push(Image::open(f).map_err(|e| layer_err(format!("{}: {e}", path.display())))?);
         }
-        let (tree, devices) =
+        let (mut tree, devices) =
             merge_tree(&images, mode).map_err(|e| layer_err(format!("merge: {e}")))?;
         let newest_first: Vec<&LayerRecord> = inputs.iter().rev().collect();
+        // One device per blob: layers with stacked files list older blobs again.
         let mut blob_ids = Vec::new();
-        let mut specs = Vec::new();
+        let mut specs: Vec<spinfs_erofs::DeviceSpec> = Vec::new();
+        let mut remap: Vec<u16> = Vec::with_capacity(devices.len());
         for d in &devices {
             let rec = newest_first[d.layer];
             let blob = *rec
@@ -511,11 +522,33 @@ impl Store {
                 .ok_or_else(|| {
                     layer_err(format!("layer {} has no device {}", rec.id, d.layer_device))
                 })?;
-            blob_ids.push(blob);
-            specs.push(spinfs_erofs::DeviceSpec {
-                tag: d.tag.clone(),
-                blocks: d.blocks,
-            });
+            match blob_ids.iter().position(|b| *b == blob) {
+                Some(i) => {
+                    specs[i].blocks = specs[i].blocks.max(d.blocks);
+                    remap.push(i as u16 + 1)
+                }
+                None => {
+                    blob_ids.push(blob);
+                    specs.push(spinfs_erofs::DeviceSpec {
+                        tag: format!("blob.{blob}").into_bytes(),
+                        blocks: d.blocks,
+                    });
+                    remap.push(blob_ids.len() as u16);
+                }
+            }
+        }
+        for id in 0..tree.len() as u32 {
+            if let NodeKind::File(f) = &mut tree.node_mut(id).kind
+                && let Some(chunks) = &mut f.chunks
+            {
+                for c in chunks.iter_mut() {
+                    if let spinfs_erofs::Chunk::Existing { device, .. } = c {
+                        *device = *remap
+                            .get(*device as usize - 1)
+                            .ok_or_else(|| layer_err(format!("merge: no device {device}")))?;
+                    }
+                }
+            }
         }
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut seen = std::collections::HashSet::new();

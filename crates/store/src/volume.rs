@@ -12,7 +12,7 @@
 
 use crate::archive::ArchivedLayer;
 use crate::lower::{
-    FrozenTree, LowerPart, cstr, tree_is_opaque, tree_is_whiteout, tree_recorded_ino,
+    FrozenTree, LowerPart, cstr, lower_lookup, tree_is_opaque, tree_is_whiteout, tree_recorded_ino,
 };
 use crate::markers;
 use crate::sys::{self, Errno, FsCreds, SysResult};
@@ -23,6 +23,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+mod stacking;
+pub use stacking::StackStats;
+use stacking::{StackCounters, StackedFile};
 
 /// The root directory's inode number.
 pub const ROOT_INO: u64 = 1;
@@ -220,6 +224,8 @@ enum HandleKind {
     Lower(LowerPart),
     /// A directory with lower parts: its merged listing, taken at opendir.
     Merged(Vec<DirEntry>),
+    /// A stacked file (chunks above and below), served by the daemon.
+    Stacked(Arc<StackedFile>),
 }
 
 /// An open file or directory.
@@ -341,6 +347,17 @@ impl Stack {
 pub struct Volume {
     stack: RwLock<Arc<Stack>>,
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    /// Stacked files someone holds, by inode number (one shared state per inode).
+    stacked: Mutex<HashMap<u64, std::sync::Weak<StackedFile>>>,
+    /// log2 of the stacking granule (the store's chunk size).
+    chunk_bits: AtomicU8,
+    /// Daemon-served writes wait for a seal while the writable tree holds more than this and
+    /// the SSD has less than this free (0 = never): flow control so that a file larger than
+    /// the SSD can be written.
+    write_limit: AtomicU64,
+    /// Seals completed, with a condition variable for writers waiting on one.
+    seals_done: (Mutex<u64>, std::sync::Condvar),
+    stack_counters: StackCounters,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
@@ -437,6 +454,11 @@ impl Volume {
         Ok(Volume {
             stack: RwLock::new(Arc::new(stack)),
             nodes: RwLock::new(nodes),
+            stacked: Mutex::new(HashMap::new()),
+            chunk_bits: AtomicU8::new(spinfs_erofs::writer::DEFAULT_CHUNK_BITS),
+            write_limit: AtomicU64::new(0),
+            seals_done: (Mutex::new(0), std::sync::Condvar::new()),
+            stack_counters: StackCounters::default(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
@@ -517,10 +539,14 @@ impl Volume {
             };
             old_places.push((ino, fd, parent, pfd, name));
         }
+        // Stacked files someone holds go on reading their lower files where they are until
+        // they are carried over to the new tree below.
+        let carried = self.pin_stacked(&old.archived);
         let frozen = Arc::new(FrozenTree {
             generation: old.generation,
             root_backing_ino: old.root_backing_ino,
             root: old_root,
+            below: old.archived.clone(),
         });
         let stack = Arc::new(Stack {
             epoch: old.epoch + 1,
@@ -550,6 +576,7 @@ impl Volume {
                 );
             }
         }
+        self.carry_stacked_over(carried);
         Ok(())
     }
 
@@ -659,7 +686,49 @@ impl Volume {
             st.epoch = stack.epoch;
             *self.stack.write().unwrap() = stack;
         }
+        *self.seals_done.0.lock().unwrap() += 1;
+        self.seals_done.1.notify_all();
         Ok(())
+    }
+
+    /// Sets the flow-control limit of daemon-served writes (see `write_limit`).
+    pub fn set_write_limit(&self, bytes: u64) {
+        self.write_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Flow control: while the writable tree holds more than the write limit and the SSD
+    /// has less than that left, a daemon-served writer waits for a seal to make room
+    /// (bounded: after a while it goes on regardless). Plenty of free space never waits.
+    fn throttle(&self, h: &Handle) {
+        let limit = self.write_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return;
+        }
+        self.count_growth(h);
+        let over = || {
+            self.upper_bytes.load(Ordering::Relaxed) > limit as i64
+                && self
+                    .statfs()
+                    .is_ok_and(|s| s.bavail.saturating_mul(s.frsize as u64) < limit)
+        };
+        if !over() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!("the SSD is short of space and no seal came: writing on");
+                break;
+            }
+            let done = self.seals_done.0.lock().unwrap();
+            let wait = (deadline - now).min(std::time::Duration::from_millis(100));
+            drop(self.seals_done.1.wait_timeout(done, wait).unwrap());
+            self.count_growth(h);
+            if !over() {
+                break;
+            }
+        }
     }
 
     /// Archived layers `old` (ids, adjacent in the stack) were merged into `layer`, which
@@ -853,34 +922,7 @@ impl Volume {
     /// instance, and for a directory every further one down to an opaque one. `Ok(None)` when
     /// the name does not exist below or a whiteout hides it.
     fn lower_lookup(parts: &[LowerPart], name: &[u8]) -> SysResult<Option<Vec<LowerPart>>> {
-        let mut found: Vec<LowerPart> = Vec::new();
-        for p in parts {
-            let Some(child) = p.lookup(name)? else {
-                continue;
-            };
-            let is_dir = child.is_dir();
-            if found.is_empty() {
-                if child.is_whiteout()? {
-                    return Ok(None);
-                }
-                let opaque = is_dir && child.is_opaque()?;
-                found.push(child);
-                if !is_dir || opaque {
-                    break;
-                }
-            } else {
-                // Below a directory: only directories merge; anything else ends the merge.
-                if !is_dir {
-                    break;
-                }
-                let opaque = child.is_opaque()?;
-                found.push(child);
-                if opaque {
-                    break;
-                }
-            }
-        }
-        Ok(if found.is_empty() { None } else { Some(found) })
+        lower_lookup(parts, name)
     }
 
     /// Resolves `name` in a directory placed at `dir`. `Ok(None)` = does not exist.
@@ -1021,7 +1063,19 @@ impl Volume {
                     a.ino = ino;
                     return Ok(a);
                 }
-                HandleKind::Lower(part) => return Ok(part.attr(ino)),
+                HandleKind::Lower(part) => match self.live_stacked(ino) {
+                    Some(sf) => {
+                        let st = sys::fstat(sf.st.read().unwrap().fd.as_fd())?;
+                        let mut a = Attr::from_stat(&st, ino);
+                        a.ino = ino;
+                        return Ok(a);
+                    }
+                    None => return Ok(part.attr(ino)),
+                },
+                HandleKind::Stacked(sf) => {
+                    let st = sys::fstat(sf.st.read().unwrap().fd.as_fd())?;
+                    return Ok(Attr::from_stat(&st, ino));
+                }
                 HandleKind::Merged(_) => {}
             }
         }
@@ -1210,7 +1264,13 @@ impl Volume {
                     libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
                     0o600,
                 )?;
+                // File stacking: no data is copied, chunks come up when they change.
+                let stacked = a.size > 0;
+                if stacked {
+                    self.make_stacked(part, f.as_fd())?;
+                }
                 match part.tree_fd() {
+                    _ if stacked => {}
                     // On the SSD already: let the kernel copy (and keep holes).
                     Some(src) => {
                         let src = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
@@ -1368,6 +1428,16 @@ impl Volume {
             Some(_) => None,
             None => Some(self.copy_up(ino)?),
         };
+        let stacked = match (&handle, &upper) {
+            (Some(h), _) if matches!(h.kind, HandleKind::Stacked(_)) => match &h.kind {
+                HandleKind::Stacked(sf) => Some(sf.clone()),
+                _ => None,
+            },
+            (_, Some(u)) if handle_fd.is_none() && self.node(ino)?.kind == FileKind::Regular => {
+                self.stacked_file(ino, u.as_fd())?
+            }
+            _ => None,
+        };
         let target: BorrowedFd<'_> = match (&handle_fd, &upper) {
             (Some(fd), _) => *fd,
             (None, Some(u)) => u.as_fd(),
@@ -1385,6 +1455,9 @@ impl Volume {
         }
         if let Some(size) = set.size {
             match handle_fd {
+                _ if stacked.is_some() => {
+                    self.stacked_truncate(stacked.as_ref().expect("checked"), size)?
+                }
                 Some(fd) => sys::ftruncate(fd, size)?,
                 None => {
                     let f = sys::reopen(target, libc::O_WRONLY)?;
@@ -1626,7 +1699,12 @@ impl Volume {
             && st.st_nlink == 1
             && r.kind == FileKind::Regular
         {
-            self.upper_bytes.fetch_sub(st.st_size, Ordering::Relaxed);
+            // A stacked file counts what it holds on the SSD, not its size.
+            let held = match crate::lower::tree_stack_map(fd.as_fd()) {
+                Ok(Some(_)) => st.st_blocks * 512,
+                _ => st.st_size,
+            };
+            self.upper_bytes.fetch_sub(held, Ordering::Relaxed);
         }
         if place.lower.is_empty() || !Self::exists_below(&place, name.to_bytes())? {
             let pfd = place.upper.ok_or(Errno::EIO)?;
@@ -1954,6 +2032,7 @@ impl Volume {
             (HandleKind::Upper(fd), true) => {
                 sys::fstat(fd.as_fd()).map_or(0, |st| st.st_size as u64)
             }
+            (HandleKind::Stacked(sf), true) => self.stacked_usage(sf),
             _ => 0,
         };
         self.handles.write().unwrap().insert(
@@ -1973,10 +2052,15 @@ impl Volume {
 
     /// Adds the growth of a writable handle's file since it was last counted.
     fn count_growth(&self, h: &Handle) {
-        if let (true, HandleKind::Upper(fd)) = (h.writable, &h.kind)
-            && let Ok(st) = sys::fstat(fd.as_fd())
-        {
-            let now = st.st_size as u64;
+        if !h.writable {
+            return;
+        }
+        let now = match &h.kind {
+            HandleKind::Upper(fd) => sys::fstat(fd.as_fd()).ok().map(|st| st.st_size as u64),
+            HandleKind::Stacked(sf) => Some(self.stacked_usage(sf)),
+            _ => None,
+        };
+        if let Some(now) = now {
             let before = h.counted.swap(now, Ordering::Relaxed);
             self.upper_bytes
                 .fetch_add(now as i64 - before as i64, Ordering::Relaxed);
@@ -2004,8 +2088,10 @@ impl Volume {
         flags & !(libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL)
     }
 
-    /// Opens a file; returns the handle number.
-    pub fn open(&self, ino: u64, flags: i32) -> SysResult<(u64, Arc<Handle>)> {
+    /// Opens a file; returns the handle number. `daemon_io`: the caller serves this handle's
+    /// I/O through the daemon (no passthrough), so a regular file open for writing can stay
+    /// in a generation that is frozen and sealed while it is open (see `freeze`).
+    pub fn open(&self, ino: u64, flags: i32, daemon_io: bool) -> SysResult<(u64, Arc<Handle>)> {
         let _gate = self.shared_gate();
         let n = self.node(ino)?;
         let place = self.place(ino, &n)?;
@@ -2015,7 +2101,17 @@ impl Volume {
             None if writes || n.kind != FileKind::Regular => Some(self.copy_up(ino)?),
             None => None,
         };
+        let stacked = match &upper {
+            Some(fd) if n.kind == FileKind::Regular && daemon_io => {
+                Some(self.daemon_file(ino, fd.as_fd())?)
+            }
+            Some(fd) if n.kind == FileKind::Regular && self.stack().may_have_recorded() => {
+                self.stacked_file(ino, fd.as_fd())?
+            }
+            _ => None,
+        };
         let kind = match upper {
+            _ if stacked.is_some() => HandleKind::Stacked(stacked.expect("checked")),
             Some(fd) => HandleKind::Upper(sys::reopen(fd.as_fd(), Self::backing_flags(flags))?),
             None => HandleKind::Lower(place.lower.first().cloned().ok_or(Errno::EIO)?),
         };
@@ -2023,6 +2119,7 @@ impl Volume {
         Ok((fh, self.handle(fh)?))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         parent: u64,
@@ -2031,6 +2128,7 @@ impl Volume {
         umask: u32,
         flags: i32,
         caller: &Caller,
+        daemon_io: bool,
     ) -> SysResult<(Attr, u64, Arc<Handle>)> {
         let _gate = self.shared_gate();
         let cname = sys::cname(name)?;
@@ -2047,7 +2145,12 @@ impl Volume {
         })?;
         let fd = file.take().ok_or(Errno::EIO)?;
         let attr = self.remember_upper(parent, &place, &cname)?;
-        let fh = self.add_handle(attr.ino, HandleKind::Upper(fd), true);
+        let kind = if daemon_io && attr.kind == FileKind::Regular {
+            HandleKind::Stacked(self.daemon_file(attr.ino, fd.as_fd())?)
+        } else {
+            HandleKind::Upper(fd)
+        };
+        let fh = self.add_handle(attr.ino, kind, true);
         Ok((attr, fh, self.handle(fh)?))
     }
 
@@ -2107,7 +2210,14 @@ impl Volume {
                 }
             }
             HandleKind::Lower(part) => {
-                done = part.read(offset, &mut buf)?;
+                // Copied up (stacked) since it was opened: read the file as it is now.
+                done = match self.live_stacked(h.ino) {
+                    Some(sf) => self.stacked_read(&sf, offset, &mut buf)?,
+                    None => part.read(offset, &mut buf)?,
+                };
+            }
+            HandleKind::Stacked(sf) => {
+                done = self.stacked_read(sf, offset, &mut buf)?;
             }
             HandleKind::Merged(_) => return Err(Errno::EISDIR),
         }
@@ -2117,6 +2227,11 @@ impl Volume {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
         let h = self.handle(fh)?;
+        if let HandleKind::Stacked(sf) = &h.kind {
+            let n = self.stacked_write(sf, offset, data)?;
+            self.throttle(&h);
+            return Ok(n);
+        }
         let fd = h.fd()?;
         let mut done = 0;
         while done < data.len() {
@@ -2135,17 +2250,21 @@ impl Volume {
     pub fn fsync(&self, fh: u64, datasync: bool) -> SysResult<()> {
         let h = self.handle(fh)?;
         match &h.kind {
-            HandleKind::Upper(fd) => {
-                let started = std::time::Instant::now();
-                let r = sys::fsync(fd.as_fd(), datasync);
-                if let Some(observe) = self.sync_observer.get() {
-                    observe(started.elapsed());
-                }
-                r
-            }
+            HandleKind::Upper(fd) => self.observed_sync(|| sys::fsync(fd.as_fd(), datasync)),
+            HandleKind::Stacked(sf) => self.observed_sync(|| self.stacked_fsync(sf, datasync)),
             // Archived data is durable on the media already.
             _ => Ok(()),
         }
+    }
+
+    /// Runs a sync of a writable file, reporting its duration to the sync observer.
+    fn observed_sync(&self, sync: impl FnOnce() -> SysResult<()>) -> SysResult<()> {
+        let started = std::time::Instant::now();
+        let r = sync();
+        if let Some(observe) = self.sync_observer.get() {
+            observe(started.elapsed());
+        }
+        r
     }
 
     /// Calls `observe` with the duration of every fsync/fdatasync of a writable file (the
@@ -2156,6 +2275,9 @@ impl Volume {
 
     pub fn fallocate(&self, fh: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
         let h = self.handle(fh)?;
+        if let HandleKind::Stacked(sf) = &h.kind {
+            return self.stacked_fallocate(sf, mode, offset, len);
+        }
         sys::fallocate(h.fd()?, mode, offset, len)
     }
 
@@ -2163,6 +2285,20 @@ impl Volume {
         let h = self.handle(fh)?;
         match &h.kind {
             HandleKind::Upper(fd) => sys::lseek(fd.as_fd(), offset, whence),
+            HandleKind::Stacked(sf) => {
+                let data = match whence {
+                    libc::SEEK_DATA => true,
+                    libc::SEEK_HOLE => false,
+                    _ => return Err(Errno::EINVAL),
+                };
+                if offset < 0 {
+                    return Err(Errno(libc::ENXIO));
+                }
+                match self.stacked_seek(sf, offset as u64, data)? {
+                    Some(o) => Ok(o as i64),
+                    None => Err(Errno(libc::ENXIO)),
+                }
+            }
             HandleKind::Lower(part) => {
                 let data = match whence {
                     libc::SEEK_DATA => true,
@@ -2191,6 +2327,10 @@ impl Volume {
     ) -> SysResult<usize> {
         let hi = self.handle(fh_in)?;
         let ho = self.handle(fh_out)?;
+        if matches!(ho.kind, HandleKind::Stacked(_)) {
+            let data = self.read(fh_in, off_in, len.min(8 << 20) as u32)?;
+            return self.write(fh_out, off_out, &data);
+        }
         let out = ho.fd()?;
         match &hi.kind {
             HandleKind::Upper(fd) => {
@@ -2274,7 +2414,7 @@ impl Volume {
                 return Ok(list[start..].iter().take(1024).cloned().collect());
             }
             HandleKind::Upper(fd) => fd,
-            HandleKind::Lower(_) => return Err(Errno::ENOTDIR),
+            HandleKind::Lower(_) | HandleKind::Stacked(_) => return Err(Errno::ENOTDIR),
         };
         let _guard = h.dir_lock.lock().unwrap();
         if let Some(list) = &*h.listing.lock().unwrap() {

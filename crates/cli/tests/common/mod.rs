@@ -35,11 +35,21 @@ pub struct Mounted {
     pub store: PathBuf,
     pub mnt: PathBuf,
     mounted: bool,
+    /// `-o` options of every mount.
+    opts: String,
 }
 
 impl Mounted {
     /// mkfs with `mkfs_args` and mount with `-o allow_other` (tests act as other users too).
+    /// SPINFS_TEST_MOUNT_OPTS replaces `allow_other` (e.g. `allow_other,nopassthrough_writes`
+    /// to run a suite with daemon-served writers).
     pub fn new(mkfs_args: &[&str]) -> Mounted {
+        let opts = std::env::var("SPINFS_TEST_MOUNT_OPTS").unwrap_or_else(|_| "allow_other".into());
+        Mounted::with_options(mkfs_args, &opts)
+    }
+
+    /// Like `new`, mounting with `-o opts`.
+    pub fn with_options(mkfs_args: &[&str], opts: &str) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("m")
             .tempdir_in(test_root())
@@ -57,6 +67,7 @@ impl Mounted {
             store,
             mnt,
             mounted: false,
+            opts: opts.to_string(),
         };
         m.mount();
         m
@@ -68,7 +79,7 @@ impl Mounted {
             self.store.to_str().unwrap(),
             self.mnt.to_str().unwrap(),
             "-o",
-            "allow_other",
+            &self.opts,
         ]);
         self.mounted = true;
     }
