@@ -612,3 +612,57 @@ fn root_attributes_from_image(meta: &[u8], tree: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot set times on {}: {e}", tree.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        let mut m = Manifest::new("0123456789abcdef".into());
+        m.layers.push(crate::manifest::LayerRecord {
+            id: 3,
+            meta: ImageRecord {
+                id: 3,
+                length: 8192,
+                crc: 7,
+                extents: vec![(0, 65536, 8192, 0)],
+            },
+            devices: vec![2],
+            generations: vec![4, 5],
+            files: 10,
+            bytes: 1000,
+            level: 1,
+        });
+        Snapshot {
+            manifest: m,
+            config: StoreConfig::default().to_toml(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_every_bit_flip_is_caught() {
+        let s = snap();
+        let bytes = s.encode();
+        assert_eq!(Snapshot::decode(&bytes).unwrap(), s);
+        for i in (0..bytes.len()).step_by(7) {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                if let Ok(d) = Snapshot::decode(&b) {
+                    assert_eq!(d, s, "flip at byte {i} bit {bit} changed the snapshot");
+                }
+            }
+        }
+        for len in 0..bytes.len() {
+            assert!(Snapshot::decode(&bytes[..len]).is_err(), "len {len}");
+        }
+        let other = String::from_utf8(bytes)
+            .unwrap()
+            .replacen(" v1 ", " v2 ", 1);
+        assert!(
+            Snapshot::decode(other.as_bytes())
+                .unwrap_err()
+                .contains("format version 2")
+        );
+    }
+}
