@@ -525,7 +525,7 @@ impl LowerPart {
         reply: impl FnOnce(&[u8]) -> R,
     ) -> SysResult<R> {
         match self {
-            LowerPart::Image { layer, inode } => layer.read_with(inode, offset, len, reply),
+            LowerPart::Image { layer, inode, .. } => layer.read_with(inode, offset, len, reply),
             LowerPart::Tree { .. } => {
                 let mut buf = vec![0u8; len];
                 let n = self.read(offset, &mut buf)?;

@@ -649,6 +649,9 @@ impl Volume {
                 generation,
                 root_backing_ino,
                 root: Arc::new(root_fd),
+                // A frozen generation is newer than every archived layer: the lower files of
+                // its stacked files are in them.
+                below: old.archived.clone(),
             })),
             archived: old.archived.clone(),
         });
@@ -2190,7 +2193,20 @@ impl Volume {
                 }
                 Ok(reply(&buf[..done]))
             }),
-            HandleKind::Lower(part) => part.read_with(offset, size as usize, reply),
+            HandleKind::Lower(part) => match self.live_stacked(h.ino) {
+                // Copied up (stacked) since it was opened: read the file as it is now.
+                Some(sf) => {
+                    let mut buf = vec![0u8; size as usize];
+                    let n = self.stacked_read(&sf, offset, &mut buf)?;
+                    Ok(reply(&buf[..n]))
+                }
+                None => part.read_with(offset, size as usize, reply),
+            },
+            HandleKind::Stacked(sf) => {
+                let mut buf = vec![0u8; size as usize];
+                let n = self.stacked_read(sf, offset, &mut buf)?;
+                Ok(reply(&buf[..n]))
+            }
             HandleKind::Merged(_) => Err(Errno::EISDIR),
         }
     }
