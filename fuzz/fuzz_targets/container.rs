@@ -18,7 +18,8 @@ fn crc_with_zeroed(b: &[u8], at: usize) -> u32 {
     crc32c::crc32c_append(c, &b[at + 4..])
 }
 
-/// A small medium with one committed image (so it has an id), made once per process.
+/// A small medium with one committed image (so it has an id), made once per process; its
+/// files are removed once it is open.
 fn medium() -> &'static Arc<Medium> {
     static M: OnceLock<Arc<Medium>> = OnceLock::new();
     M.get_or_init(|| {
@@ -38,7 +39,10 @@ fn medium() -> &'static Arc<Medium> {
         w.finish_image().unwrap();
         w.commit().unwrap();
         drop(w);
-        Medium::open(&uri, g, BackendOptions::default()).unwrap()
+        let m = Medium::open(&uri, g, BackendOptions::default()).unwrap();
+        // parsing needs only the id and geometry read now: leave nothing behind
+        let _ = std::fs::remove_dir_all(&dir);
+        m
     })
 }
 
