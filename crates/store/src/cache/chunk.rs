@@ -1223,10 +1223,7 @@ pub fn inspect_dir(
             let len = meta.len().saturating_sub(CHUNK_HEADER_LEN);
             match offset {
                 Some(offset)
-                    if meta.is_file()
-                        && meta.len() > CHUNK_HEADER_LEN
-                        && len <= unit
-                        && offset.is_multiple_of(unit) =>
+                    if meta.is_file() && meta.len() > CHUNK_HEADER_LEN && len <= unit =>
                 {
                     files.push((path, (image, offset), len))
                 }
@@ -1252,18 +1249,18 @@ pub fn inspect_dir(
     Ok(out)
 }
 
-/// Checks one entry file: header, length and data CRC32C.
+/// Checks one entry file: trailer, length and data CRC32C.
 fn check_entry_file(path: &Path, key: Key, unit: u64, len: u64) -> std::result::Result<(), String> {
     let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut header = [0u8; CHUNK_HEADER_LEN as usize];
-    read_at(&file, &mut header, 0)?;
-    let expected = check_header(&header, key, unit, len)?;
+    let mut trailer = [0u8; CHUNK_HEADER_LEN as usize];
+    read_at(&file, &mut trailer, len)?;
+    let expected = check_header(&trailer, key, unit, len)?;
     let mut crc = 0u32;
     let mut buf = vec![0u8; SCRATCH];
     let mut pos = 0u64;
     while pos < len {
         let n = (len - pos).min(SCRATCH as u64) as usize;
-        read_at(&file, &mut buf[..n], CHUNK_HEADER_LEN + pos)?;
+        read_at(&file, &mut buf[..n], pos)?;
         crc = crc32c::crc32c_append(crc, &buf[..n]);
         pos += n as u64;
     }
