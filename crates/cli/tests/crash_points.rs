@@ -116,7 +116,23 @@ fn crash_at_every_point_then_recover() {
                 check_no_hang(&site);
                 match site.mount_env(&armed(format!("{p}@{n}"))) {
                     Ok(()) => {
-                        site.umount(); // recovery did not pass the point
+                        // The mount serves the frozen generation at once and seals it again
+                        // in the background: wait until that reaches the point (the daemon
+                        // dies) or the generation is sealed.
+                        let want = format!("{p}@{n}");
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        while Instant::now() < deadline
+                            && !hits(&hits_file)[before..].contains(&want)
+                            && live_daemon(&site.store).is_some()
+                            && fs::read_dir(site.store.join("gens")).map_or(0, |d| d.count()) > 1
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        if live_daemon(&site.store).is_some() {
+                            site.umount(); // recovery did not pass the point
+                        } else {
+                            site.reap();
+                        }
                     }
                     Err(_) => site.reap(),
                 }

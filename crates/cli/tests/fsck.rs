@@ -545,7 +545,9 @@ fn damaged_cache_entries_and_head_caches_are_refetched_and_repaired() {
     entries.sort();
     assert!(entries.len() >= 4, "{entries:?}");
     flip(&entries[0], 100, 1); // data
-    flip(&entries[1], 20, 1); // header
+    // Entries are the data, then a 64-byte trailer (the header of the format).
+    let len1 = fs::metadata(&entries[1]).unwrap().len();
+    flip(&entries[1], len1 - 64 + 20, 1); // header
     let len = fs::metadata(&entries[3]).unwrap().len();
     fs::OpenOptions::new()
         .write(true)

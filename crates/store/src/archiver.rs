@@ -172,6 +172,9 @@ impl Archiver {
         if resealing {
             // Marked as started in `start`, so that requests count it as running.
             let result = self.seal_once(false);
+            if result.is_ok() {
+                spinfs_failpoints::fail_point!("recover.resealed");
+            }
             self.seal_done(result, &mut failures, &mut retry_at);
         }
         loop {
