@@ -86,6 +86,20 @@ struct BlobDevices {
     cache: Option<Arc<UnitCache>>,
 }
 
+/// The blob devices as one read sees them: read-ahead bounded by the end of the file's data
+/// that follows the read on the same device (`u64::MAX`: unbounded).
+struct BoundedDevices<'a> {
+    blobs: &'a BlobDevices,
+    ahead_limit: u64,
+}
+
+impl DeviceReader for BoundedDevices<'_> {
+    fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.blobs
+            .read_bounded(device, buf, offset, self.ahead_limit)
+    }
+}
+
 impl BlobDevices {
     fn source(&self, device: u16) -> std::io::Result<&BlobSource> {
         (device as usize)
@@ -99,6 +113,18 @@ impl BlobDevices {
 
 impl DeviceReader for BlobDevices {
     fn read_device(&self, device: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_bounded(device, buf, offset, u64::MAX)
+    }
+}
+
+impl BlobDevices {
+    fn read_bounded(
+        &self,
+        device: u16,
+        buf: &mut [u8],
+        offset: u64,
+        ahead_limit: u64,
+    ) -> std::io::Result<()> {
         let src = self.source(device)?;
         let Some(cache) = &self.cache else {
             let opts = ReadOptions {
@@ -113,7 +139,7 @@ impl DeviceReader for BlobDevices {
             return Ok(());
         };
         // From memory, the SSD cache, or the media (see `units`).
-        cache.read(src, offset, buf)
+        cache.read(src, offset, buf, ahead_limit)
     }
 }
 
@@ -332,23 +358,26 @@ impl ArchivedLayer {
             return Ok(reply(bytes));
         }
         let img = self.image()?;
+        let extents = img.map(inode, offset, n as u64).map_err(eio(self.id))?;
+        let ahead_limit = self.ahead_limit(&img, inode, &extents)?;
         if let Some(cache) = &self.blobs.cache
-            && let [e] = img
-                .map(inode, offset, n as u64)
-                .map_err(eio(self.id))?
-                .as_slice()
+            && let [e] = extents.as_slice()
             && e.offset == offset
             && e.len == n as u64
             && let Some((dev, at)) = e.location.filter(|&(dev, _)| dev > 0)
         {
             let src = self.blobs.source(dev).map_err(eio(self.id))?;
             if let Some(bytes) = cache
-                .read_joined(src, at, n as u64)
+                .read_joined(src, at, n as u64, ahead_limit)
                 .map_err(|e| self.data_error(&img, inode, offset, n, e))?
             {
                 return Ok(reply(&bytes));
             }
         }
+        let devices = BoundedDevices {
+            blobs: &self.blobs,
+            ahead_limit,
+        };
         SCRATCH.with(|cell| {
             let mut fresh = Vec::new();
             let mut held = cell.try_borrow_mut();
@@ -360,7 +389,7 @@ impl ArchivedLayer {
                 buf.resize(n, 0);
             }
             let got = img
-                .read_data(inode, offset, &mut buf[..n], &self.blobs)
+                .read_data(inode, offset, &mut buf[..n], &devices)
                 .map_err(|e| self.data_error(&img, inode, offset, n, e))?;
             Ok(reply(&buf[..got]))
         })
@@ -385,6 +414,44 @@ impl ArchivedLayer {
             "archived file data unreadable: {e}"
         );
         Errno::EIO
+    }
+
+    /// Where read-ahead after a read (whose `extents` these are) must stop in the blob: the
+    /// end of the file's data that continues the read's last extent on the same device, up
+    /// to the read-ahead window; so a sequential reader never makes the media read past its
+    /// file's end into other files' bytes.
+    fn ahead_limit(
+        &self,
+        img: &Image<File>,
+        inode: &Inode,
+        extents: &[spinfs_erofs::Extent],
+    ) -> Result<u64, Errno> {
+        let Some(cache) = &self.blobs.cache else {
+            return Ok(u64::MAX);
+        };
+        let Some(last) = extents.last() else {
+            return Ok(u64::MAX);
+        };
+        let Some((dev, at)) = last.location else {
+            return Ok(0);
+        };
+        let mut limit = at + last.len;
+        let mut pos = last.offset + last.len;
+        let window_end = limit + cache.ahead_window();
+        while pos < inode.size && limit < window_end {
+            let next = img
+                .map(inode, pos, (window_end - limit).min(inode.size - pos))
+                .map_err(eio(self.id))?;
+            let Some(e) = next.first() else { break };
+            match e.location {
+                Some((d, o)) if d == dev && o == limit && e.offset == pos => {
+                    limit += e.len;
+                    pos += e.len;
+                }
+                _ => break,
+            }
+        }
+        Ok(limit)
     }
 
     fn edges(&self, heads: &HeadCache, inode: &Inode) -> Option<crate::cache::Edges> {

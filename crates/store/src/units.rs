@@ -236,6 +236,11 @@ impl UnitCache {
         self.shared.unit
     }
 
+    /// How far ahead of a reader read-ahead may go (callers bound it by their file's end).
+    pub fn ahead_window(&self) -> u64 {
+        (AHEAD_RUNS + 1) * self.shared.run_bytes
+    }
+
     pub fn stats(&self) -> UnitStats {
         let st = self.shared.lock();
         UnitStats {
@@ -248,11 +253,20 @@ impl UnitCache {
 
     /// Copies the blob's bytes from `offset` into `buf` (all of it: reading past the blob's
     /// end is an error).
-    pub fn read(&self, src: &BlobSource, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    /// Read-ahead never goes past `ahead_limit` (the end of the reader's file in the blob).
+    pub fn read(
+        &self,
+        src: &BlobSource,
+        offset: u64,
+        buf: &mut [u8],
+        ahead_limit: u64,
+    ) -> std::io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
-        let units = self.shared.units_for(src, offset, buf.len() as u64)?;
+        let units = self
+            .shared
+            .units_for(src, offset, buf.len() as u64, ahead_limit)?;
         let mut done = 0usize;
         for (start, data) in units {
             let pos = offset + done as u64;
@@ -278,11 +292,12 @@ impl UnitCache {
         src: &BlobSource,
         offset: u64,
         len: u64,
+        ahead_limit: u64,
     ) -> std::io::Result<Option<Unit>> {
         if len == 0 {
             return Ok(None);
         }
-        let units = self.shared.units_for(src, offset, len)?;
+        let units = self.shared.units_for(src, offset, len, ahead_limit)?;
         let parts: Vec<&Unit> = units.iter().map(|(_, u)| u).collect();
         let Some(joined) = EntryData::join(&parts) else {
             return Ok(None);
@@ -327,6 +342,7 @@ impl Shared {
         src: &BlobSource,
         offset: u64,
         len: u64,
+        ahead_limit: u64,
     ) -> std::io::Result<Vec<(u64, Unit)>> {
         let blob = src.blob();
         let end = offset
@@ -379,13 +395,13 @@ impl Shared {
             }
         }
         for &start in &extend {
-            self.read_ahead(src, start);
+            self.read_ahead(src, start, ahead_limit);
         }
         // Read-ahead first, so that it runs while this request's own units load.
         if sequential && missing {
             let last = spans[spans.len() - 1];
             for _ in 0..AHEAD_RUNS {
-                self.read_ahead(src, last.0 + last.1);
+                self.read_ahead(src, last.0 + last.1, ahead_limit);
             }
         }
         // Load what this request claimed, in contiguous groups.
@@ -535,10 +551,12 @@ impl Shared {
     }
 
     /// Queues one more read-ahead run at the frontier from `from`: the first unit at or after
-    /// it that nobody has or loads, unless that is more than `AHEAD_RUNS` + 1 runs ahead.
-    fn read_ahead(&self, src: &BlobSource, from: u64) {
+    /// it that nobody has or loads, unless that is more than `AHEAD_RUNS` + 1 runs ahead or
+    /// at `ahead_limit` (the end of the reader's file: a unit that starts before it is read
+    /// whole).
+    fn read_ahead(&self, src: &BlobSource, from: u64, ahead_limit: u64) {
         let blob = src.blob();
-        let limit = from + (AHEAD_RUNS + 1) * self.run_bytes;
+        let limit = (from + (AHEAD_RUNS + 1) * self.run_bytes).min(ahead_limit);
         if self.workers.load(Ordering::Relaxed) == 0 {
             return;
         }

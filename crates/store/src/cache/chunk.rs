@@ -366,7 +366,7 @@ impl ChunkCache {
             self.hits.fetch_add(1, Ordering::Relaxed);
             placed.push((pos, len));
             pos += len;
-            if len % DIRECT_ALIGN != 0 {
+            if !len.is_multiple_of(DIRECT_ALIGN) {
                 break;
             }
         }
@@ -870,7 +870,7 @@ impl Buf {
                 break;
             }
             got += n as usize;
-            if got % DIRECT_ALIGN != 0 {
+            if !got.is_multiple_of(DIRECT_ALIGN) {
                 break; // end of file (O_DIRECT reads stop short only there)
             }
         }
