@@ -1222,9 +1222,7 @@ pub fn inspect_dir(
             let offset = e.file_name().to_str().and_then(parse_hex16);
             let len = meta.len().saturating_sub(CHUNK_HEADER_LEN);
             match offset {
-                Some(offset)
-                    if meta.is_file() && meta.len() > CHUNK_HEADER_LEN && len <= unit =>
-                {
+                Some(offset) if meta.is_file() && meta.len() > CHUNK_HEADER_LEN && len <= unit => {
                     files.push((path, (image, offset), len))
                 }
                 _ => out.leftovers.push(path),
