@@ -353,11 +353,23 @@ fn crafted_names_in_a_layer_cannot_escape_the_store() {
         img[1028..1032].copy_from_slice(&crc.to_le_bytes());
     }
     fs::write(&layers[0], &img).unwrap();
+    // ... and so is the store that names it: the manifest records the crafted meta's checksum
+    // (as if the medium itself carried the crafted image), so the mount cannot tell it from a
+    // genuine one and does not replace it with the media copy.
+    let mpath = m.store.join("manifest");
+    let mut manifest = spinfs_store::manifest::Manifest::load(&mpath).unwrap();
+    manifest.layers[0].meta.crc = crc32c::crc32c(&img);
+    manifest.commit(&mpath).unwrap();
     // Either the mount refuses the layer with a clear error, or it serves and rejects the
     // hostile directory; in both cases nothing outside the store is created or reached.
     let out = spinfs(&["mount", m.store.to_str().unwrap(), m.mnt.to_str().unwrap()]);
     if out.status.success() {
         println!("the mount took the crafted layer; its hostile entries must be refused");
+        let log = fs::read_to_string(m.store.join("spinfs.log")).unwrap_or_default();
+        assert!(
+            !log.contains("restored from its media copy"),
+            "the crafted meta was replaced, so nothing hostile was served: {log}"
+        );
         let _guard = Unmount(m.mnt.clone());
         let listing = fs::read_dir(m.path("d"));
         match listing {
