@@ -306,10 +306,19 @@ fn reliability_soak() {
                         "{ctx}: fsck did not notice {what}: {}",
                         String::from_utf8_lossy(&out.stdout)
                     );
+                    // Exit 1: problems found and all repaired.
                     let out = spinfs(&["fsck", "--repair", site.arg()]);
+                    assert_eq!(
+                        out.status.code(),
+                        Some(1),
+                        "{ctx}: fsck --repair after {what}: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        stderr(&out)
+                    );
+                    let out = spinfs(&["fsck", site.arg()]);
                     assert!(
                         out.status.success(),
-                        "{ctx}: fsck --repair after {what}: {}{}",
+                        "{ctx}: fsck after the repair of {what}: {}{}",
                         String::from_utf8_lossy(&out.stdout),
                         stderr(&out)
                     );
