@@ -35,7 +35,14 @@
 //! xattrs (`trusted.overlay.spinfs.*`) and markers are hidden by both sides; kernel overlayfs
 //! cannot show a user's char 0/0 device (spinfs keeps one apart from a whiteout with a marker
 //! xattr), and the generator makes no device nodes at all; inode numbers differ by design
-//! (overlayfs numbers per layer), so identity is compared as hard-link groups.
+//! (overlayfs numbers per layer), so identity is compared as hard-link groups. Stacked files
+//! (file stacking: a sparse upper file plus the chunk map `trusted.overlay.spinfs.stack`)
+//! mean nothing to kernel overlayfs, which shows the sparse upper file: for every regular file
+//! of the tree carrying a map, the oracle rebuilds the expected content without spinfs's read
+//! path — below chunks from the lower file the map names, read through a second read-only
+//! kernel overlayfs of the archived layers alone (the namespace below the tree), with zeros
+//! past the map's limit and the lower file's end; every other byte from the upper file — and
+//! compares that (names, types, modes, xattrs, nlink and link groups as for any file).
 //!
 //! Not compared (known limitations): st_size and nlink of directories, atime/ctime/mtime.
 //!
@@ -59,6 +66,7 @@
 mod common;
 
 use common::*;
+use spinfs_store::stackmap::{STACK_XATTR, StackMap};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fmt;
@@ -1494,8 +1502,14 @@ fn compare_full(kernel: &View, ours: &View) -> Vec<String> {
                     d.push(format!("nlink {} vs {}", k.nlink, o.nlink));
                 }
                 if k.content != o.content {
+                    let at = k
+                        .content
+                        .iter()
+                        .zip(&o.content)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(k.content.len().min(o.content.len()));
                     d.push(format!(
-                        "content ({} vs {} bytes)",
+                        "content ({} vs {} bytes, first difference at {at})",
                         k.content.len(),
                         o.content.len()
                     ));
@@ -1565,6 +1579,93 @@ impl Drop for KernelMount {
     }
 }
 
+/// The stacked files of a writable tree (file stacking): every regular file carrying the map
+/// xattr, by path, with its decoded map.
+fn stacked_files(tree: &Path) -> Result<Vec<(String, StackMap)>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![String::new()];
+    let xattr = CString::new(STACK_XATTR).unwrap();
+    while let Some(rel) = stack.pop() {
+        let rd = std::fs::read_dir(tree.join(&rel)).map_err(|e| format!("opendir {rel:?}: {e}"))?;
+        for e in rd {
+            let e = e.map_err(|e| format!("readdir {rel:?}: {e}"))?;
+            let name = e.file_name().into_string().unwrap();
+            let p = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type().map_err(|e| format!("lstat {p}: {e}"))?;
+            if ft.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if !ft.is_file() {
+                continue;
+            }
+            let c = cstr_path(&tree.join(&p));
+            let mut v = vec![0u8; 65536];
+            // SAFETY: the buffer is sized as passed.
+            let n = unsafe {
+                libc::lgetxattr(c.as_ptr(), xattr.as_ptr(), v.as_mut_ptr().cast(), v.len())
+            };
+            if n < 0 {
+                match errno() {
+                    libc::ENODATA => continue,
+                    e => return Err(format!("lgetxattr {p} (stack map): {}", errname(Err(e)))),
+                }
+            }
+            v.truncate(n as usize);
+            let map = StackMap::decode(&v)
+                .map_err(|e| format!("{p:?}: the stack map does not decode ({e:?})"))?;
+            out.push((p, map));
+        }
+    }
+    Ok(out)
+}
+
+/// The content a stacked file must show, reconstructed without spinfs: `upper` is its sparse
+/// upper file as the kernel reads it, `lower` the file its map names as kernel overlayfs over
+/// the archived layers shows it. Chunks below take the lower bytes below the map's limit and
+/// zeros past it (or past the lower file's end); every other byte is the upper file's.
+fn reconstruct_stacked(
+    p: &str,
+    map: &StackMap,
+    upper: &[u8],
+    lower: &[u8],
+) -> Result<Vec<u8>, String> {
+    if lower.len() as u64 != map.lower_size {
+        return Err(format!(
+            "{p:?}: the stack map says its lower file {:?} has {} bytes, kernel overlayfs over \
+             the layers shows {}",
+            String::from_utf8_lossy(&map.lower_path),
+            map.lower_size,
+            lower.len()
+        ));
+    }
+    let mut out = upper.to_vec();
+    let size = out.len() as u64;
+    let cs = map.chunk_size();
+    for &(first, end) in map.below_runs() {
+        for c in first..end {
+            let start = c * cs;
+            if start >= size {
+                return Err(format!(
+                    "{p:?}: chunk {c} is below but the file ends at {size} (map {map:?})"
+                ));
+            }
+            for off in start..((c + 1) * cs).min(size) {
+                out[off as usize] = if off < map.limit {
+                    lower.get(off as usize).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The store's durable state as far as the oracle needs it.
 #[derive(PartialEq, Debug)]
 struct StoreState {
@@ -1616,6 +1717,8 @@ struct Oracle {
     layers: HashMap<u64, KernelMount>,
     dir: tempfile::TempDir,
     checks: usize,
+    /// Stacked files whose content was reconstructed from their map (summed over checks).
+    stacked: usize,
 }
 
 impl Oracle {
@@ -1627,6 +1730,7 @@ impl Oracle {
                 .tempdir_in(test_root())
                 .unwrap(),
             checks: 0,
+            stacked: 0,
         }
     }
 
@@ -1701,7 +1805,7 @@ impl Oracle {
             lower.push(empty.display().to_string());
             self.checks += 1;
             let target = self.dir.path().join(format!("ov{}", self.checks));
-            let kernel = {
+            let mut kernel = {
                 let _ov = KernelMount::new(
                     "overlay",
                     &target,
@@ -1710,13 +1814,58 @@ impl Oracle {
                 )?;
                 observe_full(&target).map_err(|e| format!("overlayfs walk: {e}"))?
             };
+            // Kernel overlayfs shows a stacked file's sparse upper file: its expected content
+            // is rebuilt from the map, the upper file and the lower file as kernel overlayfs
+            // over the archived layers alone (the namespace below the tree) shows it.
+            let stacked = stacked_files(&tree).map_err(|e| format!("writable tree walk: {e}"))?;
+            if !stacked.is_empty() {
+                if before.layers.is_empty() {
+                    return Err(format!(
+                        "stacked files {:?} in the writable tree, but no layer below it",
+                        stacked.iter().map(|(p, _)| p).collect::<Vec<_>>()
+                    ));
+                }
+                let below = self.dir.path().join(format!("below{}", self.checks));
+                let _ov = KernelMount::new(
+                    "overlay",
+                    &below,
+                    "overlay",
+                    &format!("lowerdir={}", lower[1..].join(":")),
+                )?;
+                for (p, map) in &stacked {
+                    let lp = below.join(std::ffi::OsStr::from_bytes(&map.lower_path));
+                    let lower = match std::fs::symlink_metadata(&lp) {
+                        Ok(md) if md.file_type().is_file() => std::fs::read(&lp)
+                            .map_err(|e| format!("overlayfs below: read {}: {e}", lp.display()))?,
+                        r => {
+                            return Err(format!(
+                                "{p:?}: the stack map's lower file {:?} is no regular file in \
+                                 kernel overlayfs over the layers ({:?})",
+                                String::from_utf8_lossy(&map.lower_path),
+                                r.map(|md| md.file_type())
+                            ));
+                        }
+                    };
+                    let f = kernel
+                        .0
+                        .get_mut(p)
+                        .filter(|f| f.kind == 'f')
+                        .ok_or_else(|| {
+                            format!("{p:?}: a stacked file of the tree is no file in overlayfs")
+                        })?;
+                    f.content = reconstruct_stacked(p, map, &f.content, &lower)?;
+                }
+                self.stacked += stacked.len();
+            }
             let ours = observe_full(mnt).map_err(|e| format!("spinfs walk: {e}"))?;
             let diffs = compare_full(&kernel, &ours);
             if diffs.is_empty() {
                 return Ok(());
             }
+            let stacked: Vec<_> = stacked.iter().map(|(p, _)| p).collect();
             Err(format!(
-                "kernel overlayfs over {} differs:\n  {}",
+                "kernel overlayfs over {} differs (stacked files, content rebuilt from their \
+                 maps: {stacked:?}):\n  {}",
                 lower.join(":"),
                 diffs.join("\n  ")
             ))
@@ -1732,6 +1881,8 @@ impl Oracle {
 type Stats = BTreeMap<String, usize>;
 
 const ORACLE_KEY: &str = "kernel overlayfs comparisons";
+/// Under this key: how many stacked files' contents the oracle rebuilt from their maps.
+const STACKED_KEY: &str = "stacked files rebuilt";
 
 struct Failure {
     /// The steps up to and including the one that failed.
@@ -1890,6 +2041,9 @@ fn run_inner(
             diffs.join("\n  ")
         ));
     }
+    if let Some(k) = &kernel {
+        stats.insert(STACKED_KEY.into(), k.stacked);
+    }
     // The store the sequence leaves behind must be consistent for `spinfs fsck`.
     mnt.umount();
     let out = spinfs(&["fsck", mnt.store.to_str().unwrap()]);
@@ -1990,10 +2144,17 @@ fn differential_random_sequences() {
     if let Ok(r) = std::env::var("SPINFS_DIFF_REPLAY") {
         let ops = parse_ops(&r);
         let oracle = std::env::var_os("SPINFS_DIFF_NO_ORACLE").is_none();
-        if let Err(f) = run_sequence(0, Some(&ops), 0, oracle) {
-            panic!("{}", report(0, f, oracle));
-        }
-        eprintln!("replay of {} steps: no divergence", ops.len());
+        let st = match run_sequence(0, Some(&ops), 0, oracle) {
+            Ok(st) => st,
+            Err(f) => panic!("{}", report(0, f, oracle)),
+        };
+        eprintln!(
+            "replay of {} steps: no divergence ({} kernel overlayfs comparisons, {} stacked \
+             files rebuilt from their maps)",
+            ops.len(),
+            st.get(ORACLE_KEY).unwrap_or(&0),
+            st.get(STACKED_KEY).unwrap_or(&0)
+        );
         return;
     }
     let n = env_num("SPINFS_DIFF_SEQUENCES", 150);
@@ -2003,13 +2164,14 @@ fn differential_random_sequences() {
     let start = Instant::now();
     let mut total = 0;
     let mut all = Stats::new();
-    let (mut with_oracle, mut compared) = (0, 0);
+    let (mut with_oracle, mut compared, mut stacked) = (0, 0, 0);
     for seed in first..first + n {
         let oracle = seed % every == 0 && std::env::var_os("SPINFS_DIFF_NO_ORACLE").is_none();
         with_oracle += oracle as u64;
         match run_sequence(seed, None, nops, oracle) {
             Ok(mut st) => {
                 compared += st.remove(ORACLE_KEY).unwrap_or(0);
+                stacked += st.remove(STACKED_KEY).unwrap_or(0);
                 for (k, v) in st {
                     total += v;
                     *all.entry(k).or_default() += v;
@@ -2019,8 +2181,8 @@ fn differential_random_sequences() {
         }
     }
     eprintln!(
-        "{n} sequences ({with_oracle} also against kernel overlayfs: {compared} comparisons), \
-         {total} steps, no divergence ({:.1}s)\nsteps by expected result: {}",
+        "{n} sequences ({with_oracle} also against kernel overlayfs: {compared} comparisons, \
+         {stacked} stacked files rebuilt from their maps), {total} steps, no divergence ({:.1}s)\nsteps by expected result: {}",
         start.elapsed().as_secs_f64(),
         all.iter()
             .map(|(k, v)| format!("{k}: {v}"))
