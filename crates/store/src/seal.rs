@@ -135,7 +135,7 @@ impl ReadAt for TreeFile {
                     Ok(0) => break,
                     Ok(n) => {
                         done += n;
-                        if done % DIRECT_ALIGN as usize != 0 {
+                        if !done.is_multiple_of(DIRECT_ALIGN as usize) {
                             break; // end of file
                         }
                     }
