@@ -35,7 +35,8 @@
 #   archived_cold_read_vs_model   goal >= 0.9
 #   write_p99_idle_us / write_p99_during_seal_us (medians of rounds; each round's p50, p99,
 #                                 p999, max on a "# latency round" line), seal_seconds, seal_MBps
-#   write_p99_during_seal_vs_idle goal <= 2
+#   write_p99_during_seal_vs_idle goal <= 2 (ratio of the medians; _paired: median of each
+#                                 round's ratio to the idle run just before it)
 # MB = 10^6 bytes. The machine is shared: compare figures of one run only.
 set -euo pipefail
 
@@ -248,6 +249,13 @@ seal_s=$(median "${seal_secs[@]}")
 idle_p99=$(median "${idle_p99s[@]}")
 seal_p99=$(median "${seal_p99s[@]}")
 echo "# write p99 runs (us): idle ${idle_p99s[*]}; during seal ${seal_p99s[*]}"
+# Each round's ratio (its seal against the idle run just before it), for a machine whose
+# load drifts between rounds.
+paired=()
+for ((r = 0; r < REPEAT; r++)); do
+    paired+=("$(awk -v n="${seal_p99s[r]}" -v d="${idle_p99s[r]}" 'BEGIN { printf "%.3f", n / d }')")
+done
+echo "# per-round ratios: ${paired[*]}"
 fi
 if part warm; then
 echo "archived_first_read_MBps $first"
@@ -267,4 +275,5 @@ echo "write_p99_during_seal_us $seal_p99"
 echo "seal_seconds $seal_s"
 awk -v s="$seal_s" -v m="$SEAL_MIB" 'BEGIN { printf "seal_MBps %.1f\n", m * 1048576 / s / 1e6 }'
 ratio write_p99_during_seal_vs_idle "$seal_p99" "$idle_p99"
+echo "write_p99_during_seal_vs_idle_paired $(median "${paired[@]}")"
 fi

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// How often the writable layer's size is checked against the threshold.
 const TICK: Duration = Duration::from_millis(500);
-/// Wait before retrying a failed seal or merge; doubled at each failure in a row.
+/// Wait before retrying a failed seal; doubled at each failure in a row.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// Longest wait between retries.
 const RETRY_MAX: Duration = Duration::from_secs(60);

@@ -208,7 +208,8 @@ pub struct MediaIoConfig {
     /// writable layer (for media sharing a disk with the SSD store): a sync slower than the
     /// target while seal or merge writes run halves their rate (from the measured write
     /// bandwidth, down to 1/16 of it) and holds them briefly; fast syncs raise it again by
-    /// 1/16 of the bandwidth every 200 ms. `background_write_rate` stays a hard cap.
+    /// 1/16 of the bandwidth every 200 ms. `background_write_rate` stays a hard cap. Off by
+    /// default (see README: it slowed seals without a measurable gain on the disks tried).
     pub background_write_adaptive: bool,
     /// The sync latency target of that adaptation; 0 = twice the sync latency measured
     /// while no background write runs (20 ms until 8 such syncs were seen).
@@ -229,7 +230,7 @@ impl Default for MediaIoConfig {
             request_timeout_ms: 60_000,
             background_io_class: "idle".into(),
             background_nice: 10,
-            background_write_adaptive: true,
+            background_write_adaptive: false,
             sync_latency_target_ms: 0,
         }
     }

@@ -88,6 +88,11 @@ struct TreeFile {
 
 /// Alignment of direct reads.
 const DIRECT_ALIGN: u64 = 4096;
+/// Largest single direct read: each one holds the disk queue as long as it takes, so a
+/// mount's fsync waits at most about that long behind the seal (measured on mq-deadline:
+/// fdatasync p99 alone 5-8 ms; beside 4 MiB direct reads 9 ms, 1 MiB 7 ms, 256 KiB 5 ms, at
+/// 550-625 MB/s each).
+const DIRECT_PIECE: usize = 256 << 10;
 
 thread_local! {
     /// The aligned buffer of direct reads, reused by the sealing thread.
@@ -136,7 +141,8 @@ impl ReadAt for TreeFile {
             while done < want {
                 // `space` is aligned and `done` a multiple of the alignment, as O_DIRECT
                 // requires.
-                match FileExt::read_at(&file, &mut space[done..], start + done as u64) {
+                let piece = (want - done).min(DIRECT_PIECE);
+                match FileExt::read_at(&file, &mut space[done..done + piece], start + done as u64) {
                     Ok(0) => break,
                     Ok(n) => {
                         done += n;
