@@ -2268,3 +2268,14 @@ fn regression_open_hard_linked_file_moves_with_all_names_at_freeze() {
 fn regression_hard_link_reached_through_removed_directory() {
     regression("m:c;w:b:9010:79149:96395;l:b:c/a;u:c/a;r:c;S");
 }
+
+/// Seed 1048: an archived file exchanged with a new one, the new one held open for writing
+/// across a seal. The freeze moved the open file out of the frozen generation without leaving
+/// a whiteout at its name, so the sealed layer let the older archived entry show through:
+/// stale data under a duplicate inode number in the merged layer (found by `spinfs fsck` at
+/// the end of the sequence, hidden in the mount by the newer file).
+#[test]
+fn regression_file_moved_at_freeze_leaves_a_whiteout_over_older_layers() {
+    regression("s:t1:a;S;w:c:65528:407:763381;n:a:c:2;o:1:a;S;S");
+    regression("w:a:0:5:2;S;w:c:0:10:1;n:a:c:2;o:1:a;S;S");
+}

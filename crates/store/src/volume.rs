@@ -600,12 +600,22 @@ impl Volume {
         sys::setxattr_fd(fd.as_fd(), &cstr(markers::INO_XATTR), &ino.to_le_bytes(), 0)?;
         if at_name {
             let new_pfd = self.copy_up(parent)?;
+            // The frozen generation is sealed as a layer over the archived ones: where the
+            // name exists in them, the moved file leaves a whiteout behind, or the layer
+            // would let the older entry show through it (stale data under a duplicate inode
+            // number once the layers merge).
+            let pnode = self.node(parent)?;
+            let below = self.place(parent, &pnode)?.lower.iter().any(|part| {
+                matches!(part, LowerPart::Image { .. })
+                    && part.lookup(name).ok().flatten().is_some()
+            });
+            let whiteout = if below { libc::RENAME_WHITEOUT } else { 0 };
             sys::renameat2(
                 old_pfd.as_fd(),
                 &cname,
                 new_pfd.as_fd(),
                 &cname,
-                libc::RENAME_NOREPLACE,
+                libc::RENAME_NOREPLACE | whiteout,
             )?;
         }
         if !at_name || st.st_nlink > 1 {
