@@ -31,7 +31,15 @@ fn volume(root: &Path, names: &[&str]) -> (Volume, u64) {
         .unwrap();
     for n in names {
         let (_, fh, _) = vol
-            .create(d.ino, OsStr::new(n), 0o644, 0o022, libc::O_RDWR, &caller(), false)
+            .create(
+                d.ino,
+                OsStr::new(n),
+                0o644,
+                0o022,
+                libc::O_RDWR,
+                &caller(),
+                false,
+            )
             .unwrap();
         vol.release(fh);
     }
