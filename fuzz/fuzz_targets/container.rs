@@ -63,6 +63,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         // a valid header for container 0 of this medium, then a valid chain of record
         // blocks for as long as the input has blocks with any byte set
         ContainerHeader {
+            // both format versions the reader accepts
+            version: if mode & 2 == 2 {
+                spinfs_media::layout::MIN_FORMAT_VERSION
+            } else {
+                spinfs_media::layout::FORMAT_VERSION
+            },
             medium: id,
             container: 0,
             geometry: g,
