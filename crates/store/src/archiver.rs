@@ -57,6 +57,8 @@ pub struct Archiver {
     /// The manifest as last committed, readable while a seal holds the store.
     snapshot: Mutex<crate::manifest::Manifest>,
     last_merge: Mutex<Option<u64>>,
+    /// The configured background priority: I/O class and nice value.
+    priority: (String, i32),
 }
 
 impl Archiver {
@@ -86,6 +88,7 @@ impl Archiver {
             }),
             cv: Condvar::new(),
             last: Mutex::new(None),
+            priority: priority.clone(),
         });
         let worker = a.clone();
         std::thread::Builder::new()
@@ -305,6 +308,20 @@ impl Archiver {
     /// Seals a frozen generation left by a crash or a failed seal, then (when `asked`) the
     /// writable generation.
     fn seal_once(&self, asked: bool) -> Result<SealOutcome, String> {
+        // Writers blocked on a full SSD wait for this seal: it is their I/O now, so it does
+        // not yield the disk to others (back to the background priority for the next one).
+        let urgent = self.vol.writers_waiting();
+        if urgent {
+            set_background_priority("normal", 0);
+        }
+        let out = self.seal_once_inner(asked);
+        if urgent {
+            set_background_priority(&self.priority.0, self.priority.1);
+        }
+        out
+    }
+
+    fn seal_once_inner(&self, asked: bool) -> Result<SealOutcome, String> {
         let mut store = self.store.lock().unwrap();
         if let Some(frozen) = store.manifest().frozen.clone() {
             // An earlier seal failed after the freeze, or a crash interrupted it: seal that
@@ -397,7 +414,8 @@ impl Archiver {
 
 /// Gives the calling thread (the archiver) a low I/O priority and a higher nice value, so
 /// that seals and merges yield the disk and the CPU to the mount's users. `class` is
-/// "idle", "best-effort" (its lowest level) or "inherit". Failures are logged, not fatal.
+/// "idle", "best-effort" (its lowest level), "normal" (best-effort's default level) or
+/// "inherit". Failures are logged, not fatal.
 pub fn set_background_priority(class: &str, nice: i32) {
     const IOPRIO_CLASS_BE: libc::c_int = 2;
     const IOPRIO_CLASS_IDLE: libc::c_int = 3;
@@ -406,6 +424,8 @@ pub fn set_background_priority(class: &str, nice: i32) {
     let prio = match class {
         "idle" => Some(IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
         "best-effort" => Some((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
+        // The default level of the best-effort class (for seals that writers wait for).
+        "normal" => Some((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 4),
         _ => None,
     };
     if let Some(prio) = prio {
@@ -418,7 +438,7 @@ pub fn set_background_priority(class: &str, nice: i32) {
             );
         }
     }
-    if nice > 0 {
+    if nice > 0 || class == "normal" {
         // SAFETY: gettid has no arguments; setpriority on this thread's id.
         let r = unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;

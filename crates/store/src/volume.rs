@@ -357,6 +357,8 @@ pub struct Volume {
     write_limit: AtomicU64,
     /// Seals completed, with a condition variable for writers waiting on one.
     seals_done: (Mutex<u64>, std::sync::Condvar),
+    /// Writers waiting in `throttle` (the archiver seals at normal priority while any do).
+    writers_waiting: AtomicU64,
     stack_counters: StackCounters,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -458,6 +460,7 @@ impl Volume {
             chunk_bits: AtomicU8::new(spinfs_erofs::writer::DEFAULT_CHUNK_BITS),
             write_limit: AtomicU64::new(0),
             seals_done: (Mutex::new(0), std::sync::Condvar::new()),
+            writers_waiting: AtomicU64::new(0),
             stack_counters: StackCounters::default(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -697,8 +700,9 @@ impl Volume {
             let mut st = root.st.write().unwrap();
             st.place.lower = stack.lower_roots()?;
             st.epoch = stack.epoch;
-            *self.stack.write().unwrap() = stack;
+            *self.stack.write().unwrap() = stack.clone();
         }
+        self.forget_stale_lowers(stack.epoch);
         *self.seals_done.0.lock().unwrap() += 1;
         self.seals_done.1.notify_all();
         Ok(())
@@ -709,28 +713,41 @@ impl Volume {
         self.write_limit.store(bytes, Ordering::Relaxed);
     }
 
-    /// Flow control: while the writable tree holds more than the write limit and the SSD
-    /// has less than that left, a daemon-served writer waits for a seal to make room
-    /// (bounded: after a while it goes on regardless). Plenty of free space never waits.
+    /// Flow control: while the SSD has less than the write limit left and the writable tree
+    /// holds more than that or a seal is under way, a daemon-served writer waits for a seal
+    /// to make room. It
+    /// waits as long as a seal is under way (one that frees the SSD is coming; at most ten
+    /// minutes) and 20 s more for one to start; after that it goes on regardless. Plenty of
+    /// free space never waits.
     fn throttle(&self, h: &Handle) {
         let limit = self.write_limit.load(Ordering::Relaxed);
         if limit == 0 {
             return;
         }
         self.count_growth(h);
+        // Short of space: wait while the writable tree has enough to seal, or while a seal
+        // is under way (its frozen tree goes when it commits; a writer that went on meanwhile
+        // could fill the SSD before then).
         let over = || {
-            self.upper_bytes.load(Ordering::Relaxed) > limit as i64
-                && self
-                    .statfs()
-                    .is_ok_and(|s| s.bavail.saturating_mul(s.frsize as u64) < limit)
+            self.statfs()
+                .is_ok_and(|s| s.bavail.saturating_mul(s.frsize as u64) < limit)
+                && (self.upper_bytes.load(Ordering::Relaxed) > limit as i64
+                    || self.stack().frozen.is_some())
         };
         if !over() {
             return;
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        self.writers_waiting.fetch_add(1, Ordering::Relaxed);
+        let start = std::time::Instant::now();
+        let cap = start + std::time::Duration::from_secs(600);
+        let mut deadline = start + std::time::Duration::from_secs(20);
         loop {
             let now = std::time::Instant::now();
-            if now >= deadline {
+            if self.stack().frozen.is_some() {
+                // A seal is under way.
+                deadline = deadline.max(now + std::time::Duration::from_secs(20));
+            }
+            if now >= deadline.min(cap) {
                 tracing::warn!("the SSD is short of space and no seal came: writing on");
                 break;
             }
@@ -742,6 +759,12 @@ impl Volume {
                 break;
             }
         }
+        self.writers_waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether writers are waiting for a seal to make room on the SSD (see `throttle`).
+    pub fn writers_waiting(&self) -> bool {
+        self.writers_waiting.load(Ordering::Relaxed) > 0
     }
 
     /// Archived layers `old` (ids, adjacent in the stack) were merged into `layer`, which

@@ -482,6 +482,30 @@ impl Volume {
         }
     }
 
+    /// After a seal: stacked files forget lower files resolved in the stack before it, which
+    /// may be files of the tree the seal deleted: a cached descriptor would keep such a file,
+    /// and the SSD space it holds, alive until the next freeze (a writer that never reads
+    /// below would never resolve it again). They resolve again, in the archived layer, when
+    /// next needed.
+    pub(super) fn forget_stale_lowers(&self, epoch: u64) {
+        let live: Vec<Arc<StackedFile>> = self
+            .stacked
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for sf in live {
+            let mut lower = sf.lower.lock().unwrap();
+            if lower
+                .as_ref()
+                .is_some_and(|(e, _)| *e != u64::MAX && *e < epoch)
+            {
+                *lower = None;
+            }
+        }
+    }
+
     fn carry_one(&self, sf: &Arc<StackedFile>) -> SysResult<()> {
         let mut st = sf.st.write().unwrap();
         if sys::fstat(st.fd.as_fd())?.st_nlink == 0 {
