@@ -2332,38 +2332,29 @@ impl Volume {
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> SysResult<i64> {
         let h = self.handle(fh)?;
-        match &h.kind {
-            HandleKind::Upper(fd) => sys::lseek(fd.as_fd(), offset, whence),
+        // SEEK_DATA/SEEK_HOLE of daemon-served data: (start, whether data is sought).
+        let data_seek = || -> SysResult<(u64, bool)> {
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
+                _ => return Err(Errno::EINVAL),
+            };
+            let start = u64::try_from(offset).map_err(|_| Errno(libc::ENXIO))?;
+            Ok((start, data))
+        };
+        let found = match &h.kind {
+            HandleKind::Upper(fd) => return sys::lseek(fd.as_fd(), offset, whence),
+            HandleKind::Merged(_) => return Err(Errno::EISDIR),
             HandleKind::Stacked(sf) => {
-                let data = match whence {
-                    libc::SEEK_DATA => true,
-                    libc::SEEK_HOLE => false,
-                    _ => return Err(Errno::EINVAL),
-                };
-                if offset < 0 {
-                    return Err(Errno(libc::ENXIO));
-                }
-                match self.stacked_seek(sf, offset as u64, data)? {
-                    Some(o) => Ok(o as i64),
-                    None => Err(Errno(libc::ENXIO)),
-                }
+                let (start, data) = data_seek()?;
+                self.stacked_seek(sf, start, data)?
             }
             HandleKind::Lower(part) => {
-                let data = match whence {
-                    libc::SEEK_DATA => true,
-                    libc::SEEK_HOLE => false,
-                    _ => return Err(Errno::EINVAL),
-                };
-                if offset < 0 {
-                    return Err(Errno(libc::ENXIO));
-                }
-                match part.seek(offset as u64, data)? {
-                    Some(o) => Ok(o as i64),
-                    None => Err(Errno(libc::ENXIO)),
-                }
+                let (start, data) = data_seek()?;
+                part.seek(start, data)?
             }
-            HandleKind::Merged(_) => Err(Errno::EISDIR),
-        }
+        };
+        found.map(|o| o as i64).ok_or(Errno(libc::ENXIO))
     }
 
     pub fn copy_file_range(

@@ -430,16 +430,20 @@ impl Volume {
         }
     }
 
-    /// At a freeze, before the stack changes: every live stacked file resolves its lower
-    /// file in `below` (the layers below the tree being frozen) until it is carried over.
-    pub(super) fn pin_stacked(&self, below: &[Arc<ArchivedLayer>]) -> Vec<Arc<StackedFile>> {
-        let live: Vec<Arc<StackedFile>> = self
-            .stacked
+    /// The stacked files some handle or node still holds.
+    fn live_stacked_files(&self) -> Vec<Arc<StackedFile>> {
+        self.stacked
             .lock()
             .unwrap()
             .values()
             .filter_map(Weak::upgrade)
-            .collect();
+            .collect()
+    }
+
+    /// At a freeze, before the stack changes: every live stacked file resolves its lower
+    /// file in `below` (the layers below the tree being frozen) until it is carried over.
+    pub(super) fn pin_stacked(&self, below: &[Arc<ArchivedLayer>]) -> Vec<Arc<StackedFile>> {
+        let live = self.live_stacked_files();
         let mut carried = Vec::new();
         for sf in live {
             let mut st = sf.st.write().unwrap();
@@ -488,13 +492,7 @@ impl Volume {
     /// below would never resolve it again). They resolve again, in the archived layer, when
     /// next needed.
     pub(super) fn forget_stale_lowers(&self, epoch: u64) {
-        let live: Vec<Arc<StackedFile>> = self
-            .stacked
-            .lock()
-            .unwrap()
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
+        let live = self.live_stacked_files();
         for sf in live {
             let mut lower = sf.lower.lock().unwrap();
             if lower
