@@ -141,10 +141,9 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
         Err(e) => tracing::warn!("media not available at mount: {e}"),
     }
     vol.set_chunk_size(store.config().chunk_size);
-    // Daemon-served writers wait for a seal beyond 1.5 × the threshold when the SSD is short
-    // of space (see Volume::throttle).
-    let threshold = store.config().archive_threshold;
-    vol.set_write_limit(threshold.saturating_add(threshold / 2));
+    // Daemon-served writers wait for a seal when the SSD has less than 1.5 × the threshold
+    // free, and the tree reaching the threshold wakes the archiver (see Volume::throttle).
+    vol.set_flow_control(store.config().archive_threshold);
     let usage = tree_usage(&tree).with_context(|| format!("cannot measure {}", tree.display()))?;
     vol.set_upper_bytes(usage.bytes);
     let layout = store.layout().clone();

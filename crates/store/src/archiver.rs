@@ -37,6 +37,9 @@ struct State {
     merge_requested: u64,
     merges_finished: u64,
     merge_error: Option<String>,
+    /// The volume asked for a look now (the tree reached the threshold, or writers wait
+    /// for room): see `Volume::set_seal_kick`.
+    kicked: bool,
 }
 
 /// Outcome of a requested seal.
@@ -90,6 +93,13 @@ impl Archiver {
             last: Mutex::new(None),
             priority: priority.clone(),
         });
+        let weak = Arc::downgrade(&a);
+        a.vol.set_seal_kick(Box::new(move || {
+            if let Some(a) = weak.upgrade() {
+                a.state.lock().unwrap().kicked = true;
+                a.cv.notify_all();
+            }
+        }));
         let worker = a.clone();
         std::thread::Builder::new()
             .name("spinfs-archiver".into())
@@ -186,9 +196,10 @@ impl Archiver {
                 if st.shutdown {
                     return;
                 }
-                if st.requested == 0 && st.merge_requested == 0 {
+                if st.requested == 0 && st.merge_requested == 0 && !st.kicked {
                     st = self.cv.wait_timeout(st, TICK).unwrap().0;
                 }
+                st.kicked = false;
                 if st.shutdown {
                     return;
                 }
@@ -198,7 +209,8 @@ impl Archiver {
             };
             let backing_off = retry_at.is_some_and(|t| Instant::now() < t);
             self.merge_step(backing_off);
-            let full = self.vol.upper_bytes() >= self.threshold;
+            // Writers short of room make it seal before the threshold.
+            let full = self.vol.upper_bytes() >= self.threshold || self.vol.seal_for_room();
             // A frozen generation left by a failed seal is sealed again when its retry is
             // due (it stays readable as the frozen layer meanwhile).
             let frozen = self.snapshot.lock().unwrap().frozen.is_some();
@@ -387,9 +399,9 @@ impl Archiver {
             .sealed(frozen.generation, opened)
             .map_err(|e| format!("switching to the sealed layer: {e}"))?;
         spinfs_failpoints::fail_point!("seal.layer_swapped");
-        store
-            .drop_generation(frozen.generation)
-            .map_err(|e| e.to_string())?;
+        let dropped = store.drop_generation(frozen.generation);
+        self.vol.generation_dropped();
+        dropped.map_err(|e| e.to_string())?;
         spinfs_failpoints::fail_point!("seal.tree_deleted");
         let Some(layer) = layer else {
             tracing::info!(

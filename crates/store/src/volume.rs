@@ -355,7 +355,16 @@ pub struct Volume {
     /// the SSD has less than this free (0 = never): flow control so that a file larger than
     /// the SSD can be written.
     write_limit: AtomicU64,
-    /// Seals completed, with a condition variable for writers waiting on one.
+    /// The archive threshold (0 = unknown): the writable tree reaching it wakes the archiver
+    /// through `seal_kick` at once rather than at its next periodic check.
+    seal_threshold: AtomicU64,
+    /// Wakes the archiver (set by it; see `set_seal_kick`).
+    seal_kick: std::sync::OnceLock<SealKick>,
+    /// Sealed generations whose frozen tree is still being deleted from the SSD: their space
+    /// is coming back, so short writers keep waiting for it (see `throttle`).
+    dropping: AtomicU64,
+    /// Seals completed (and their frozen trees deleted), with a condition variable for
+    /// writers waiting on one.
     seals_done: (Mutex<u64>, std::sync::Condvar),
     /// Writers waiting in `throttle` (the archiver seals at normal priority while any do).
     writers_waiting: AtomicU64,
@@ -371,6 +380,9 @@ pub struct Volume {
     /// See `set_sync_observer`.
     sync_observer: std::sync::OnceLock<SyncObserver>,
 }
+
+/// Wakes the archiver: the writable tree reached the threshold or writers wait for room.
+pub type SealKick = Box<dyn Fn() + Send + Sync>;
 
 /// Told how long each fsync of a writable file took.
 pub type SyncObserver = Box<dyn Fn(std::time::Duration) + Send + Sync>;
@@ -459,6 +471,9 @@ impl Volume {
             stacked: Mutex::new(HashMap::new()),
             chunk_bits: AtomicU8::new(spinfs_erofs::writer::DEFAULT_CHUNK_BITS),
             write_limit: AtomicU64::new(0),
+            seal_threshold: AtomicU64::new(0),
+            seal_kick: std::sync::OnceLock::new(),
+            dropping: AtomicU64::new(0),
             seals_done: (Mutex::new(0), std::sync::Condvar::new()),
             writers_waiting: AtomicU64::new(0),
             stack_counters: StackCounters::default(),
@@ -703,48 +718,83 @@ impl Volume {
             *self.stack.write().unwrap() = stack.clone();
         }
         self.forget_stale_lowers(stack.epoch);
-        *self.seals_done.0.lock().unwrap() += 1;
-        self.seals_done.1.notify_all();
+        // Its frozen tree still takes the SSD's space until `generation_dropped`.
+        self.dropping.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Sets the flow-control limit of daemon-served writes (see `write_limit`).
-    pub fn set_write_limit(&self, bytes: u64) {
-        self.write_limit.store(bytes, Ordering::Relaxed);
+    /// The frozen tree of a generation passed to `sealed` was deleted from the SSD (or its
+    /// deletion failed and was reported): writers waiting for room look again.
+    pub fn generation_dropped(&self) {
+        let _ = self
+            .dropping
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        *self.seals_done.0.lock().unwrap() += 1;
+        self.seals_done.1.notify_all();
     }
 
-    /// Flow control: while the SSD has less than the write limit left and the writable tree
-    /// holds more than that or a seal is under way, a daemon-served writer waits for a seal
-    /// to make room. It
-    /// waits as long as a seal is under way (one that frees the SSD is coming; at most ten
-    /// minutes) and 20 s more for one to start; after that it goes on regardless. Plenty of
-    /// free space never waits.
+    /// Sets flow control from the archive threshold: daemon-served writers wait for a seal
+    /// when the SSD has less than 1.5 × the threshold free (see `throttle`), and the tree
+    /// reaching the threshold wakes the archiver (see `set_seal_kick`).
+    pub fn set_flow_control(&self, threshold: u64) {
+        self.seal_threshold.store(threshold, Ordering::Relaxed);
+        self.write_limit
+            .store(threshold.saturating_add(threshold / 2), Ordering::Relaxed);
+    }
+
+    /// Sets what wakes the archiver (once).
+    pub fn set_seal_kick(&self, kick: SealKick) {
+        let _ = self.seal_kick.set(kick);
+    }
+
+    fn kick_archiver(&self) {
+        if let Some(kick) = self.seal_kick.get() {
+            kick();
+        }
+    }
+
+    /// Whether the writable tree holds enough to be worth sealing for room: writers waiting
+    /// for space make the archiver seal before the threshold when it does (at least an
+    /// eighth of the write limit, so that a nearly empty tree is not sealed again and again
+    /// on an SSD filled by something else).
+    pub fn seal_for_room(&self) -> bool {
+        self.writers_waiting()
+            && self.upper_bytes.load(Ordering::Relaxed)
+                >= (self.write_limit.load(Ordering::Relaxed) / 8) as i64
+    }
+
+    /// Flow control: while the SSD has less than the write limit left, a daemon-served
+    /// writer waits for room when room is coming or can be made: a seal is under way (the
+    /// frozen tree goes when it commits; a writer that went on meanwhile could fill the SSD
+    /// before then), a sealed generation's tree is being deleted, or the writable tree holds
+    /// enough to be sealed (the archiver is woken to seal it at once, before the threshold
+    /// if need be). It waits as long as a seal is under way (at most ten minutes) and 20 s
+    /// more for one to start; after that it goes on regardless. Plenty of free space never
+    /// waits.
     fn throttle(&self, h: &Handle) {
         let limit = self.write_limit.load(Ordering::Relaxed);
         if limit == 0 {
             return;
         }
         self.count_growth(h);
-        // Short of space: wait while the writable tree has enough to seal, or while a seal
-        // is under way (its frozen tree goes when it commits; a writer that went on meanwhile
-        // could fill the SSD before then).
+        let coming = || self.stack().frozen.is_some() || self.dropping.load(Ordering::Relaxed) > 0;
         let over = || {
             self.statfs()
                 .is_ok_and(|s| s.bavail.saturating_mul(s.frsize as u64) < limit)
-                && (self.upper_bytes.load(Ordering::Relaxed) > limit as i64
-                    || self.stack().frozen.is_some())
+                && (coming() || self.upper_bytes.load(Ordering::Relaxed) >= (limit / 8) as i64)
         };
         if !over() {
             return;
         }
         self.writers_waiting.fetch_add(1, Ordering::Relaxed);
+        self.kick_archiver();
         let start = std::time::Instant::now();
         let cap = start + std::time::Duration::from_secs(600);
         let mut deadline = start + std::time::Duration::from_secs(20);
         loop {
             let now = std::time::Instant::now();
-            if self.stack().frozen.is_some() {
-                // A seal is under way.
+            if coming() {
+                // A seal is under way, or its tree is being deleted.
                 deadline = deadline.max(now + std::time::Duration::from_secs(20));
             }
             if now >= deadline.min(cap) {
@@ -2098,8 +2148,12 @@ impl Volume {
         };
         if let Some(now) = now {
             let before = h.counted.swap(now, Ordering::Relaxed);
-            self.upper_bytes
-                .fetch_add(now as i64 - before as i64, Ordering::Relaxed);
+            let delta = now as i64 - before as i64;
+            let total = self.upper_bytes.fetch_add(delta, Ordering::Relaxed) + delta;
+            let threshold = self.seal_threshold.load(Ordering::Relaxed) as i64;
+            if threshold > 0 && total >= threshold && total - delta < threshold {
+                self.kick_archiver();
+            }
         }
     }
 
@@ -2286,6 +2340,10 @@ impl Volume {
         while done < data.len() {
             done += sys::pwrite(fd, &data[done..], offset + done as u64)?;
         }
+        // Only daemon-served writes come here (passthrough writes go to the file directly):
+        // they are counted as they land, so the tree reaching the threshold starts a seal
+        // at once and a writer short of room waits for one.
+        self.throttle(&h);
         Ok(done)
     }
 
