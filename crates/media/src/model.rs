@@ -1,13 +1,16 @@
 //! A media model for tests and benchmarks: a library with one drive that loads one container
 //! at a time (switch latency), moves its head (seek latency per jump) and transfers at a fixed
 //! bandwidth. It keeps counters and the simulated time, and can sit between the scheduler and
-//! a real backend, optionally sleeping a scaled copy of the simulated time.
+//! a real backend, optionally taking a scaled copy of the simulated time in real time: then it
+//! keeps an absolute timeline (each access starts when it is dispatched or when the drive is
+//! free, whichever is later, and ends its modelled time after that; the caller waits until
+//! then), so its wall time is its simulated time, whatever the host's wake-up latencies.
 
 use crate::buf::AlignedBuf;
 use crate::error::Result;
-use crate::sched::{Device, Next, Request, SchedConfig, SchedQueue};
+use crate::sched::{Device, Next, Op, Request, SchedConfig, SchedQueue};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Costs of the modelled medium.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -94,12 +97,31 @@ impl MediaModel {
 }
 
 /// The model as a scheduler device, in front of a real device or of nothing (reads then
-/// return zeros).
+/// return zeros). One drive: one access served at a time, and one more read of the container
+/// it reads queued behind it (`queue_depth` 2), so the drive goes from one read to the next
+/// without waiting for the host.
 pub struct ModelDevice {
     uri: String,
     inner: Option<Arc<dyn Device>>,
-    model: Mutex<MediaModel>,
+    model: Mutex<Timeline>,
     time_scale: f64,
+}
+
+/// The model and when the drive is free (the end of the last access planned).
+struct Timeline {
+    model: MediaModel,
+    free_at: Option<Instant>,
+}
+
+/// Sleeps until `due` (again after an early wake-up).
+fn sleep_until(due: Instant) {
+    loop {
+        let now = Instant::now();
+        if now >= due {
+            return;
+        }
+        std::thread::sleep(due - now);
+    }
 }
 
 impl ModelDevice {
@@ -112,7 +134,10 @@ impl ModelDevice {
         ModelDevice {
             uri,
             inner,
-            model: Mutex::new(MediaModel::new(params)),
+            model: Mutex::new(Timeline {
+                model: MediaModel::new(params),
+                free_at: None,
+            }),
             time_scale,
         }
     }
@@ -121,15 +146,22 @@ impl ModelDevice {
         self.model
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .model
             .counters()
     }
 
-    fn account(&self, container: u64, offset: u64, len: u64, write: bool) -> Duration {
-        self.model
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Accounts an access dispatched at `at` on the timeline: it starts then or when the
+    /// drive is free, whichever is later, and is over its (scaled) modelled time after that.
+    fn schedule(&self, container: u64, offset: u64, len: u64, write: bool, at: Instant) -> Instant {
+        let mut tl = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        let t = tl
+            .model
             .access(container, offset, len, write)
-            .mul_f64(self.time_scale.max(0.0))
+            .mul_f64(self.time_scale.max(0.0));
+        let start = tl.free_at.map_or(at, |f| f.max(at));
+        let due = start + t;
+        tl.free_at = Some(due);
+        due
     }
 }
 
@@ -140,17 +172,37 @@ impl Device for ModelDevice {
     /// The access takes the modelled time: the real device's time is part of it, not added
     /// to it (the real device stands in for a slower one), unless it is longer.
     fn read(&self, container: u64, offset: u64, len: u64) -> Result<AlignedBuf> {
-        let started = std::time::Instant::now();
-        let t = self.account(container, offset, len, false);
+        let due = self.schedule(container, offset, len, false, Instant::now());
+        self.read_planned(container, offset, len, due)
+    }
+    fn granting_write(&self, container: u64, offset: u64, len: u64) {
+        let due = self.schedule(container, offset, len, true, Instant::now());
+        self.granting_write_planned(container, offset, len, due);
+    }
+    fn queue_depth(&self) -> usize {
+        2
+    }
+    fn plan(&self, op: Op, container: u64, offset: u64, len: u64, at: Instant) -> Option<Instant> {
+        Some(self.schedule(container, offset, len, op == Op::Write, at))
+    }
+    /// The real device reads at once (while the drive may still serve an earlier access);
+    /// the data is handed over when the modelled access is over.
+    fn read_planned(
+        &self,
+        container: u64,
+        offset: u64,
+        len: u64,
+        due: Instant,
+    ) -> Result<AlignedBuf> {
         let r = match &self.inner {
             Some(d) => d.read(container, offset, len),
             None => Ok(AlignedBuf::zeroed(len as usize)),
         };
-        std::thread::sleep(t.saturating_sub(started.elapsed()));
+        sleep_until(due);
         r
     }
-    fn granting_write(&self, container: u64, offset: u64, len: u64) {
-        std::thread::sleep(self.account(container, offset, len, true));
+    fn granting_write_planned(&self, container: u64, offset: u64, len: u64, due: Instant) {
+        sleep_until(due);
         if let Some(d) = &self.inner {
             d.granting_write(container, offset, len);
         }

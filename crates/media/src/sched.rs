@@ -376,6 +376,29 @@ impl SchedQueue {
     /// a stalled container holds up only its own reads). `Idle` when only such reads are
     /// pending.
     pub fn next_with(&mut self, now: Duration, busy: &HashSet<u64>) -> Next {
+        self.next_within(now, busy, None)
+    }
+
+    /// Like [`next_with`](Self::next_with) for a device that is busy but queues reads behind
+    /// the ones it serves (see [`Device::queue_depth`]): dispatches the policy's choice only
+    /// when it is a read of one of the containers in `reading` (being read: no switch, the
+    /// device starts it the moment it is free), `Idle` otherwise. Anything else waits for the
+    /// device, so that a decision to move elsewhere is taken as late as possible.
+    pub fn next_behind(
+        &mut self,
+        now: Duration,
+        busy: &HashSet<u64>,
+        reading: &HashSet<u64>,
+    ) -> Next {
+        self.next_within(now, busy, Some(reading))
+    }
+
+    fn next_within(
+        &mut self,
+        now: Duration,
+        busy: &HashSet<u64>,
+        behind: Option<&HashSet<u64>>,
+    ) -> Next {
         if self.pending.is_empty() {
             return Next::Idle;
         }
@@ -401,6 +424,12 @@ impl SchedQueue {
             Policy::Fifo => self.pick_fifo(&eligible),
             Policy::Elevator => self.pick_elevator(&eligible, now),
         };
+        if let Some(reading) = behind {
+            let r = &self.pending[pick.0];
+            if r.op != Op::Read || !reading.contains(&r.container) {
+                return Next::Idle;
+            }
+        }
         Next::Dispatch(self.take(pick))
     }
 
@@ -550,6 +579,42 @@ pub trait Device: Send + Sync {
     fn max_inflight(&self) -> usize {
         1
     }
+    /// Reads of one container the device takes at once: with more than one, the scheduler
+    /// hands the device the next read of a container it is reading while it still serves the
+    /// previous one (even with `max_inflight` operations in flight), so that the device
+    /// starts it the moment it is free instead of idling while the host answers the
+    /// previous read and dispatches the next, as a drive with a command queue does.
+    fn queue_depth(&self) -> usize {
+        1
+    }
+    /// A device that keeps its own timeline of service (the media model) accounts an
+    /// operation dispatched at `at` on it, in dispatch order, and returns when it will be
+    /// over; the scheduler then carries it out with [`read_planned`](Self::read_planned) or
+    /// [`granting_write_planned`](Self::granting_write_planned). `None`: a real device.
+    fn plan(
+        &self,
+        _op: Op,
+        _container: u64,
+        _offset: u64,
+        _len: u64,
+        _at: Instant,
+    ) -> Option<Instant> {
+        None
+    }
+    /// A read [`plan`](Self::plan)ned to be over at `due`.
+    fn read_planned(
+        &self,
+        container: u64,
+        offset: u64,
+        len: u64,
+        _due: Instant,
+    ) -> Result<AlignedBuf> {
+        self.read(container, offset, len)
+    }
+    /// A write grant [`plan`](Self::plan)ned to be given at `due`.
+    fn granting_write_planned(&self, container: u64, offset: u64, len: u64, _due: Instant) {
+        self.granting_write(container, offset, len)
+    }
 }
 
 impl Device for Medium {
@@ -595,8 +660,8 @@ struct State {
     next_id: u64,
     shutdown: bool,
     stats: SchedStats,
-    /// Containers with a read in flight.
-    busy: HashSet<u64>,
+    /// Reads in flight per container (at most `Device::queue_depth`).
+    reading: HashMap<u64, usize>,
     /// Operations in flight (reads being served, write grants held).
     inflight: usize,
 }
@@ -617,9 +682,18 @@ impl Shared {
     /// free again.
     fn finish(&self, d: &Dispatch, started: Duration) {
         let mut st = self.lock();
+        self.finish_locked(&mut st, d, started);
+    }
+
+    fn finish_locked(&self, st: &mut State, d: &Dispatch, started: Duration) {
         st.inflight -= 1;
-        if d.op == Op::Read {
-            st.busy.remove(&d.container);
+        if d.op == Op::Read
+            && let Some(n) = st.reading.get_mut(&d.container)
+        {
+            *n -= 1;
+            if *n == 0 {
+                st.reading.remove(&d.container);
+            }
         }
         let now = self.epoch.elapsed();
         st.q.complete(d, started, now);
@@ -686,21 +760,25 @@ impl PendingRead {
 }
 
 /// The scheduler: a dispatcher thread choosing operations, and worker threads carrying them
-/// out, at most `Device::max_inflight` operations at once and one read per container.
+/// out, at most `Device::max_inflight` operations at once and one read per container, plus
+/// the reads a device queues behind the ones it serves (`Device::queue_depth`).
 pub struct MediaScheduler {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Work handed to a worker thread.
+/// (dispatch, its requests' replies, when it was dispatched, when the device plans to be
+/// over with it).
 enum Job {
-    Read(Dispatch, Vec<(Reply, u64, u64)>, Duration),
-    Write(Dispatch, Vec<(Reply, u64, u64)>, Duration),
+    Read(Dispatch, Vec<(Reply, u64, u64)>, Duration, Option<Instant>),
+    Write(Dispatch, Vec<(Reply, u64, u64)>, Duration, Option<Instant>),
 }
 
 impl MediaScheduler {
     pub fn new(device: Arc<dyn Device>, cfg: SchedConfig) -> Arc<MediaScheduler> {
-        let workers = device.max_inflight().max(1);
+        let max_inflight = device.max_inflight().max(1);
+        let workers = max_inflight * device.queue_depth().max(1);
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
                 q: SchedQueue::new(cfg),
@@ -708,7 +786,7 @@ impl MediaScheduler {
                 next_id: 0,
                 shutdown: false,
                 stats: SchedStats::default(),
-                busy: HashSet::new(),
+                reading: HashMap::new(),
                 inflight: 0,
             }),
             cv: Condvar::new(),
@@ -728,7 +806,7 @@ impl MediaScheduler {
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("media-sched".into())
-            .spawn(move || dispatcher(&s2, workers, tx))
+            .spawn(move || dispatcher(&s2, max_inflight, tx))
             .expect("spawn the media scheduler thread");
         Arc::new(MediaScheduler {
             shared,
@@ -867,6 +945,7 @@ impl Drop for MediaScheduler {
 }
 
 fn dispatcher(sh: &Arc<Shared>, max_inflight: usize, jobs: mpsc::Sender<Job>) {
+    let depth = sh.device.queue_depth().max(1);
     loop {
         let job = {
             let mut st = sh.lock();
@@ -876,13 +955,27 @@ fn dispatcher(sh: &Arc<Shared>, max_inflight: usize, jobs: mpsc::Sender<Job>) {
                     // waits on a request any more: waiters hold the scheduler alive.
                     return;
                 }
-                if st.inflight >= max_inflight {
+                // With `max_inflight` operations in flight, only reads queued behind the
+                // reads of their container (up to the device's queue depth) may go.
+                let full = st.inflight >= max_inflight;
+                if full && (depth == 1 || st.reading.is_empty()) {
                     st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
                     continue;
                 }
                 let now = sh.epoch.elapsed();
-                let State { q, busy, .. } = &mut *st;
-                match q.next_with(now, busy) {
+                let State { q, reading, .. } = &mut *st;
+                let blocked: HashSet<u64> = reading
+                    .iter()
+                    .filter(|&(_, &n)| n >= depth)
+                    .map(|(&c, _)| c)
+                    .collect();
+                let next = if full {
+                    let behind: HashSet<u64> = reading.keys().copied().collect();
+                    q.next_behind(now, &blocked, &behind)
+                } else {
+                    q.next_with(now, &blocked)
+                };
+                match next {
                     Next::Dispatch(d) => break d,
                     Next::WaitUntil(t) => {
                         let wait = t.saturating_sub(now).max(Duration::from_micros(50));
@@ -904,7 +997,7 @@ fn dispatcher(sh: &Arc<Shared>, max_inflight: usize, jobs: mpsc::Sender<Job>) {
             // only takes a slot: the writer does its own I/O, and reads of data already
             // committed in that container need not wait for it.
             if d.op == Op::Read {
-                st.busy.insert(d.container);
+                *st.reading.entry(d.container).or_insert(0) += 1;
             }
             let replies: Vec<(Reply, u64, u64)> = d
                 .ids
@@ -912,15 +1005,19 @@ fn dispatcher(sh: &Arc<Shared>, max_inflight: usize, jobs: mpsc::Sender<Job>) {
                 .filter_map(|id| st.replies.remove(id))
                 .collect();
             let now = sh.epoch.elapsed();
+            // Planned in dispatch order, under the lock.
+            let due = sh
+                .device
+                .plan(d.op, d.container, d.offset, d.len, sh.epoch + now);
             match d.op {
-                Op::Read => Job::Read(d, replies, now),
-                Op::Write => Job::Write(d, replies, now),
+                Op::Read => Job::Read(d, replies, now, due),
+                Op::Write => Job::Write(d, replies, now, due),
             }
         };
         if let Err(mpsc::SendError(job)) = jobs.send(job) {
             // No worker left (cannot happen while the dispatcher holds the sender, but a
             // request must never be left without an answer).
-            let (Job::Read(d, _, t) | Job::Write(d, _, t)) = &job;
+            let (Job::Read(d, _, t, _) | Job::Write(d, _, t, _)) = &job;
             sh.finish(d, *t);
         }
     }
@@ -933,12 +1030,15 @@ fn worker(sh: &Arc<Shared>, jobs: &Mutex<mpsc::Receiver<Job>>) {
             Err(_) => return,
         };
         match job {
-            Job::Read(d, replies, started) => {
-                serve_read(sh, &d, replies);
-                sh.finish(&d, started);
-            }
-            Job::Write(d, replies, _) => {
-                sh.device.granting_write(d.container, d.offset, d.len);
+            Job::Read(d, replies, started, due) => serve_read(sh, &d, replies, started, due),
+            Job::Write(d, replies, _, due) => {
+                match due {
+                    Some(due) => {
+                        sh.device
+                            .granting_write_planned(d.container, d.offset, d.len, due)
+                    }
+                    None => sh.device.granting_write(d.container, d.offset, d.len),
+                }
                 {
                     let mut st = sh.lock();
                     st.stats.writes += 1;
@@ -965,13 +1065,25 @@ fn worker(sh: &Arc<Shared>, jobs: &Mutex<mpsc::Receiver<Job>>) {
     }
 }
 
-fn serve_read(sh: &Shared, d: &Dispatch, replies: Vec<(Reply, u64, u64)>) {
-    let res = sh.device.read(d.container, d.offset, d.len);
+/// Reads `d` from the device, frees the device for the next dispatch at once (before the
+/// data is handed out, so the device does not sit idle while it is copied), then answers.
+fn serve_read(
+    sh: &Shared,
+    d: &Dispatch,
+    replies: Vec<(Reply, u64, u64)>,
+    started: Duration,
+    due: Option<Instant>,
+) {
+    let res = match due {
+        Some(due) => sh.device.read_planned(d.container, d.offset, d.len, due),
+        None => sh.device.read(d.container, d.offset, d.len),
+    };
     {
         // Counted before anyone is answered, so a caller sees its own read in the stats.
         let mut st = sh.lock();
         st.stats.reads += 1;
         st.stats.bytes_read += res.as_ref().map_or(0, |b| b.len() as u64);
+        sh.finish_locked(&mut st, d, started);
     }
     let mut first_err = None;
     let res = match res {

@@ -475,3 +475,166 @@ fn adaptive_rate_halves_on_slow_syncs_during_background_writes_and_recovers() {
     q.foreground_sync(t, MS);
     assert_eq!(q.adaptive_stats().rate, None);
 }
+
+#[test]
+fn next_behind_queues_only_the_policy_choice_for_a_container_being_read() {
+    let read = |id: u64, class: Class, container: u64, offset: u64| Request {
+        id,
+        class,
+        op: Op::Read,
+        container,
+        offset,
+        len: 4096,
+        arrival: Duration::ZERO,
+    };
+    let none = std::collections::HashSet::new();
+    let reading: std::collections::HashSet<u64> = [1].into();
+    let mut q = SchedQueue::new(far_deadlines());
+    q.push(read(0, Class::Foreground, 1, 0));
+    q.push(read(1, Class::Foreground, 1, 4096));
+    q.push(read(2, Class::Foreground, 2, 0));
+    let Next::Dispatch(d) = q.next_with(Duration::ZERO, &none) else {
+        panic!("nothing dispatched")
+    };
+    assert_eq!(
+        (d.container, d.offset, d.len),
+        (1, 0, 8192),
+        "merged: {d:?}"
+    );
+    // Container 1 being read: the other container's read waits for the device.
+    assert_eq!(q.next_behind(Duration::ZERO, &none, &reading), Next::Idle);
+    assert_eq!(q.len(), 1);
+    // The elevator drains container 1 first: its next read goes behind the one in flight.
+    q.push(read(3, Class::Foreground, 1, 65536));
+    let Next::Dispatch(d) = q.next_behind(Duration::ZERO, &none, &reading) else {
+        panic!("the next read of container 1 was not queued behind")
+    };
+    assert_eq!((d.container, d.offset), (1, 65536));
+    // A read of container 1 of a lower class than what waits elsewhere does not jump ahead.
+    q.push(read(4, Class::Background, 1, 131072));
+    assert_eq!(q.next_behind(Duration::ZERO, &none, &reading), Next::Idle);
+    assert_eq!(q.len(), 2);
+}
+
+#[test]
+fn model_timeline_queues_accesses_behind_each_other() {
+    let p = ModelParams {
+        switch: Duration::from_millis(10),
+        seek: Duration::from_millis(1),
+        bandwidth: 100_000_000,
+    };
+    let dev = ModelDevice::new(p, None, 1.0);
+    let t0 = Instant::now();
+    // Switch + 1 MB: 20 ms; then 1 MB more, contiguous, dispatched at the same moment: it
+    // starts when the first is over.
+    let a = dev.plan(Op::Read, 3, 0, 1_000_000, t0).unwrap();
+    assert_eq!(a - t0, Duration::from_millis(20));
+    let b = dev.plan(Op::Read, 3, 1_000_000, 1_000_000, t0).unwrap();
+    assert_eq!(b - t0, Duration::from_millis(30));
+    // Dispatched while the drive is still busy (at 25 ms): starts at 30 ms, with a seek.
+    let c = dev
+        .plan(Op::Read, 3, 0, 1_000_000, t0 + Duration::from_millis(25))
+        .unwrap();
+    assert_eq!(c - t0, Duration::from_millis(41));
+    // Dispatched after the drive went idle: starts when dispatched.
+    let late = t0 + Duration::from_secs(1);
+    let d = dev.plan(Op::Read, 3, 1_000_000, 1_000_000, late).unwrap();
+    assert_eq!(d - late, Duration::from_millis(10));
+    let c = dev.counters();
+    assert_eq!((c.switches, c.seeks, c.ops), (1, 1, 4));
+    assert_eq!(c.sim_time, Duration::from_millis(51));
+    // Scale 0: nothing waits, the counters still count.
+    let fast = ModelDevice::new(p, None, 0.0);
+    let now = Instant::now();
+    assert_eq!(fast.plan(Op::Read, 1, 0, 1_000_000, now), Some(now));
+    assert_eq!(fast.counters().sim_time, Duration::from_millis(20));
+}
+
+/// A device that holds every read until released, records what it serves, and queues
+/// `depth` reads per container behind one in service.
+struct GateDevice {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    /// (container, offset) of the reads started and not finished yet, and of all started.
+    inflight: std::sync::Mutex<Vec<(u64, u64)>>,
+    started: std::sync::Mutex<Vec<(u64, u64)>>,
+    depth: usize,
+}
+
+impl Device for GateDevice {
+    fn uri(&self) -> &str {
+        "test:gate"
+    }
+    fn read(&self, container: u64, offset: u64, len: u64) -> Result<buf::AlignedBuf> {
+        self.inflight.lock().unwrap().push((container, offset));
+        self.started.lock().unwrap().push((container, offset));
+        let mut o = self.open.lock().unwrap();
+        while !*o {
+            o = self.cv.wait(o).unwrap();
+        }
+        drop(o);
+        self.inflight
+            .lock()
+            .unwrap()
+            .retain(|&r| r != (container, offset));
+        Ok(buf::AlignedBuf::zeroed(len as usize))
+    }
+    fn queue_depth(&self) -> usize {
+        self.depth
+    }
+}
+
+#[test]
+fn a_device_with_a_queue_gets_the_next_read_of_its_container_while_it_serves_one() {
+    let dev = Arc::new(GateDevice {
+        open: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+        inflight: std::sync::Mutex::new(Vec::new()),
+        started: std::sync::Mutex::new(Vec::new()),
+        depth: 2,
+    });
+    let s = MediaScheduler::new(dev.clone(), SchedConfig::default());
+    // Opens the gate however the test ends (the scheduler waits for its reads when dropped).
+    struct Opener(Arc<GateDevice>);
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            *self.0.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.0.cv.notify_all();
+        }
+    }
+    let opener = Opener(dev.clone());
+    let wait_for = |n: usize| {
+        let t = Instant::now();
+        while dev.inflight.lock().unwrap().len() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{n} reads never started"
+            );
+            std::thread::sleep(MS);
+        }
+    };
+    let a = s.submit_read(Class::Foreground, 1, 0, 4096).unwrap();
+    wait_for(1);
+    // Not adjacent to the first (no merge): queued behind it on the device.
+    let b = s.submit_read(Class::Foreground, 1, 1 << 20, 4096).unwrap();
+    wait_for(2);
+    // The device is full: another container's read and a third read of container 1 wait
+    // in the scheduler (where they can still be reordered or withdrawn).
+    let c = s.submit_read(Class::Foreground, 2, 0, 4096).unwrap();
+    let d = s.submit_read(Class::Foreground, 1, 2 << 20, 4096).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut held = dev.inflight.lock().unwrap().clone();
+    held.sort();
+    assert_eq!(held, vec![(1, 0), (1, 1 << 20)]);
+    drop(opener);
+    for r in [a, b, c, d] {
+        assert_eq!(
+            r.wait(Some(Instant::now() + Duration::from_secs(10)))
+                .unwrap()
+                .len(),
+            4096
+        );
+    }
+    assert_eq!(dev.started.lock().unwrap().len(), 4);
+    assert_eq!(s.stats().reads, 4);
+}
