@@ -513,10 +513,15 @@ fn a_writer_held_open_across_a_seal_with_and_without_passthrough_writes() {
         let second = MIB + 777;
         let path = m.path("log");
         let mut f = File::create(&path).unwrap();
+        // A reader opened beside the writer (`tail -f`) follows it across the seal.
+        let mut reader = File::open(&path).unwrap();
         let mut buf = vec![0u8; first as usize];
         pattern(5, 0, &mut buf);
         f.write_all(&buf).unwrap();
         f.sync_all().unwrap();
+        let mut head = vec![0u8; 4096];
+        reader.read_exact_at(&mut head, 0).unwrap();
+        assert!(head[..] == buf[..4096]);
         let before = media_written(&m);
         archive_now(&m);
         let sealed = media_written(&m) - before;
@@ -537,8 +542,19 @@ fn a_writer_held_open_across_a_seal_with_and_without_passthrough_writes() {
         pattern(5, first, &mut more);
         f.write_all(&more).unwrap();
         f.sync_all().unwrap();
+        // The reader first (another handle's reads would fill the page cache it reads from).
+        let mut seen = Vec::new();
+        reader.read_to_end(&mut seen).unwrap();
+        assert_eq!(
+            seen.len() as u64,
+            first + second,
+            "{opts}: the reader sees every byte"
+        );
+        let mut want = buf.clone();
+        want.extend_from_slice(&more);
+        assert!(seen == want, "{opts}: the reader sees the bytes written");
         check_file(&path, first + second, &|pos, b| pattern(5, pos, b));
-        drop(f);
+        drop((f, reader));
         let before = media_written(&m);
         archive_now(&m);
         let sealed = media_written(&m) - before;

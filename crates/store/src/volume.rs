@@ -2154,6 +2154,15 @@ impl Volume {
             Some(fd) if n.kind == FileKind::Regular && daemon_io => {
                 Some(self.daemon_file(ino, fd.as_fd())?)
             }
+            // Open beside a daemon-served handle (a writer): share its state, so this handle
+            // follows the file when a freeze carries it over to a stacked copy (a reader of a
+            // growing log must see what is written after the seal).
+            Some(_)
+                if n.kind == FileKind::Regular
+                    && let Some(sf) = self.live_stacked(ino) =>
+            {
+                Some(sf)
+            }
             Some(fd) if n.kind == FileKind::Regular && self.stack().may_have_recorded() => {
                 self.stacked_file(ino, fd.as_fd())?
             }
