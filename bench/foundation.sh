@@ -21,6 +21,11 @@
 #   BENCH_RAND_SECS    runtime of each 4 KiB random-read run (default 5)
 #   BENCH_REPEAT       rounds of every workload (default 3); the median is reported and the
 #                      runs of the noisiest figures are listed on a "# NAME runs:" line
+#   BENCH_WORKLOADS    which workloads to run (default "io,meta"): "io" = seq_write, seq_read,
+#                      seq_read_hot, rand_read, rand_read_hot; "seq_write" = the sequential
+#                      write alone; "meta" = meta_ops. Figures and ratios of the others are
+#                      left out. E.g. compare write paths:
+#                        BENCH_WORKLOADS=seq_write SPINFS_MOUNT_ARGS="-o passthrough_writes" ...
 #
 # Fairness: all targets are mounted at once and measured round-robin (round 1 on a, b, c, then
 # round 2, ...), so background load on this shared machine hits every target alike; the page
@@ -45,10 +50,17 @@ NFILES=${BENCH_FILES:-10000}
 RAND_SECS=${BENCH_RAND_SECS:-5}
 REPEAT=${BENCH_REPEAT:-3}
 OP_TIMEOUT=${BENCH_OP_TIMEOUT:-900}
+WORKLOADS=${BENCH_WORKLOADS:-io,meta}
+want() { [[ ",$WORKLOADS," == *",$1,"* ]]; }
+for w in ${WORKLOADS//,/ }; do
+    case $w in io | seq_write | meta) ;; *) echo "foundation.sh: unknown workload '$w'" >&2; exit 1 ;; esac
+done
 
 die() { echo "foundation.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (drop_caches, mounts)"
-for tool in fio cc python3 mountpoint findmnt timeout; do
+tools=(cc python3 mountpoint findmnt timeout)
+want io && tools+=(fio)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || die "$tool not found (run .ci/install-deps.sh)"
 done
 if [ -n "$SPINFS" ]; then
@@ -127,6 +139,10 @@ io_round() { # NAME DIR: sequential write/read, then random reads of the same fi
     drop_caches
     out=$(timeout "$OP_TIMEOUT" "$fsbench" seqwrite "$f" "$SIZE_MIB")
     add "${name}_seq_write_MBps" "$(field MBps <<<"$out")"
+    if ! want io; then
+        rm -f "$f"
+        return
+    fi
     drop_caches
     out=$(timeout "$OP_TIMEOUT" "$fsbench" seqread "$f")
     [ "$(field bytes <<<"$out")" = $((SIZE_MIB * 1048576)) ] || die "$name: short read of $f"
@@ -181,39 +197,56 @@ else
     echo "# spinfs skipped: no SPINFS binary given (bench/foundation.sh SPINFS_BINARY or SPINFS=...)"
 fi
 
-for ((r = 1; r <= REPEAT; r++)); do
-    for i in "${!names[@]}"; do
-        io_round "${names[$i]}" "${dirs[$i]}"
+if want io || want seq_write; then
+    for ((r = 1; r <= REPEAT; r++)); do
+        for i in "${!names[@]}"; do
+            io_round "${names[$i]}" "${dirs[$i]}"
+        done
     done
-done
-for ((r = 1; r <= REPEAT; r++)); do
-    for i in "${!names[@]}"; do
-        meta_round "${names[$i]}" "${dirs[$i]}" "$r"
+fi
+if want meta; then
+    for ((r = 1; r <= REPEAT; r++)); do
+        for i in "${!names[@]}"; do
+            meta_round "${names[$i]}" "${dirs[$i]}" "$r"
+        done
     done
-done
+fi
 
-metrics=(seq_write_MBps seq_read_MBps seq_read_hot_MBps rand_read_iops rand_read_hot_iops
-    meta_ops_per_s create_per_s stat_per_s unlink_per_s)
+metrics=()
+if want io; then
+    metrics+=(seq_write_MBps seq_read_MBps seq_read_hot_MBps rand_read_iops rand_read_hot_iops)
+elif want seq_write; then
+    metrics+=(seq_write_MBps)
+fi
+want meta && metrics+=(meta_ops_per_s create_per_s stat_per_s unlink_per_s)
 for n in "${names[@]}"; do
     for m in "${metrics[@]}"; do
         # shellcheck disable=SC2086  # word-split the list of runs
         fig[${n}_$m]=$(median ${runs[${n}_$m]})
     done
-    echo "# $n runs: seq_write${runs[${n}_seq_write_MBps]}; seq_read${runs[${n}_seq_read_MBps]};" \
-        "seq_read_hot${runs[${n}_seq_read_hot_MBps]}; rand_read${runs[${n}_rand_read_iops]};" \
-        "rand_read_hot${runs[${n}_rand_read_hot_iops]}; meta_ops${runs[${n}_meta_ops_per_s]}"
+    line="# $n runs:"
+    for m in seq_write_MBps seq_read_MBps seq_read_hot_MBps rand_read_iops rand_read_hot_iops \
+        meta_ops_per_s; do
+        short=${m%_MBps}
+        short=${short%_iops}
+        short=${short%_per_s}
+        [ -n "${runs[${n}_$m]:-}" ] && line+=" $short${runs[${n}_$m]};"
+    done
+    echo "${line%;}"
     for m in "${metrics[@]}"; do
         echo "${n}_$m ${fig[${n}_$m]}"
     done
 done
 
+# ratio_if OUT NUM DEN: the ratio, when both figures were measured
+ratio_if() { [ -n "${fig[$2]:-}" ] && [ -n "${fig[$3]:-}" ] && ratio "$@" || true; }
 for m in seq_write seq_read seq_read_hot; do
-    ratio "overlayfs_${m}_vs_native" "overlayfs_${m}_MBps" "native_${m}_MBps"
+    ratio_if "overlayfs_${m}_vs_native" "overlayfs_${m}_MBps" "native_${m}_MBps"
 done
 for m in rand_read rand_read_hot; do
-    ratio "overlayfs_${m}_vs_native" "overlayfs_${m}_iops" "native_${m}_iops"
+    ratio_if "overlayfs_${m}_vs_native" "overlayfs_${m}_iops" "native_${m}_iops"
 done
-ratio overlayfs_meta_ops_vs_native overlayfs_meta_ops_per_s native_meta_ops_per_s
+ratio_if overlayfs_meta_ops_vs_native overlayfs_meta_ops_per_s native_meta_ops_per_s
 
 umount "$ovl_mnt"
 ovl_mounted=0
@@ -227,10 +260,10 @@ mountpoint -q "$spin_mnt" && die "$spin_mnt still mounted after '$SPINFS umount'
 spin_mounted=0
 echo "spinfs_measured 1"
 
-ratio seq_write_vs_native spinfs_seq_write_MBps native_seq_write_MBps
-ratio seq_read_vs_native spinfs_seq_read_MBps native_seq_read_MBps
-ratio seq_read_hot_vs_native spinfs_seq_read_hot_MBps native_seq_read_hot_MBps
-ratio rand_read_vs_native spinfs_rand_read_iops native_rand_read_iops
-ratio rand_read_hot_vs_native spinfs_rand_read_hot_iops native_rand_read_hot_iops
-ratio meta_ops_vs_native spinfs_meta_ops_per_s native_meta_ops_per_s
-ratio meta_ops_vs_overlayfs spinfs_meta_ops_per_s overlayfs_meta_ops_per_s
+ratio_if seq_write_vs_native spinfs_seq_write_MBps native_seq_write_MBps
+ratio_if seq_read_vs_native spinfs_seq_read_MBps native_seq_read_MBps
+ratio_if seq_read_hot_vs_native spinfs_seq_read_hot_MBps native_seq_read_hot_MBps
+ratio_if rand_read_vs_native spinfs_rand_read_iops native_rand_read_iops
+ratio_if rand_read_hot_vs_native spinfs_rand_read_hot_iops native_rand_read_hot_iops
+ratio_if meta_ops_vs_native spinfs_meta_ops_per_s native_meta_ops_per_s
+ratio_if meta_ops_vs_overlayfs spinfs_meta_ops_per_s overlayfs_meta_ops_per_s

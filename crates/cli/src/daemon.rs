@@ -26,7 +26,9 @@ pub struct MountArgs {
     #[arg(long)]
     foreground: bool,
     /// Mount options: allow_other, ro, nosuid, nodev, noexec, noatime, sync, dirsync,
-    /// threads=N, nopassthrough, nopassthrough_writes.
+    /// threads=N, nopassthrough (all file I/O through the daemon), passthrough_writes (files
+    /// opened for writing by kernel passthrough too: a freeze then moves such a file whole
+    /// into the new generation), nopassthrough_writes (the default: the daemon serves writers).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
 }

@@ -50,15 +50,22 @@ fn fsx_100k_operations_of_every_kind() {
 }
 
 /// fsx while the tree is sealed and merged under it every few hundred milliseconds: data
-/// must stay exact whatever layer each byte lives in.
+/// must stay exact whatever layer each byte lives in. With `passthrough_writes` the fsx
+/// file, open for writing, is written by the kernel straight into its SSD file, so every
+/// freeze moves it whole into the new generation (the other path of a freeze).
 #[test]
 fn fsx_with_seals_and_merges_mid_run() {
-    fsx_with_seals("allow_other", "SPINFS_FSX_SEAL_OPS", "30000");
+    fsx_with_seals(
+        "allow_other,passthrough_writes",
+        "SPINFS_FSX_SEAL_OPS",
+        "30000",
+    );
 }
 
-/// The same with the fsx file served by the daemon (`nopassthrough_writes`): it stays open
-/// across every seal, so each seal archives it and it goes on as a stacked file whose chunks
-/// are spread over many images (file stacking under every operation kind fsx has).
+/// The same with the fsx file served by the daemon (`nopassthrough_writes`, the default,
+/// spelt out): it stays open across every seal, so each seal archives it and it goes on as a
+/// stacked file whose chunks are spread over many images (file stacking under every
+/// operation kind fsx has).
 #[test]
 fn fsx_on_a_stacked_file_with_seals_and_merges_mid_run() {
     fsx_with_seals(

@@ -8,7 +8,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, FileExt, FileTypeExt, MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{
+    DirEntryExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink,
+};
 use std::path::Path;
 
 fn c(p: &Path) -> CString {
@@ -717,4 +719,114 @@ fn mmap_reads_and_writes() {
     }
     let data = fs::read(&p).unwrap();
     assert_eq!(&data[100..105], b"mmap!");
+}
+
+/// Writers are served by the daemon (write-only handles with direct I/O, read-write ones
+/// through the page cache) while readers use passthrough: every mix of them on one file sees
+/// the same bytes. A reader opened before a write-only writer, one opened after, a shared
+/// mapping, O_APPEND and O_DIRECT writers; a writer opened while a passthrough reader holds
+/// the file (the kernel wants one backing file then); set-id bits cleared by an unprivileged
+/// write-only or read-write writer.
+#[test]
+fn writers_and_readers_of_one_file_in_every_mode_see_the_same_bytes() {
+    let m = Mounted::new(&[]);
+    let p = m.path("mixed");
+    let w = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    w.write_all_at(&[b'a'; 8192], 0).unwrap();
+    let r = File::open(&p).unwrap();
+    let mut buf = vec![0u8; 8192];
+    r.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![b'a'; 8192]);
+    // A write through the write-only handle shows through the reader's cached pages.
+    w.write_all_at(&[b'b'; 100], 4000).unwrap();
+    r.read_exact_at(&mut buf, 0).unwrap();
+    let mut want = vec![b'a'; 8192];
+    want[4000..4100].fill(b'b');
+    assert_eq!(buf, want);
+    // A shared mapping through a read-write handle, written both ways.
+    let rw = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    // SAFETY: a shared mapping of 8 KiB of an open 8 KiB file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            rw.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    // SAFETY: the mapping is 8192 bytes long.
+    let mapped = unsafe { std::slice::from_raw_parts_mut(map as *mut u8, 8192) };
+    assert_eq!(&mapped[4000..4100], &[b'b'; 100][..]);
+    w.write_all_at(b"cccc", 0).unwrap();
+    assert_eq!(&mapped[..4], b"cccc", "a direct write shows in the mapping");
+    mapped[20..24].copy_from_slice(b"dddd");
+    // SAFETY: the mapping made above.
+    assert_eq!(unsafe { libc::msync(map, 8192, libc::MS_SYNC) }, 0);
+    // SAFETY: the mapping made above, not used after.
+    assert_eq!(unsafe { libc::munmap(map, 8192) }, 0);
+    let mut head = [0u8; 24];
+    r.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"ccccaaaaaaaaaaaaaaaadddd");
+    // O_APPEND, write-only.
+    let mut a = OpenOptions::new().append(true).open(&p).unwrap();
+    a.write_all(b"END").unwrap();
+    assert_eq!(r.metadata().unwrap().len(), 8195);
+    // O_DIRECT, write-only, 4 KiB aligned.
+    let d = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: a 4096-byte, 4096-aligned allocation, freed below.
+    let block = unsafe { std::alloc::alloc(layout) };
+    // SAFETY: `block` is 4096 bytes.
+    let aligned = unsafe { std::slice::from_raw_parts_mut(block, 4096) };
+    aligned.fill(b'z');
+    d.write_all_at(aligned, 8192).unwrap();
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(block, layout) };
+    let mut tail = vec![0u8; 4096];
+    r.read_exact_at(&mut tail, 8192).unwrap();
+    assert_eq!(tail, vec![b'z'; 4096]);
+    w.sync_all().unwrap();
+    w.sync_data().unwrap();
+    drop((w, r, rw, a, d));
+
+    // A passthrough reader first, then writers of every kind.
+    let q = m.path("reader_first");
+    fs::write(&q, b"x").unwrap();
+    let r = File::open(&q).unwrap();
+    let w = OpenOptions::new().write(true).open(&q).unwrap();
+    w.write_all_at(b"yz", 0).unwrap();
+    let rw = OpenOptions::new().read(true).write(true).open(&q).unwrap();
+    rw.write_all_at(b"!", 2).unwrap();
+    let mut got = [0u8; 3];
+    r.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(&got, b"yz!");
+    drop((r, w, rw));
+
+    // Set-id bits go with an unprivileged write, through either kind of writer.
+    common::set_mode(&m.mnt, 0o777);
+    // `>>` opens O_WRONLY|O_APPEND, `1<>` O_RDWR; neither truncates (a truncate clears the
+    // bits in the kernel, not through a write).
+    for (name, redirect) in [("suid_wo", ">>"), ("suid_rw", "1<>")] {
+        let f = m.path(name);
+        fs::write(&f, b"x").unwrap();
+        std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o6755)).unwrap();
+        let script = format!("printf abc {redirect}'{}'", f.to_str().unwrap());
+        let out = as_user(65534, 65534, &["/bin/sh", "-c", &script]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let mode = fs::metadata(&f).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{name}: set-id bits cleared by the write");
+    }
 }

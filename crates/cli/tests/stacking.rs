@@ -428,8 +428,8 @@ impl Drop for SpinMount {
     }
 }
 
-/// A file held open for writing across many seals (`cp` of a file larger than the SSD, with
-/// files open for writing served by the daemon): its sealed prefix goes to the media while
+/// A file held open for writing across many seals (`cp` of a file larger than the SSD, on a
+/// default mount: files open for writing are served by the daemon): its sealed prefix goes to the media while
 /// it grows, so it fits although the SSD could never hold it; it spans many images and reads
 /// back byte-identical after a remount. Sizes scale with SPINFS_STACK_SSD_MIB /
 /// SPINFS_STACK_FILE_MIB / SPINFS_STACK_THRESHOLD_MIB (defaults 300 / 1024 / 64;
@@ -465,7 +465,7 @@ fn a_file_larger_than_the_ssd_is_written_through_one_descriptor() {
     let m = SpinMount {
         store: store.clone(),
         mnt: mnt.clone(),
-        opts: "allow_other,nopassthrough_writes".into(),
+        opts: "allow_other".into(),
     };
     m.mount();
     let size = file_mib * MIB;
@@ -494,6 +494,78 @@ fn a_file_larger_than_the_ssd_is_written_through_one_descriptor() {
     m.umount();
     m.mount();
     check_file(&mnt.join("big"), size, &|pos, b| pattern(42, pos, b));
+}
+
+/// A file held open for writing across a seal, with and without `-o passthrough_writes`.
+/// By default (the daemon serves writers) the seal archives what was written so far and the
+/// descriptor goes on writing into a stacked copy; with `passthrough_writes` the kernel
+/// writes into the SSD file itself, so the freeze moves the file whole into the new
+/// generation and it reaches the media only once closed and sealed again. Either way every
+/// byte written through the descriptor reads back, before and after a remount.
+#[test]
+fn a_writer_held_open_across_a_seal_with_and_without_passthrough_writes() {
+    for opts in ["allow_other", "allow_other,passthrough_writes"] {
+        let moved_whole = opts.contains(",passthrough_writes");
+        // Default 4 MiB chunks: the 3 MiB first part is one chunk (`pattern` repeats every
+        // MiB, so smaller chunks would be deduplicated and not count as written).
+        let mut m = Mounted::with_options(&[], opts);
+        let first = 3 * MIB;
+        let second = MIB + 777;
+        let path = m.path("log");
+        let mut f = File::create(&path).unwrap();
+        // A reader opened beside the writer (`tail -f`) follows it across the seal.
+        let mut reader = File::open(&path).unwrap();
+        let mut buf = vec![0u8; first as usize];
+        pattern(5, 0, &mut buf);
+        f.write_all(&buf).unwrap();
+        f.sync_all().unwrap();
+        let mut head = vec![0u8; 4096];
+        reader.read_exact_at(&mut head, 0).unwrap();
+        assert!(head[..] == buf[..4096]);
+        let before = media_written(&m);
+        archive_now(&m);
+        let sealed = media_written(&m) - before;
+        if moved_whole {
+            assert!(
+                sealed < first,
+                "{opts}: the open file went whole to the new generation, not to the media \
+                 ({sealed} bytes written)"
+            );
+        } else {
+            assert!(
+                sealed >= first,
+                "{opts}: the seal archived the open file's {first} bytes ({sealed} written)"
+            );
+        }
+        // The descriptor goes on after the seal.
+        let mut more = vec![0u8; second as usize];
+        pattern(5, first, &mut more);
+        f.write_all(&more).unwrap();
+        f.sync_all().unwrap();
+        // The reader first (another handle's reads would fill the page cache it reads from).
+        let mut seen = Vec::new();
+        reader.read_to_end(&mut seen).unwrap();
+        assert_eq!(
+            seen.len() as u64,
+            first + second,
+            "{opts}: the reader sees every byte"
+        );
+        let mut want = buf.clone();
+        want.extend_from_slice(&more);
+        assert!(seen == want, "{opts}: the reader sees the bytes written");
+        check_file(&path, first + second, &|pos, b| pattern(5, pos, b));
+        drop((f, reader));
+        let before = media_written(&m);
+        archive_now(&m);
+        let sealed = media_written(&m) - before;
+        let expect = if moved_whole { first + second } else { second };
+        assert!(
+            sealed >= expect,
+            "{opts}: the closed file's {expect} unsealed bytes reached the media ({sealed})"
+        );
+        m.remount();
+        check_file(&path, first + second, &|pos, b| pattern(5, pos, b));
+    }
 }
 
 /// The kernel is the oracle for images with stacked files: a layer whose file keeps most of

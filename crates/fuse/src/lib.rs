@@ -10,7 +10,9 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use spinfs_store::volume::{Attr, Caller, FileKind, SetAttr, SetTime, Timestamp, XattrReply};
+use spinfs_store::volume::{
+    Attr, Caller, FileKind, Handle, SetAttr, SetTime, Timestamp, XattrReply,
+};
 use spinfs_store::{Errno as StoreErrno, Volume};
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -38,8 +40,10 @@ pub struct MountConfig {
     pub threads: usize,
     /// Use FUSE passthrough for regular files when the kernel offers it.
     pub passthrough: bool,
-    /// Also for files opened for writing. Without it, files open for writing are served by
-    /// the daemon, which lets a seal archive them while they stay open (file stacking).
+    /// Also for files opened for writing (`-o passthrough_writes`; off by default). Off, files
+    /// open for writing are served by the daemon, which lets a seal archive them while they
+    /// stay open (file stacking); on, the kernel writes straight into the SSD file, which a
+    /// freeze must then move whole into the new generation.
     pub passthrough_writes: bool,
 }
 
@@ -114,7 +118,7 @@ impl Default for MountConfig {
             flags: Vec::new(),
             threads: (cores * 2).clamp(4, 16),
             passthrough: true,
-            passthrough_writes: true,
+            passthrough_writes: false,
         }
     }
 }
@@ -160,7 +164,7 @@ impl SpinFs {
         SpinFs {
             vol,
             passthrough: AtomicBool::new(passthrough),
-            passthrough_writes: true,
+            passthrough_writes: false,
             backing: Mutex::new(HashMap::new()),
             passthrough_handles: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
@@ -180,6 +184,17 @@ impl SpinFs {
         self.passthrough.load(Ordering::Relaxed) && (self.passthrough_writes || !writes)
     }
 
+    /// Open flags of a daemon-served regular file opened with `flags` (no passthrough, not
+    /// archived data). A write-only handle gets direct I/O: the kernel hands the writer's
+    /// pages to the daemon without copying them into the FUSE inode's page cache first, and
+    /// sends no `security.capability` lookup before every write (the daemon clears set-id
+    /// bits itself, `FUSE_WRITE_KILL_SUIDGID`); nothing can be read or mapped through such a
+    /// handle, so it loses no caching. Direct-I/O opens leave the inode out of cached mode, so
+    /// passthrough readers of the same inode stay possible.
+    fn write_only_direct(flags: i32) -> bool {
+        flags & libc::O_ACCMODE == libc::O_WRONLY
+    }
+
     /// Mounts and serves until unmounted. `ready` runs once the kernel handshake is done.
     pub fn mount(
         self,
@@ -195,14 +210,14 @@ impl SpinFs {
     /// Takes (or shares) the inode's backing id, creating it with `open_backing` if this is
     /// the first passthrough open of the inode, and registers handle `fh` as passthrough.
     /// `None` means passthrough is not available and the handle must be served by the daemon.
-    fn backing_for(
+    fn backing_for<'a>(
         &self,
+        mut map: std::sync::MutexGuard<'a, HashMap<u64, Backing>>,
         ino: u64,
         fh: u64,
         file: std::os::fd::BorrowedFd<'_>,
         open_backing: impl FnOnce() -> io::Result<BackingId>,
-    ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Backing>>> {
-        let mut map = self.backing.lock().unwrap();
+    ) -> Option<std::sync::MutexGuard<'a, HashMap<u64, Backing>>> {
         let file = file_id(file)?;
         if let Some(b) = map.get(&ino)
             && b.file != file
@@ -226,6 +241,63 @@ impl SpinFs {
         map.get_mut(&ino).expect("inserted above").opens += 1;
         self.passthrough_handles.lock().unwrap().insert(fh, ino);
         Some(map)
+    }
+
+    /// Decides how the handle `fh` of the regular file `ino` is served and registers it:
+    /// by passthrough when `wants` it, the handle has a backing file and no daemon-served
+    /// handle of the inode is open (the kernel refuses passthrough beside cached opens), else
+    /// by the daemon. `Conflict`: a daemon-served handle is asked for while passthrough
+    /// handles of the inode are open, which the kernel refuses (it wants every open of an
+    /// inode in passthrough mode to use the same backing file): the caller opens the file
+    /// again for passthrough. Decision and registration happen under the `backing` lock, so
+    /// concurrent opens of an inode cannot pick conflicting modes.
+    fn serve<'a>(
+        &'a self,
+        ino: u64,
+        fh: u64,
+        handle: &Handle,
+        wants: bool,
+        flags: i32,
+        open_backing: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<BackingId>,
+    ) -> Served<'a> {
+        let map = self.backing.lock().unwrap();
+        let daemon_served = self.cached_opens.lock().unwrap().contains_key(&ino);
+        if wants
+            && !daemon_served
+            && let Some(fd) = handle.backing_fd()
+        {
+            // `None`: the inode's passthrough handles are on another backing file (a freeze
+            // or a copy-up moved it) or passthrough is unavailable: served by the daemon.
+            match self.backing_for(map, ino, fh, fd, || open_backing(fd)) {
+                Some(map) => return Served::Passthrough(map),
+                None => return self.serve_by_daemon(self.backing.lock().unwrap(), ino, fh, flags),
+            }
+        }
+        if !wants && map.contains_key(&ino) && handle.backing_fd().is_none() {
+            return Served::Conflict;
+        }
+        self.serve_by_daemon(map, ino, fh, flags)
+    }
+
+    /// Registers `fh` as a daemon-served handle of `ino` (which keeps later opens of the
+    /// inode off passthrough until it is released). A write-only handle gets direct I/O
+    /// (see `write_only_direct`), any other the page cache.
+    fn serve_by_daemon<'a>(
+        &'a self,
+        map: std::sync::MutexGuard<'a, HashMap<u64, Backing>>,
+        ino: u64,
+        fh: u64,
+        flags: i32,
+    ) -> Served<'a> {
+        let direct = Self::write_only_direct(flags) || map.contains_key(&ino);
+        *self.cached_opens.lock().unwrap().entry(ino).or_insert(0) += 1;
+        self.cached_handles.lock().unwrap().insert(fh, ino);
+        drop(map);
+        Served::Daemon(if direct {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        })
     }
 
     fn drop_cached(&self, fh: u64) {
@@ -253,6 +325,16 @@ impl SpinFs {
             }
         }
     }
+}
+
+/// How a regular-file handle is served (see `SpinFs::serve`).
+enum Served<'a> {
+    /// By passthrough: the locked map holds the inode's backing id.
+    Passthrough(std::sync::MutexGuard<'a, HashMap<u64, Backing>>),
+    /// By the daemon, opened with these flags.
+    Daemon(FopenFlags),
+    /// Refused: passthrough handles of the inode are open (the caller opens for passthrough).
+    Conflict,
 }
 
 fn err(e: StoreErrno) -> Errno {
@@ -549,45 +631,48 @@ impl Filesystem for SpinFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let wants = self.wants_passthrough(flags.0);
-        let (fh, handle) = match self.vol.open(ino.0, flags.0, !wants) {
-            Ok(h) => h,
-            Err(e) => return reply.error(err(e)),
-        };
-        let regular = self
-            .vol
-            .getattr(ino.0, Some(fh))
-            .map(|a| a.kind == FileKind::Regular)
-            .unwrap_or(false);
-        if regular
-            && wants
-            && let Some(fd) = handle.backing_fd()
-            && self.cached_opens.lock().unwrap().get(&ino.0).is_none()
-            && let Some(map) = self.backing_for(ino.0, fh, fd, || reply.open_backing(fd))
-        {
-            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &map[&ino.0].id);
+        let mut wants = self.wants_passthrough(flags.0);
+        loop {
+            let (fh, handle) = match self.vol.open(ino.0, flags.0, !wants) {
+                Ok(h) => h,
+                Err(e) => return reply.error(err(e)),
+            };
+            let regular = self
+                .vol
+                .getattr(ino.0, Some(fh))
+                .map(|a| a.kind == FileKind::Regular)
+                .unwrap_or(false);
+            if !regular {
+                return reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            if handle.serves_archived() {
+                // Archived data: direct I/O, so the kernel sends exactly the reads the
+                // application makes. With the page cache, its readahead would turn a 4 KiB
+                // header sniff into reads of 16-128 KiB and more, past the head cache and onto
+                // the media (SPEC problem 4); sequential readers get the daemon's own
+                // read-ahead instead (units). Direct-I/O opens do not put the inode in cached
+                // mode, so they do not block passthrough opens either.
+                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            match self.serve(ino.0, fh, &handle, wants, flags.0, |fd| {
+                reply.open_backing(fd)
+            }) {
+                Served::Passthrough(map) => {
+                    return reply.opened_passthrough(
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &map[&ino.0].id,
+                    );
+                }
+                Served::Daemon(f) => return reply.opened(FileHandle(fh), f),
+                Served::Conflict => {
+                    // Opened for writing while readers hold the file by passthrough: this
+                    // writer uses passthrough too (a freeze then moves the file whole).
+                    self.vol.release(fh);
+                    wants = true;
+                }
+            }
         }
-        if regular && handle.serves_archived() {
-            // Archived data: direct I/O, so the kernel sends exactly the reads the application
-            // makes. With the page cache, its readahead would turn a 4 KiB header sniff into
-            // reads of 16-128 KiB and more, past the head cache and onto the media (SPEC
-            // problem 4); sequential readers get the daemon's own read-ahead instead (units).
-            // Direct-I/O opens do not put the inode in cached mode, so they do not block
-            // passthrough opens either.
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-        }
-        if regular && self.backing.lock().unwrap().contains_key(&ino.0) {
-            // Passthrough handles of this inode are open (on the backing file it had when
-            // they were opened): the kernel refuses a cached open beside them, so this
-            // daemon-served handle bypasses the page cache.
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-        }
-        if regular {
-            // The kernel refuses passthrough opens of an inode while cached opens exist.
-            *self.cached_opens.lock().unwrap().entry(ino.0).or_insert(0) += 1;
-            self.cached_handles.lock().unwrap().insert(fh, ino.0);
-        }
-        reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
     fn read(
@@ -619,12 +704,15 @@ impl Filesystem for SpinFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vol.write(fh.0, offset, data) {
+        // Direct-I/O writes by a caller without CAP_FSETID: the kernel leaves clearing the
+        // set-user-ID and set-group-ID bits to us (cached writes clear them in the kernel).
+        let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.vol.write(fh.0, offset, data, kill_suidgid) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),
         }
@@ -796,35 +884,49 @@ impl Filesystem for SpinFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (attr, fh, handle) = match self.vol.create(
-            parent.0,
-            name,
-            mode,
-            umask,
-            flags,
-            &caller(req),
-            !self.wants_passthrough(flags),
-        ) {
-            Ok(r) => r,
-            Err(e) => return reply.error(err(e)),
-        };
+        let wants = self.wants_passthrough(flags);
+        let (attr, mut fh, mut handle) =
+            match self
+                .vol
+                .create(parent.0, name, mode, umask, flags, &caller(req), !wants)
+            {
+                Ok(r) => r,
+                Err(e) => return reply.error(err(e)),
+            };
         let fattr = file_attr(&attr);
-        if self.wants_passthrough(flags)
-            && let Some(fd) = handle.backing_fd()
-            && self.cached_opens.lock().unwrap().get(&attr.ino).is_none()
-            && let Some(map) = self.backing_for(attr.ino, fh, fd, || reply.open_backing(fd))
-        {
-            let id = &map[&attr.ino].id;
-            return reply.created_passthrough(
+        if attr.kind != FileKind::Regular {
+            return reply.created(&TTL, &fattr, GEN, FileHandle(fh), FopenFlags::empty());
+        }
+        let mut served = self.serve(attr.ino, fh, &handle, wants, flags, |fd| {
+            reply.open_backing(fd)
+        });
+        if let Served::Conflict = served {
+            // An existing file open by passthrough readers (O_CREAT without O_EXCL): as in
+            // `open`, this writer uses passthrough too.
+            drop(served);
+            self.vol.release(fh);
+            let reopen = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+            (fh, handle) = match self.vol.open(attr.ino, reopen, false) {
+                Ok(h) => h,
+                Err(e) => return reply.error(err(e)),
+            };
+            served = self.serve(attr.ino, fh, &handle, true, flags, |fd| {
+                reply.open_backing(fd)
+            });
+        }
+        match served {
+            Served::Passthrough(map) => reply.created_passthrough(
                 &TTL,
                 &fattr,
                 GEN,
                 FileHandle(fh),
                 FopenFlags::empty(),
-                id,
-            );
+                &map[&attr.ino].id,
+            ),
+            Served::Daemon(f) => reply.created(&TTL, &fattr, GEN, FileHandle(fh), f),
+            // `serve` with `wants` never answers Conflict.
+            Served::Conflict => reply.error(Errno::EIO),
         }
-        reply.created(&TTL, &fattr, GEN, FileHandle(fh), FopenFlags::empty());
     }
 
     fn fallocate(
@@ -915,12 +1017,29 @@ mod tests {
     }
 
     #[test]
+    fn only_write_only_opens_get_direct_io() {
+        assert!(SpinFs::write_only_direct(libc::O_WRONLY));
+        assert!(SpinFs::write_only_direct(libc::O_WRONLY | libc::O_APPEND));
+        assert!(!SpinFs::write_only_direct(libc::O_RDWR));
+        assert!(!SpinFs::write_only_direct(libc::O_RDONLY | libc::O_TRUNC));
+    }
+
+    #[test]
     fn mount_options() {
         let mut c = MountConfig::default();
         c.parse_options("allow_other,noatime,threads=3").unwrap();
         assert!(c.allow_other);
         assert_eq!(c.threads, 3);
         assert!(c.parse_options("bogus").unwrap_err().contains("bogus"));
+        // Writers are served by the daemon unless asked otherwise; readers by passthrough.
+        let d = MountConfig::default();
+        assert!(d.passthrough && !d.passthrough_writes);
+        c.parse_options("passthrough_writes").unwrap();
+        assert!(c.passthrough && c.passthrough_writes);
+        c.parse_options("nopassthrough_writes").unwrap();
+        assert!(c.passthrough && !c.passthrough_writes);
+        c.parse_options("nopassthrough").unwrap();
+        assert!(!c.passthrough);
         assert!(c.parse_options("threads=0").is_err());
     }
 }

@@ -236,6 +236,8 @@ pub struct Handle {
     writable: bool,
     /// File size last counted into the writable layer's total.
     counted: AtomicU64,
+    /// Bytes written through this handle since flow control last looked (see `throttle`).
+    unchecked: AtomicU64,
     /// Serialises getdents on directory handles (the position is the descriptor's).
     dir_lock: Mutex<()>,
     /// How entries of the tree an upper directory handle reads are numbered: that of the
@@ -771,11 +773,21 @@ impl Volume {
     /// if need be). It waits as long as a seal is under way (at most ten minutes) and 20 s
     /// more for one to start; after that it goes on regardless. Plenty of free space never
     /// waits.
-    fn throttle(&self, h: &Handle) {
+    ///
+    /// Measuring costs an fstat and a statfs, so a handle is looked at once per 1/64 of the
+    /// limit written through it (at most 16 MiB, at least every write of 64 KiB or more): a
+    /// writer overshoots the limit by less than that.
+    fn throttle(&self, h: &Handle, written: usize) {
         let limit = self.write_limit.load(Ordering::Relaxed);
         if limit == 0 {
             return;
         }
+        let step = (limit / 64).clamp(64 << 10, 16 << 20);
+        let since = h.unchecked.fetch_add(written as u64, Ordering::Relaxed) + written as u64;
+        if since < step {
+            return;
+        }
+        h.unchecked.store(0, Ordering::Relaxed);
         self.count_growth(h);
         let coming = || self.stack().frozen.is_some() || self.dropping.load(Ordering::Relaxed) > 0;
         let over = || {
@@ -2128,6 +2140,7 @@ impl Volume {
                 kind,
                 writable,
                 counted: AtomicU64::new(counted),
+                unchecked: AtomicU64::new(0),
                 dir_lock: Mutex::new(()),
                 numbering,
                 listing: Mutex::new(None),
@@ -2194,6 +2207,15 @@ impl Volume {
         let stacked = match &upper {
             Some(fd) if n.kind == FileKind::Regular && daemon_io => {
                 Some(self.daemon_file(ino, fd.as_fd())?)
+            }
+            // Open beside a daemon-served handle (a writer): share its state, so this handle
+            // follows the file when a freeze carries it over to a stacked copy (a reader of a
+            // growing log must see what is written after the seal).
+            Some(_)
+                if n.kind == FileKind::Regular
+                    && let Some(sf) = self.live_stacked(ino) =>
+            {
+                Some(sf)
             }
             Some(fd) if n.kind == FileKind::Regular && self.stack().may_have_recorded() => {
                 self.stacked_file(ino, fd.as_fd())?
@@ -2328,14 +2350,20 @@ impl Volume {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> SysResult<usize> {
+    /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID and the kernel
+    /// left it to us to clear the file's set-user-ID bit and its set-group-ID bit (when group
+    /// execute is set), as a write by such a caller does (FUSE direct-I/O writes).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> SysResult<usize> {
         let h = self.handle(fh)?;
         if let HandleKind::Stacked(sf) = &h.kind {
-            let n = self.stacked_write(sf, offset, data)?;
-            self.throttle(&h);
+            let n = self.stacked_write(sf, offset, data, kill_suidgid)?;
+            self.throttle(&h, n);
             return Ok(n);
         }
         let fd = h.fd()?;
+        if kill_suidgid {
+            Self::clear_setid(fd)?;
+        }
         let mut done = 0;
         while done < data.len() {
             done += sys::pwrite(fd, &data[done..], offset + done as u64)?;
@@ -2343,8 +2371,23 @@ impl Volume {
         // Only daemon-served writes come here (passthrough writes go to the file directly):
         // they are counted as they land, so the tree reaching the threshold starts a seal
         // at once and a writer short of room waits for one.
-        self.throttle(&h);
+        self.throttle(&h, done);
         Ok(done)
+    }
+
+    /// Clears the set-user-ID bit and the set-group-ID bit (when group execute is set, i.e.
+    /// not a mandatory-locking mark) of the file behind `fd`, as a write by an unprivileged
+    /// caller does. One fstat when neither is set.
+    pub(crate) fn clear_setid(fd: BorrowedFd<'_>) -> SysResult<()> {
+        let mode = sys::fstat(fd)?.st_mode & 0o7777;
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        if mode & kill != 0 {
+            sys::chmod_fd(fd, mode & !kill)?;
+        }
+        Ok(())
     }
 
     pub fn release(&self, fh: u64) {
@@ -2427,7 +2470,7 @@ impl Volume {
         let ho = self.handle(fh_out)?;
         if matches!(ho.kind, HandleKind::Stacked(_)) {
             let data = self.read(fh_in, off_in, len.min(8 << 20) as u32)?;
-            return self.write(fh_out, off_out, &data);
+            return self.write(fh_out, off_out, &data, false);
         }
         let out = ho.fd()?;
         match &hi.kind {

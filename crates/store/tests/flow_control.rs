@@ -126,7 +126,7 @@ fn create(vol: &Volume, name: &str) -> u64 {
 fn write_mib(vol: &Volume, fh: u64, from_mib: u64, mib: u64) {
     let block = vec![7u8; MIB as usize];
     for i in from_mib..from_mib + mib {
-        assert_eq!(vol.write(fh, i * MIB, &block).unwrap(), block.len());
+        assert_eq!(vol.write(fh, i * MIB, &block, false).unwrap(), block.len());
     }
 }
 
@@ -144,7 +144,7 @@ fn writer(vol: &Arc<Volume>, fh: u64, at: u64) -> (Arc<AtomicBool>, std::thread:
     let done = Arc::new(AtomicBool::new(false));
     let (v, d) = (vol.clone(), done.clone());
     let t = std::thread::spawn(move || {
-        v.write(fh, at, &[1u8; 65536]).unwrap();
+        v.write(fh, at, &vec![1u8; 1 << 20], false).unwrap();
         d.store(true, Ordering::Relaxed);
     });
     (done, t)

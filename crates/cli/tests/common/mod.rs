@@ -41,8 +41,9 @@ pub struct Mounted {
 
 impl Mounted {
     /// mkfs with `mkfs_args` and mount with `-o allow_other` (tests act as other users too).
-    /// SPINFS_TEST_MOUNT_OPTS replaces `allow_other` (e.g. `allow_other,nopassthrough_writes`
-    /// to run a suite with daemon-served writers).
+    /// SPINFS_TEST_MOUNT_OPTS replaces `allow_other` (e.g. `allow_other,passthrough_writes`
+    /// to run a suite with kernel passthrough for writers, or `allow_other,nopassthrough` for
+    /// every file served by the daemon).
     pub fn new(mkfs_args: &[&str]) -> Mounted {
         let opts = std::env::var("SPINFS_TEST_MOUNT_OPTS").unwrap_or_else(|_| "allow_other".into());
         Mounted::with_options(mkfs_args, &opts)

@@ -357,8 +357,12 @@ impl Volume {
         sf: &StackedFile,
         offset: u64,
         data: &[u8],
+        kill_suidgid: bool,
     ) -> SysResult<usize> {
         let mut st = sf.st.write().unwrap();
+        if kill_suidgid {
+            Self::clear_setid(st.fd.as_fd())?;
+        }
         self.stacked_prepare(sf, &mut st, offset, data.len() as u64)?;
         let mut done = 0;
         while done < data.len() {
