@@ -28,7 +28,8 @@ pub struct MountArgs {
     /// Mount options: allow_other, ro, nosuid, nodev, noexec, noatime, sync, dirsync,
     /// threads=N, nopassthrough (all file I/O through the daemon), passthrough_writes (files
     /// opened for writing by kernel passthrough too: a freeze then moves such a file whole
-    /// into the new generation), nopassthrough_writes (the default: the daemon serves writers).
+    /// into the new generation), nopassthrough_writes (read-write opens through the daemon
+    /// too). By default write-only opens go through the daemon, everything else passthrough.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
 }
@@ -188,7 +189,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     };
     spinfs_store::control::serve(&layout, archiver.clone(), status_fn)
         .with_context(|| format!("cannot create {}", layout.control_socket().display()))?;
-    let fs = SpinFs::new(vol, cfg.passthrough).with_passthrough_writes(cfg.passthrough_writes);
+    let fs = SpinFs::new(vol, cfg.passthrough).with_writers(cfg.writers);
     tracing::info!(store = %layout.root().display(), mountpoint = %mnt.display(), "mounting");
     fs.mount(mnt, cfg, || {
         if let Some(mut p) = status.take() {

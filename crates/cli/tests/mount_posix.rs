@@ -721,15 +721,23 @@ fn mmap_reads_and_writes() {
     assert_eq!(&data[100..105], b"mmap!");
 }
 
-/// Writers are served by the daemon (write-only handles with direct I/O, read-write ones
-/// through the page cache) while readers use passthrough: every mix of them on one file sees
-/// the same bytes. A reader opened before a write-only writer, one opened after, a shared
-/// mapping, O_APPEND and O_DIRECT writers; a writer opened while a passthrough reader holds
-/// the file (the kernel wants one backing file then); set-id bits cleared by an unprivileged
-/// write-only or read-write writer.
+/// Write-only handles are served by the daemon with direct I/O, read-write ones by
+/// passthrough (by the daemon through the page cache with `nopassthrough_writes`, and whenever
+/// a daemon-served handle of the file is open), readers by passthrough: every mix of them on
+/// one file sees the same bytes. A reader opened before a write-only writer, one opened
+/// after, a shared mapping, O_APPEND and O_DIRECT writers; writers opened while a passthrough
+/// reader holds the file (the kernel wants one backing file then); set-id bits cleared by an
+/// unprivileged write-only or read-write writer. On the default mount and with
+/// `nopassthrough_writes`.
 #[test]
 fn writers_and_readers_of_one_file_in_every_mode_see_the_same_bytes() {
-    let m = Mounted::new(&[]);
+    for opts in ["allow_other", "allow_other,nopassthrough_writes"] {
+        writers_and_readers_of_one_file(opts);
+    }
+}
+
+fn writers_and_readers_of_one_file(opts: &str) {
+    let m = Mounted::with_options(&[], opts);
     let p = m.path("mixed");
     let w = OpenOptions::new()
         .write(true)

@@ -497,7 +497,7 @@ fn a_file_larger_than_the_ssd_is_written_through_one_descriptor() {
 }
 
 /// A file held open for writing across a seal, with and without `-o passthrough_writes`.
-/// By default (the daemon serves writers) the seal archives what was written so far and the
+/// By default (the daemon serves write-only opens) the seal archives what was written so far and the
 /// descriptor goes on writing into a stacked copy; with `passthrough_writes` the kernel
 /// writes into the SSD file itself, so the freeze moves the file whole into the new
 /// generation and it reaches the media only once closed and sealed again. Either way every
