@@ -144,6 +144,9 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
         Err(e) => tracing::warn!("media not available at mount: {e}"),
     }
     vol.set_chunk_size(store.config().chunk_size);
+    if let Some(n) = store.config().stack_map_inline_max {
+        vol.set_stack_map_inline_max(usize::try_from(n).unwrap_or(usize::MAX));
+    }
     // Daemon-served writers wait for a seal when the SSD has less than 1.5 × the threshold
     // free, and the tree reaching the threshold wakes the archiver (see Volume::throttle).
     vol.set_flow_control(store.config().archive_threshold);
@@ -183,6 +186,7 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
                 "chunks_copied_up": s.chunks_copied,
                 "bytes_copied_up": s.bytes_copied,
                 "unstacked": s.unstacked,
+                "map_files_written": s.map_files_written,
             });
             v
         })

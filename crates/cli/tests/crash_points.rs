@@ -14,6 +14,9 @@
 //! crashes, default 6), `SPINFS_CRASH_RANDOM_KILLS` (default 6), `SPINFS_CRASH_POINT_ROUNDS`
 //! (repeats of the whole plan, default 1; scripts/reliability-soak.sh raises them).
 //!
+//! The store keeps every stacked file's chunk map in a sidecar file (`stack_map_inline_max =
+//! 0`), so the workload's copy-ups and rewrites of archived files pass the map files' points.
+//!
 //! A kill -9 leaves the kernel's page cache intact: power loss is `power_loss.rs`.
 
 mod common;
@@ -59,6 +62,11 @@ fn crash_at_every_point_then_recover() {
         .unwrap();
     let hits_file = tmp.path().join("hits");
     let mut site = Site::create(tmp.path());
+    // Every chunk map goes to a sidecar file (the map files' durable steps are crash points;
+    // with the default only maps of heavily fragmented files would).
+    let cfg = site.store.join("spinfs.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    fs::write(&cfg, format!("stack_map_inline_max = 0\n{text}")).unwrap();
     site.mount();
     fs::create_dir(site.dir()).unwrap();
     fs::File::open(&site.mnt).unwrap().sync_all().unwrap();

@@ -36,7 +36,8 @@
 //! cannot show a user's char 0/0 device (spinfs keeps one apart from a whiteout with a marker
 //! xattr), and the generator makes no device nodes at all; inode numbers differ by design
 //! (overlayfs numbers per layer), so identity is compared as hard-link groups. Stacked files
-//! (file stacking: a sparse upper file plus the chunk map `trusted.overlay.spinfs.stack`)
+//! (file stacking: a sparse upper file plus the chunk map `trusted.overlay.spinfs.stack`, in a
+//! sidecar file for odd seeds)
 //! mean nothing to kernel overlayfs, which shows the sparse upper file: for every regular file
 //! of the tree carrying a map, the oracle rebuilds the expected content without spinfs's read
 //! path — below chunks from the lower file the map names, read through a second read-only
@@ -66,7 +67,7 @@
 mod common;
 
 use common::*;
-use spinfs_store::stackmap::{STACK_XATTR, StackMap};
+use spinfs_store::stackmap::{MAPS_DIR, STACK_XATTR, StackMap, Stored};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fmt;
@@ -1616,8 +1617,19 @@ fn stacked_files(tree: &Path) -> Result<Vec<(String, StackMap)>, String> {
                 }
             }
             v.truncate(n as usize);
-            let map = StackMap::decode(&v)
-                .map_err(|e| format!("{p:?}: the stack map does not decode ({e:?})"))?;
+            let map = match Stored::decode(&v)
+                .map_err(|e| format!("{p:?}: the stack map does not decode ({e:?})"))?
+            {
+                Stored::Inline(m) => m,
+                Stored::Sidecar(r) => {
+                    let side = tree.parent().unwrap().join(MAPS_DIR).join(r.file_name());
+                    let bytes = std::fs::read(&side)
+                        .map_err(|e| format!("{p:?}: its sidecar map {side:?}: {e}"))?;
+                    r.load(&bytes).map_err(|e| {
+                        format!("{p:?}: its sidecar map {side:?} does not check ({e:?})")
+                    })?
+                }
+            };
             out.push((p, map));
         }
     }
@@ -1940,6 +1952,15 @@ fn run_inner(
     done: &mut Vec<Op>,
 ) -> Result<Stats, String> {
     let mut mnt = Mounted::new(MKFS);
+    if seed % 2 == 1 {
+        // Odd seeds keep every chunk map in a sidecar file (gens/G/stackmaps), as maps too
+        // long for an xattr are kept.
+        mnt.umount();
+        let cfg = mnt.store.join("spinfs.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("stack_map_inline_max = 0\n{text}")).unwrap();
+        mnt.mount();
+    }
     let mut kernel = oracle.then(Oracle::new);
     let plain = tempfile::Builder::new()
         .prefix("plain")

@@ -116,6 +116,105 @@ fn overwrite_in_a_large_archived_file_copies_one_chunk() {
     check_file(&path, size, &expect);
 }
 
+/// A stacked file fragmented far past what an xattr holds (4 KiB written into every other
+/// chunk of an archived file of 8192 16 KiB chunks: a map of 4096 runs) keeps its map in a
+/// sidecar file: only the touched chunks come up, the file is never made whole, and it
+/// reads back byte-identical after a seal, a merge and a remount; fsck is clean.
+#[test]
+fn a_fragmented_archived_file_keeps_a_map_larger_than_an_xattr() {
+    use spinfs_store::stackmap::{MAPS_DIR, STACK_XATTR, Stored};
+    let chunk: u64 = 16 * 1024;
+    let chunks: u64 = 8192;
+    let size = chunks * chunk - 1000;
+    let mut m = Mounted::new(&[
+        "--chunk-size",
+        "16K",
+        "--archive-threshold",
+        "64G",
+        "--merge-fanin",
+        "2",
+    ]);
+    let path = m.path("frag");
+    write_pattern(&path, 11, size);
+    archive_now(&m);
+    let media_before = media_written(&m);
+    let touched: Vec<u64> = (0..chunks).step_by(2).collect();
+    let at = |c: u64| c * chunk + 4096; // inside the chunk: its old bytes must come up
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    for &c in &touched {
+        f.write_all_at(&[0xC5; 4096], at(c)).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let n = touched.len() as u64;
+    assert_eq!(counter(&m, "chunks_copied_up"), n);
+    assert_eq!(counter(&m, "bytes_copied_up"), n * chunk);
+    assert_eq!(counter(&m, "unstacked"), 0, "the file was made whole");
+    assert!(counter(&m, "map_files_written") >= 1);
+    // The upper file's xattr names a sidecar holding a map no xattr could: the only file of
+    // the generation's map directory (superseded maps are gone).
+    let gens: Vec<_> = std::fs::read_dir(m.store.join("gens"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(gens.len(), 1, "{gens:?}");
+    let upper = gens[0].join("tree/frag");
+    let c = std::ffi::CString::new(upper.to_str().unwrap()).unwrap();
+    let name = std::ffi::CString::new(STACK_XATTR).unwrap();
+    let mut v = vec![0u8; 65536];
+    // SAFETY: valid C strings, a buffer of the size passed.
+    let len = unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    assert!(len > 0, "no map xattr: {}", std::io::Error::last_os_error());
+    v.truncate(len as usize);
+    let Stored::Sidecar(r) = Stored::decode(&v).unwrap() else {
+        panic!("the map is in the xattr ({len} bytes)");
+    };
+    assert!(r.len > 4096, "a map of {} bytes", r.len);
+    let maps: Vec<String> = std::fs::read_dir(gens[0].join(MAPS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(maps, vec![r.file_name()]);
+    let map = r
+        .load(&std::fs::read(gens[0].join(MAPS_DIR).join(r.file_name())).unwrap())
+        .unwrap();
+    assert_eq!(map.below_chunks(), chunks - n);
+    assert_eq!(map.below_runs().len() as u64, chunks - n);
+    // The SSD holds the touched chunks, not the file.
+    let allocated = std::fs::metadata(&upper).unwrap().blocks() * 512;
+    assert!(allocated <= n * chunk + MIB, "{allocated} bytes on the SSD");
+    let expect = |pos: u64, buf: &mut [u8]| {
+        pattern(11, pos, buf);
+        for (i, b) in buf.iter_mut().enumerate() {
+            let p = pos + i as u64;
+            let c = p / chunk;
+            if c.is_multiple_of(2) && (at(c)..at(c) + 4096).contains(&p) {
+                *b = 0xC5;
+            }
+        }
+    };
+    check_file(&path, size, &expect);
+    // The seal writes the touched chunks (and a meta image), not the file.
+    archive_now(&m);
+    let sealed = media_written(&m) - media_before;
+    assert!(
+        sealed <= n * chunk + 2 * MIB,
+        "the seal after the writes wrote {sealed} bytes to the media"
+    );
+    check_file(&path, size, &expect);
+    spinfs_ok(&["merge", m.store.to_str().unwrap(), "--wait"]);
+    assert_eq!(archived_layers(&m), 1, "the two layers were merged");
+    m.remount();
+    check_file(&path, size, &expect);
+    m.umount();
+    let out = spinfs_ok(&["fsck", m.store.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !report.contains("damage") && !report.contains("orphan"),
+        "fsck: {report}"
+    );
+}
+
 /// chmod, chown, utimens, xattrs, rename and link of an archived file copy no data, and the
 /// next seal writes no blob data for it.
 #[test]

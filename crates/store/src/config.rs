@@ -42,6 +42,11 @@ pub struct StoreConfig {
     pub head_size: u64,
     /// Bound on archived images held open at once.
     pub max_open_images: u32,
+    /// Chunk maps of stacked files whose encoding is longer than this many bytes are kept
+    /// in a sidecar file instead of the upper file's xattr (absent = 1 KiB; 0 = always a
+    /// sidecar, for tests). Not a mkfs option.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_map_inline_max: Option<u64>,
     /// Media I/O scheduler tunables (`[media_io]`; absent in older files = defaults).
     #[serde(default)]
     pub media_io: MediaIoConfig,
@@ -312,6 +317,7 @@ impl Default for StoreConfig {
             cache_size: 10 * GIB,
             head_size: 64 * KIB,
             max_open_images: 64,
+            stack_map_inline_max: None,
             media_io: MediaIoConfig::default(),
             media_model: None,
             media_fault: Vec::new(),

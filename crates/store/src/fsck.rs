@@ -910,6 +910,8 @@ impl Fsck<'_> {
             let mut numbers: HashMap<u64, (PathBuf, u64)> = HashMap::new();
             let mut stack = vec![tree.clone()];
             let mut problems = Vec::new();
+            let maps_dir = self.layout.generation(g).join(crate::stackmap::MAPS_DIR);
+            let mut sidecars: HashSet<String> = HashSet::new();
             while let Some(dir) = stack.pop() {
                 let Ok(entries) = fs::read_dir(&dir) else {
                     problems.push(format!("cannot read directory {}", dir.display()));
@@ -922,10 +924,19 @@ impl Fsck<'_> {
                     };
                     self.report.inodes += 1;
                     let recorded = match spinfs_erofs::fromdir::read_xattrs(&p) {
-                        Ok(x) => x
-                            .into_iter()
-                            .find(|(n, _)| n.as_slice() == INO_XATTR)
-                            .map(|(_, v)| v),
+                        Ok(x) => {
+                            if md.is_file()
+                                && let Some((_, v)) = x
+                                    .iter()
+                                    .find(|(n, _)| n.as_slice() == crate::stackmap::STACK_XATTR)
+                                && let Err(e) = check_stack_map(&maps_dir, v, &mut sidecars)
+                            {
+                                problems.push(format!("{}: chunk map: {e}", p.display()));
+                            }
+                            x.into_iter()
+                                .find(|(n, _)| n.as_slice() == INO_XATTR)
+                                .map(|(_, v)| v)
+                        }
                         Err(err) => {
                             problems.push(format!("{}: xattrs: {err}", p.display()));
                             None
@@ -969,6 +980,34 @@ impl Fsck<'_> {
                 self.push(Kind::Damage, format!("generation {g}: {p}"));
                 if self.repair {
                     self.cannot("fsck does not change the writable tree's files");
+                }
+            }
+            // Sidecar maps no file names any more (a stacked file removed or replaced, or a
+            // crash between writing one and switching to it): they go with the generation at
+            // its seal, or now with --repair.
+            let mut unreferenced: Vec<PathBuf> = fs::read_dir(&maps_dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| !e.file_name().to_str().is_some_and(|n| sidecars.contains(n)))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
+            unreferenced.sort();
+            for p in unreferenced {
+                self.push(
+                    Kind::Note,
+                    format!(
+                        "generation {g}: {} is a chunk map no file uses (removed when the \
+                         generation is sealed)",
+                        p.display()
+                    ),
+                );
+                if self.repair {
+                    match fs::remove_file(&p) {
+                        Ok(()) => self.fixed(format!("removed {}", p.display())),
+                        Err(e) => self.cannot(format!("cannot remove {}: {e}", p.display())),
+                    }
                 }
             }
         }
@@ -1054,7 +1093,7 @@ impl Fsck<'_> {
                 if let Ok(inner) = fs::read_dir(e.path()) {
                     for x in inner.flatten() {
                         let name = x.file_name();
-                        if name == "tree" {
+                        if name == "tree" || name == crate::stackmap::MAPS_DIR {
                             continue;
                         }
                         if name == "work" {
@@ -1538,6 +1577,29 @@ fn part_names(part: &Part, images: &[(u64, Image<fs::File>)]) -> Vec<Vec<u8>> {
 
 /// Resolves the whole visible namespace over `trees` (top first) and `images` (newest
 /// first) and reports inode numbers shared by different visible objects.
+/// Checks a stacked file's map xattr `v` (and the sidecar it names in `maps_dir`, which is
+/// added to `sidecars`).
+fn check_stack_map(
+    maps_dir: &Path,
+    v: &[u8],
+    sidecars: &mut HashSet<String>,
+) -> Result<(), String> {
+    use crate::stackmap::Stored;
+    match Stored::decode(v) {
+        Err(_) => Err("the xattr does not decode".into()),
+        Ok(Stored::Inline(_)) => Ok(()),
+        Ok(Stored::Sidecar(r)) => {
+            let name = r.file_name();
+            sidecars.insert(name.clone());
+            let path = maps_dir.join(&name);
+            let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            r.load(&bytes)
+                .map(|_| ())
+                .map_err(|_| format!("{} is damaged or not the one recorded", path.display()))
+        }
+    }
+}
+
 fn visible_numbers(trees: &[(u64, PathBuf)], images: &[(u64, Image<fs::File>)]) -> Vec<String> {
     let mut root: Vec<Part> = trees
         .iter()

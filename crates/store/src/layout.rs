@@ -5,6 +5,8 @@
 //! STORE/manifest         the durable source of truth (see manifest.rs)
 //! STORE/lock             flock'ed by the daemon (or an offline command); holds its pid
 //! STORE/gens/G/tree/     the tree of writable generation G, real files on the SSD
+//! STORE/gens/G/work/     its scratch space (copy-ups, whiteouts), emptied at mount
+//! STORE/gens/G/stackmaps/ chunk maps of its stacked files too long for an xattr
 //! STORE/layers/ID.meta   meta image of archived layer ID (also on the media)
 //! STORE/layers/ID.heads  head cache of layer ID: the first head_size bytes of its files
 //! STORE/cache/           chunk cache of archived data read from the media

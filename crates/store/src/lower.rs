@@ -3,7 +3,7 @@
 
 use crate::archive::{ArchivedLayer, Xattr};
 use crate::markers;
-use crate::stackmap::{STACK_XATTR, StackMap};
+use crate::stackmap::{MAPS_DIR, STACK_XATTR, StackMap, StackRef, Stored};
 use crate::sys::{self, Errno, SysResult};
 use crate::volume::{Attr, FileKind, ROOT_INO, Timestamp};
 use spinfs_erofs::{FileType, Inode};
@@ -112,24 +112,107 @@ pub(crate) fn resolve_path(roots: &[LowerPart], path: &[u8]) -> SysResult<Option
     Ok(parts.into_iter().next())
 }
 
-/// The stack map of an SSD tree file, if it is a stacked file.
-pub(crate) fn tree_stack_map(fd: std::os::fd::BorrowedFd<'_>) -> SysResult<Option<StackMap>> {
+/// The raw value of an SSD tree file's stack xattr, if it has one.
+fn stack_xattr(fd: std::os::fd::BorrowedFd<'_>) -> SysResult<Option<Vec<u8>>> {
     let name = cstr(STACK_XATTR);
-    let n = match sys::getxattr_fd(fd, &name, &mut []) {
-        Ok(n) => n,
-        Err(Errno(libc::ENODATA)) | Err(Errno(libc::ENOTSUP)) => return Ok(None),
-        Err(e) => return Err(e),
+    loop {
+        let n = match sys::getxattr_fd(fd, &name, &mut []) {
+            Ok(n) => n,
+            Err(Errno(libc::ENODATA)) | Err(Errno(libc::ENOTSUP)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut v = vec![0u8; n];
+        match sys::getxattr_fd(fd, &name, &mut v) {
+            Ok(n) => {
+                v.truncate(n);
+                return Ok(Some(v));
+            }
+            // It grew in between (an inline map became longer): ask again.
+            Err(Errno(libc::ERANGE)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether an SSD tree file is a stacked file (it has a stack xattr).
+pub(crate) fn tree_is_stacked(fd: std::os::fd::BorrowedFd<'_>) -> SysResult<bool> {
+    Ok(stack_xattr(fd)?.is_some())
+}
+
+/// How an SSD tree file's stack map is stored, if it is a stacked file.
+pub(crate) fn tree_stored_map(fd: std::os::fd::BorrowedFd<'_>) -> SysResult<Option<Stored>> {
+    let Some(v) = stack_xattr(fd)? else {
+        return Ok(None);
     };
-    let mut v = vec![0u8; n];
-    let n = sys::getxattr_fd(fd, &name, &mut v)?;
-    v.truncate(n);
-    match StackMap::decode(&v) {
-        Ok(m) => Ok(Some(m)),
+    match Stored::decode(&v) {
+        Ok(s) => Ok(Some(s)),
         Err(e) => {
             tracing::error!("a stacked file's chunk map is damaged");
             Err(e)
         }
     }
+}
+
+/// Reads the sidecar map `r` of the generation that `gen_dir_child` (a directory directly in
+/// the generation's directory: its tree root or work directory) belongs to.
+pub(crate) fn read_sidecar(
+    gen_dir_child: std::os::fd::BorrowedFd<'_>,
+    r: &StackRef,
+) -> SysResult<StackMap> {
+    let path = cstr(format!("../{MAPS_DIR}/{}", r.file_name()).as_bytes());
+    let f =
+        sys::openat(gen_dir_child, &path, libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| {
+            tracing::error!(
+                sidecar = r.file_name(),
+                "a stacked file's chunk map file: {e}"
+            );
+            if e == Errno::ENOENT { Errno::EIO } else { e }
+        })?;
+    let size = sys::fstat(f.as_fd())?.st_size as u64;
+    if size != r.len {
+        tracing::error!(
+            sidecar = r.file_name(),
+            "a stacked file's chunk map file has the wrong length"
+        );
+        return Err(Errno::EIO);
+    }
+    let mut v = vec![0u8; r.len as usize];
+    let mut done = 0;
+    while done < v.len() {
+        let n = sys::pread(f.as_fd(), &mut v[done..], done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    r.load(&v[..done]).inspect_err(|_| {
+        tracing::error!(
+            sidecar = r.file_name(),
+            "a stacked file's chunk map file is damaged"
+        );
+    })
+}
+
+/// The stack map of an SSD tree file, if it is a stacked file, with the sidecar it was read
+/// from. `gen_dir_child`: a directory directly in the file's generation directory (its tree
+/// root or work directory), where a sidecar is looked for.
+pub(crate) fn tree_stack_map_at(
+    fd: std::os::fd::BorrowedFd<'_>,
+    gen_dir_child: std::os::fd::BorrowedFd<'_>,
+) -> SysResult<Option<(StackMap, Option<StackRef>)>> {
+    match tree_stored_map(fd)? {
+        None => Ok(None),
+        Some(Stored::Inline(m)) => Ok(Some((m, None))),
+        Some(Stored::Sidecar(r)) => Ok(Some((read_sidecar(gen_dir_child, &r)?, Some(r)))),
+    }
+}
+
+/// The stack map of an SSD tree file, if it is a stacked file (see [`tree_stack_map_at`]).
+pub(crate) fn tree_stack_map(
+    fd: std::os::fd::BorrowedFd<'_>,
+    gen_dir_child: std::os::fd::BorrowedFd<'_>,
+) -> SysResult<Option<StackMap>> {
+    Ok(tree_stack_map_at(fd, gen_dir_child)?.map(|(m, _)| m))
 }
 
 /// Reads `[offset, offset + buf.len())` of a stacked file (upper descriptor `upper`, readable)
@@ -499,7 +582,7 @@ impl LowerPart {
             LowerPart::Image { layer, inode, .. } => layer.read(inode, offset, buf),
             LowerPart::Tree { fd, tree, .. } => {
                 let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
-                if let Some(map) = tree_stack_map(f.as_fd())? {
+                if let Some(map) = tree_stack_map(f.as_fd(), tree.root.as_fd())? {
                     let lower = tree.stacked_lower(&map)?;
                     return stacked_read(f.as_fd(), &map, lower.as_ref(), offset, buf);
                 }
@@ -545,7 +628,7 @@ impl LowerPart {
             LowerPart::Image { layer, inode, .. } => layer.seek(inode, offset, data),
             LowerPart::Tree { fd, tree, .. } => {
                 let f = sys::reopen(fd.as_fd(), libc::O_RDONLY)?;
-                if let Some(map) = tree_stack_map(f.as_fd())? {
+                if let Some(map) = tree_stack_map(f.as_fd(), tree.root.as_fd())? {
                     let lower = tree.stacked_lower(&map)?;
                     return stacked_seek(f.as_fd(), &map, lower.as_ref(), offset, data);
                 }

@@ -194,8 +194,10 @@ pub fn build_tree(
     let mut tree = Tree::new(root_meta);
     let mut stats = TreeStats::default();
     let mut links: HashMap<u64, NodeId> = HashMap::new();
+    // Sidecar chunk maps are found from the tree root (`../stackmaps`).
+    let root_fd = Arc::new(root_fd);
     let mut stack: Vec<(PathBuf, Arc<OwnedFd>, NodeId)> =
-        vec![(root.to_path_buf(), Arc::new(root_fd), tree.root())];
+        vec![(root.to_path_buf(), root_fd.clone(), tree.root())];
     while let Some((dir_path, dir, id)) = stack.pop() {
         let mut names = Vec::new();
         let mut pos = 0;
@@ -230,12 +232,10 @@ pub fn build_tree(
             let kind = match fmt {
                 libc::S_IFDIR => NodeKind::Dir(Vec::new()),
                 libc::S_IFREG
-                    if crate::lower::tree_stack_map(pfd.as_fd())
-                        .map_err(|e| err(&path, e))?
-                        .is_some() =>
+                    if crate::lower::tree_is_stacked(pfd.as_fd()).map_err(|e| err(&path, e))? =>
                 {
                     stats.bytes += st.st_size as u64;
-                    let map = crate::lower::tree_stack_map(pfd.as_fd())
+                    let map = crate::lower::tree_stack_map(pfd.as_fd(), root_fd.as_fd())
                         .map_err(|e| err(&path, e))?
                         .ok_or_else(|| err(&path, Errno::EIO))?;
                     let lowers = lowers.ok_or_else(|| err(&path, Errno::EIO))?;

@@ -10,16 +10,128 @@
 //! so a user's punched hole or zeroed range never falls through to old data. A chunk is
 //! never below in part: a write that touches a below chunk copies the chunk up first.
 //!
-//! Encoding (little-endian): magic `SPSTACK1`, chunk bits (u8), lower size (u64), limit
-//! (u64), path length (u16) and path (components joined by `/`, no leading slash), number of
-//! below runs (u32) and the runs as (first chunk u32, count u32), CRC32C of all that (u32).
+//! Where the map is kept: in the xattr [`STACK_XATTR`] of the upper file while its encoding
+//! is at most the volume's inline limit (1 KiB by default) and the filesystem takes it;
+//! otherwise in a *sidecar file* `gens/G/stackmaps/ID.map` of the generation the upper file
+//! is in, and the xattr holds a [`StackRef`] naming it with its length and CRC32C. A new
+//! sidecar is written under a fresh id, fsync'ed (and its directory) before the xattr
+//! points to it, and the superseded one is removed only after the xattr change is durable,
+//! so the xattr stays the single atomic switch: a crash leaves the old map or the new one,
+//! never a torn one (at worst an unreferenced sidecar, which goes with its generation when
+//! it is sealed; `spinfs fsck --repair` removes it sooner). Readers find the directory as
+//! `../stackmaps` from any directory of the generation (its tree root or work directory).
+//!
+//! Map encoding (little-endian), version 2: magic `SPSTACK2`, chunk bits (u8), lower size
+//! (u64), limit (u64), path length (u16) and path (components joined by `/`, no leading
+//! slash), number of below runs (LEB128) and the runs as LEB128 pairs (gap from the end of
+//! the previous run or from chunk 0, length), CRC32C of all that (u32). Every other chunk
+//! below costs 2 bytes per run up to 128 chunks apart. Version 1 (`SPSTACK1`: u32 run count,
+//! runs as (first chunk u32, count u32)) is still read.
+//!
+//! Reference encoding: magic `SPSTKREF`, id (u64), sidecar length (u64), sidecar CRC32C
+//! (u32), CRC32C of all that (u32).
 
 use crate::sys::Errno;
 
 /// The xattr holding a stacked file's map.
 pub const STACK_XATTR: &[u8] = b"trusted.overlay.spinfs.stack";
 
-const MAGIC: &[u8; 8] = b"SPSTACK1";
+/// The directory of a generation holding its sidecar maps (beside `tree` and `work`).
+pub const MAPS_DIR: &str = "stackmaps";
+
+/// Maps whose encoding is at most this long stay in the xattr by default.
+pub const DEFAULT_INLINE_MAX: usize = 1024;
+
+const MAGIC_V1: &[u8; 8] = b"SPSTACK1";
+const MAGIC: &[u8; 8] = b"SPSTACK2";
+const REF_MAGIC: &[u8; 8] = b"SPSTKREF";
+const REF_LEN: usize = 8 + 8 + 8 + 4 + 4;
+
+/// A sidecar map file named by a stacked file's xattr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackRef {
+    pub id: u64,
+    /// Length and CRC32C of the whole sidecar file.
+    pub len: u64,
+    pub crc: u32,
+}
+
+impl StackRef {
+    /// The file name of the sidecar inside the generation's [`MAPS_DIR`].
+    pub fn file_name(&self) -> String {
+        format!("{:016x}.map", self.id)
+    }
+
+    /// The sidecar id a file name of [`MAPS_DIR`] stands for.
+    pub fn id_of(name: &str) -> Option<u64> {
+        let hex = name.strip_suffix(".map")?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(REF_LEN);
+        v.extend_from_slice(REF_MAGIC);
+        v.extend_from_slice(&self.id.to_le_bytes());
+        v.extend_from_slice(&self.len.to_le_bytes());
+        v.extend_from_slice(&self.crc.to_le_bytes());
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<StackRef, Errno> {
+        if b.len() != REF_LEN || &b[..8] != REF_MAGIC {
+            return Err(Errno::EIO);
+        }
+        let (body, crc) = b.split_at(REF_LEN - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
+            return Err(Errno::EIO);
+        }
+        Ok(StackRef {
+            id: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            len: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            crc: u32::from_le_bytes(b[24..28].try_into().unwrap()),
+        })
+    }
+
+    /// The map in the sidecar file's bytes `b`, checked against this reference.
+    pub fn load(&self, b: &[u8]) -> Result<StackMap, Errno> {
+        if b.len() as u64 != self.len || crc32c::crc32c(b) != self.crc {
+            return Err(Errno::EIO);
+        }
+        StackMap::decode(b)
+    }
+
+    /// A reference to a sidecar holding `bytes` under `id`.
+    pub fn for_bytes(id: u64, bytes: &[u8]) -> StackRef {
+        StackRef {
+            id,
+            len: bytes.len() as u64,
+            crc: crc32c::crc32c(bytes),
+        }
+    }
+}
+
+/// What a stacked file's xattr holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Inline(StackMap),
+    Sidecar(StackRef),
+}
+
+impl Stored {
+    /// Decodes the xattr value; any damage is `EIO`.
+    pub fn decode(b: &[u8]) -> Result<Stored, Errno> {
+        if b.starts_with(REF_MAGIC) {
+            StackRef::decode(b).map(Stored::Sidecar)
+        } else {
+            StackMap::decode(b).map(Stored::Inline)
+        }
+    }
+}
 
 /// Which chunks of a stacked file are still below, and how to find the lower file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +145,35 @@ pub struct StackMap {
     pub limit: u64,
     /// Sorted, disjoint, non-adjacent runs of below chunks: [start, end).
     below: Vec<(u64, u64)>,
+}
+
+fn put_varint(v: &mut Vec<u8>, mut x: u64) {
+    while x >= 0x80 {
+        v.push((x as u8) | 0x80);
+        x >>= 7;
+    }
+    v.push(x as u8);
+}
+
+fn get_varint(b: &[u8], p: &mut usize) -> Result<u64, Errno> {
+    let mut x = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*p).ok_or(Errno::EIO)?;
+        *p += 1;
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err(Errno::EIO);
+        }
+        x |= bits << shift;
+        if byte & 0x80 == 0 {
+            // Only the shortest form is accepted (one encoding per map).
+            if byte == 0 && shift > 0 {
+                return Err(Errno::EIO);
+            }
+            return Ok(x);
+        }
+    }
+    Err(Errno::EIO)
 }
 
 impl StackMap {
@@ -73,25 +214,28 @@ impl StackMap {
         &self.below
     }
 
-    /// Chunks `[start, end)` become upper.
+    /// Chunks `[start, end)` become upper. Only the runs it meets are touched (a single
+    /// chunk costs a binary search and at most one insertion).
     pub fn set_upper(&mut self, start: u64, end: u64) {
         if start >= end {
             return;
         }
-        let mut out = Vec::with_capacity(self.below.len() + 1);
-        for &(s, e) in &self.below {
-            if e <= start || s >= end {
-                out.push((s, e));
-                continue;
-            }
-            if s < start {
-                out.push((s, start));
-            }
-            if e > end {
-                out.push((end, e));
-            }
+        // Runs [i, j) overlap [start, end).
+        let i = self.below.partition_point(|&(_, e)| e <= start);
+        let j = self.below.partition_point(|&(s, _)| s < end);
+        if i >= j {
+            return;
         }
-        self.below = out;
+        let (first_s, _) = self.below[i];
+        let (_, last_e) = self.below[j - 1];
+        let mut keep = Vec::with_capacity(2);
+        if first_s < start {
+            keep.push((first_s, start));
+        }
+        if last_e > end {
+            keep.push((end, last_e));
+        }
+        self.below.splice(i..j, keep);
     }
 
     /// The file is truncated to `size`: lower bytes from there on are gone for good, and
@@ -138,29 +282,37 @@ impl StackMap {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(48 + self.lower_path.len() + self.below.len() * 8);
+        let mut v = Vec::with_capacity(40 + self.lower_path.len() + self.below.len() * 4);
         v.extend_from_slice(MAGIC);
         v.push(self.chunk_bits);
         v.extend_from_slice(&self.lower_size.to_le_bytes());
         v.extend_from_slice(&self.limit.to_le_bytes());
         v.extend_from_slice(&(self.lower_path.len() as u16).to_le_bytes());
         v.extend_from_slice(&self.lower_path);
-        v.extend_from_slice(&(self.below.len() as u32).to_le_bytes());
+        put_varint(&mut v, self.below.len() as u64);
+        let mut prev = 0;
         for &(s, e) in &self.below {
-            v.extend_from_slice(&(s as u32).to_le_bytes());
-            v.extend_from_slice(&((e - s) as u32).to_le_bytes());
+            put_varint(&mut v, s - prev);
+            put_varint(&mut v, e - s);
+            prev = e;
         }
         let crc = crc32c::crc32c(&v);
         v.extend_from_slice(&crc.to_le_bytes());
         v
     }
 
-    /// Decodes and checks a map; any damage or inconsistency is `EIO`.
+    /// Decodes and checks a map (version 2 or 1); any damage or inconsistency is `EIO`.
+    /// Memory is bounded by the input: a run takes at least two bytes of it.
     pub fn decode(b: &[u8]) -> Result<StackMap, Errno> {
         let bad = || Errno::EIO;
-        if b.len() < 8 + 1 + 16 + 2 + 4 + 4 || &b[..8] != MAGIC {
+        if b.len() < 8 + 1 + 16 + 2 + 1 + 4 {
             return Err(bad());
         }
+        let v1 = match &b[..8] {
+            m if m == MAGIC => false,
+            m if m == MAGIC_V1 => true,
+            _ => return Err(bad()),
+        };
         let (body, crc) = b.split_at(b.len() - 4);
         if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
             return Err(bad());
@@ -179,17 +331,33 @@ impl StackMap {
         let limit = u64::from_le_bytes(take(&mut p, 8)?.try_into().unwrap());
         let plen = u16::from_le_bytes(take(&mut p, 2)?.try_into().unwrap()) as usize;
         let lower_path = take(&mut p, plen)?.to_vec();
-        let n = u32::from_le_bytes(take(&mut p, 4)?.try_into().unwrap()) as usize;
         let chunks = lower_size.div_ceil(1 << chunk_bits);
-        let mut below: Vec<(u64, u64)> = Vec::new();
+        let n = if v1 {
+            u64::from(u32::from_le_bytes(take(&mut p, 4)?.try_into().unwrap()))
+        } else {
+            get_varint(body, &mut p)?
+        };
+        if n > (body.len() - p) as u64 / 2 {
+            return Err(bad());
+        }
+        let mut below: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+        let mut prev = 0u64;
         for _ in 0..n {
-            let s = u32::from_le_bytes(take(&mut p, 4)?.try_into().unwrap()) as u64;
-            let len = u32::from_le_bytes(take(&mut p, 4)?.try_into().unwrap()) as u64;
-            let e = s + len;
+            let (s, len) = if v1 {
+                let s = u32::from_le_bytes(take(&mut p, 4)?.try_into().unwrap()) as u64;
+                let len = u32::from_le_bytes(take(&mut p, 4)?.try_into().unwrap()) as u64;
+                (s, len)
+            } else {
+                let gap = get_varint(body, &mut p)?;
+                let len = get_varint(body, &mut p)?;
+                (prev.checked_add(gap).ok_or_else(bad)?, len)
+            };
+            let e = s.checked_add(len).ok_or_else(bad)?;
             if len == 0 || e > chunks || below.last().is_some_and(|&(_, pe)| pe >= s) {
                 return Err(bad());
             }
             below.push((s, e));
+            prev = e;
         }
         if p != body.len() || limit > lower_size {
             return Err(bad());
@@ -305,6 +473,121 @@ mod tests {
             let i = flip % enc.len();
             enc[i] ^= 0x40;
             prop_assert!(StackMap::decode(&enc).is_err());
+        }
+    }
+
+    /// The version-1 encoding, as older builds wrote it.
+    fn encode_v1(m: &StackMap) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(MAGIC_V1);
+        v.push(m.chunk_bits);
+        v.extend_from_slice(&m.lower_size.to_le_bytes());
+        v.extend_from_slice(&m.limit.to_le_bytes());
+        v.extend_from_slice(&(m.lower_path.len() as u16).to_le_bytes());
+        v.extend_from_slice(&m.lower_path);
+        v.extend_from_slice(&(m.below.len() as u32).to_le_bytes());
+        for &(s, e) in &m.below {
+            v.extend_from_slice(&(s as u32).to_le_bytes());
+            v.extend_from_slice(&((e - s) as u32).to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn version_1_maps_still_decode() {
+        let mut m = StackMap::new(16, b"d/f".to_vec(), 100 << 16);
+        m.set_upper(3, 5);
+        m.set_upper(40, 41);
+        m.truncate(90 << 16);
+        assert_eq!(StackMap::decode(&encode_v1(&m)).unwrap(), m);
+        assert_eq!(Stored::decode(&encode_v1(&m)).unwrap(), Stored::Inline(m));
+    }
+
+    #[test]
+    fn a_hostile_run_count_allocates_nothing() {
+        let m = StackMap::new(12, Vec::new(), 1 << 40);
+        let mut v = m.encode();
+        v.truncate(v.len() - 4);
+        // Replace the run count and the one run by a count of 2^62.
+        let at = 8 + 1 + 16 + 2;
+        v.truncate(at);
+        put_varint(&mut v, 1 << 62);
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        assert!(StackMap::decode(&v).is_err());
+    }
+
+    /// A small deterministic generator for the large-map property.
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Maps far past what an xattr holds (ext4: about one 4 KiB block for all of an
+        /// inode's xattrs) encode compactly, round-trip exactly, go through a sidecar
+        /// reference, and refuse damage.
+        #[test]
+        fn maps_past_the_xattr_limit_round_trip(
+            bits in 12u8..=26,
+            chunks in 20_000u64..250_000,
+            tail in 0u64..4096,
+            seed in 1u64..u64::MAX,
+            shape in 0u8..3,
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let lower = (chunks << bits) - tail;
+            let mut m = StackMap::new(bits, b"some/dir/big.file".to_vec(), lower);
+            let mut model = vec![true; chunks as usize];
+            let mut x = seed;
+            let mut c = 0u64;
+            while c < chunks {
+                let (len, gap) = match shape {
+                    0 => (1, 1),                                              // every other chunk
+                    1 => (1, 1 + xorshift(&mut x) % 3),                       // scattered 4 KiB writes
+                    _ => (1 + xorshift(&mut x) % 8, 1 + xorshift(&mut x) % 8), // ranges
+                };
+                let end = (c + len).min(chunks);
+                m.set_upper(c, end);
+                model[c as usize..end as usize].fill(false);
+                c = end + gap;
+            }
+            let runs = m.below_runs().len();
+            let enc = m.encode();
+            prop_assert!(enc.len() > 4096, "{} bytes for {runs} runs", enc.len());
+            // Compact: small gaps and lengths take a byte each.
+            prop_assert!(enc.len() <= 64 + m.lower_path.len() + runs * 2 * 2, "{} bytes for {runs} runs", enc.len());
+            let back = StackMap::decode(&enc).unwrap();
+            prop_assert_eq!(&back, &m);
+            for (i, &b) in model.iter().enumerate() {
+                prop_assert_eq!(back.is_below(i as u64), b);
+            }
+            prop_assert_eq!(back.below_chunks(), model.iter().filter(|b| **b).count() as u64);
+            // Through a sidecar: the xattr holds a short reference.
+            let r = StackRef::for_bytes(seed, &enc);
+            let xattr = r.encode();
+            prop_assert!(xattr.len() < 64);
+            prop_assert_eq!(Stored::decode(&xattr).unwrap(), Stored::Sidecar(r));
+            prop_assert_eq!(StackRef::id_of(&r.file_name()), Some(seed));
+            prop_assert_eq!(&r.load(&enc).unwrap(), &m);
+            // Damage anywhere, a short file or another map is refused.
+            let mut bad = enc.clone();
+            bad[flip.index(enc.len())] ^= 0x08;
+            prop_assert!(r.load(&bad).is_err());
+            prop_assert!(StackMap::decode(&bad).is_err());
+            prop_assert!(r.load(&enc[..enc.len() - 1]).is_err());
+            let mut other = m.clone();
+            other.truncate(lower / 2);
+            prop_assert!(r.load(&other.encode()).is_err());
+            let mut bad_ref = xattr.clone();
+            bad_ref[flip.index(xattr.len())] ^= 0x08;
+            prop_assert!(Stored::decode(&bad_ref).is_err());
         }
     }
 }

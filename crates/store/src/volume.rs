@@ -353,6 +353,10 @@ pub struct Volume {
     stacked: Mutex<HashMap<u64, std::sync::Weak<StackedFile>>>,
     /// log2 of the stacking granule (the store's chunk size).
     chunk_bits: AtomicU8,
+    /// Chunk maps encoded longer than this go to a sidecar file (see `crate::stackmap`).
+    stack_inline_max: std::sync::atomic::AtomicUsize,
+    /// Next sidecar map id to try (ids are unique within a generation: created exclusively).
+    next_map_id: AtomicU64,
     /// Daemon-served writes wait for a seal while the writable tree holds more than this and
     /// the SSD has less than this free (0 = never): flow control so that a file larger than
     /// the SSD can be written.
@@ -472,6 +476,10 @@ impl Volume {
             nodes: RwLock::new(nodes),
             stacked: Mutex::new(HashMap::new()),
             chunk_bits: AtomicU8::new(spinfs_erofs::writer::DEFAULT_CHUNK_BITS),
+            stack_inline_max: std::sync::atomic::AtomicUsize::new(
+                crate::stackmap::DEFAULT_INLINE_MAX,
+            ),
+            next_map_id: AtomicU64::new(stacking::first_map_id()),
             write_limit: AtomicU64::new(0),
             seal_threshold: AtomicU64::new(0),
             seal_kick: std::sync::OnceLock::new(),
@@ -1798,8 +1806,8 @@ impl Volume {
             && r.kind == FileKind::Regular
         {
             // A stacked file counts what it holds on the SSD, not its size.
-            let held = match crate::lower::tree_stack_map(fd.as_fd()) {
-                Ok(Some(_)) => st.st_blocks * 512,
+            let held = match crate::lower::tree_is_stacked(fd.as_fd()) {
+                Ok(true) => st.st_blocks * 512,
                 _ => st.st_size,
             };
             self.upper_bytes.fetch_sub(held, Ordering::Relaxed);

@@ -9,8 +9,8 @@
 //! removed and the file is an ordinary one again (passthrough for its next opens).
 
 use super::*;
-use crate::lower::{resolve_path, stacked_read, stacked_seek, tree_stack_map};
-use crate::stackmap::{STACK_XATTR, StackMap};
+use crate::lower::{resolve_path, stacked_read, stacked_seek, tree_stack_map_at};
+use crate::stackmap::{MAPS_DIR, STACK_XATTR, StackMap, StackRef};
 use std::sync::Weak;
 
 /// Counters of file stacking (for `spinfs status`).
@@ -23,6 +23,8 @@ pub struct StackCounters {
     pub bytes_copied: AtomicU64,
     /// Stacked files that became ordinary files (nothing left below).
     pub unstacked: AtomicU64,
+    /// Chunk maps written to a sidecar file (too long for the xattr).
+    pub map_files_written: AtomicU64,
 }
 
 /// A snapshot of [`StackCounters`].
@@ -32,6 +34,7 @@ pub struct StackStats {
     pub chunks_copied: u64,
     pub bytes_copied: u64,
     pub unstacked: u64,
+    pub map_files_written: u64,
 }
 
 pub(super) struct StackState {
@@ -39,6 +42,11 @@ pub(super) struct StackState {
     pub(super) fd: OwnedFd,
     /// `None` once every chunk is upper (an ordinary file still served by the daemon).
     pub(super) map: Option<StackMap>,
+    /// The sidecar file the durable map is in (`None`: in the xattr, or no map).
+    pub(super) stored: Option<StackRef>,
+    /// A directory of the generation the upper file is in (its work directory): sidecar maps
+    /// are at `../stackmaps` from there.
+    pub(super) gen_dir: Arc<OwnedFd>,
     /// Where the lower file is found: `None` = below the writable tree (the volume's current
     /// lower layers); `Some` = these archived layers (the file stayed in a frozen or
     /// unlinked state).
@@ -64,6 +72,7 @@ impl Volume {
             chunks_copied: c.chunks_copied.load(Ordering::Relaxed),
             bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
             unstacked: c.unstacked.load(Ordering::Relaxed),
+            map_files_written: c.map_files_written.load(Ordering::Relaxed),
         }
     }
 
@@ -73,6 +82,12 @@ impl Volume {
             self.chunk_bits
                 .store(size.trailing_zeros() as u8, Ordering::Relaxed);
         }
+    }
+
+    /// Chunk maps whose encoding is longer than `bytes` are kept in a sidecar file rather than
+    /// in the upper file's xattr (0: always a sidecar; for tests).
+    pub fn set_stack_map_inline_max(&self, bytes: usize) {
+        self.stack_inline_max.store(bytes, Ordering::Relaxed);
     }
 
     /// Makes `dir/name` in the work directory a stacked copy of the lower regular file
@@ -85,7 +100,8 @@ impl Volume {
             size,
         );
         sys::ftruncate(f, size)?;
-        sys::setxattr_fd(f, &xattr_name(), &map.encode(), 0)?;
+        // The caller fsyncs the file (its xattr) before renaming it into the tree.
+        self.store_map(f, self.work().as_fd(), &map, None)?;
         self.stack_counters
             .stacked_copy_ups
             .fetch_add(1, Ordering::Relaxed);
@@ -103,7 +119,8 @@ impl Volume {
         if let Some(sf) = reg.get(&ino).and_then(Weak::upgrade) {
             return Ok(Some(sf));
         }
-        let Some(map) = tree_stack_map(upper)? else {
+        let gen_dir = self.work();
+        let Some((map, stored)) = tree_stack_map_at(upper, gen_dir.as_fd())? else {
             return Ok(None);
         };
         let fd = sys::reopen(upper, libc::O_RDWR)?;
@@ -112,6 +129,8 @@ impl Volume {
             st: RwLock::new(StackState {
                 fd,
                 map: Some(map),
+                stored,
+                gen_dir,
                 below: None,
             }),
             lower: Mutex::new(None),
@@ -140,6 +159,8 @@ impl Volume {
             st: RwLock::new(StackState {
                 fd: sys::reopen(upper, libc::O_RDWR)?,
                 map: None,
+                stored: None,
+                gen_dir: self.work(),
                 below: None,
             }),
             lower: Mutex::new(None),
@@ -301,23 +322,117 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes the map (after the data it describes), or removes it when nothing is below. A
-    /// map too large for an xattr makes the file whole: its remaining chunks are copied up.
-    fn commit_map(&self, sf: &StackedFile, st: &mut StackState) -> SysResult<()> {
-        let Some(map) = &st.map else { return Ok(()) };
-        if !map.all_upper() {
-            match sys::setxattr_fd(st.fd.as_fd(), &xattr_name(), &map.encode(), 0) {
-                Ok(()) => return Ok(()),
+    /// Makes `map` the durable chunk map of the upper file `f` of the generation that
+    /// `gen_dir` (its tree root or work directory) belongs to, replacing the sidecar `old`:
+    /// in the xattr when it is short enough, else in a new sidecar file made durable (file
+    /// and directory) before the xattr names it. The superseded sidecar is removed once the
+    /// new xattr is durable (`f` is fsync'ed then). Returns the sidecar the map is now in.
+    fn store_map(
+        &self,
+        f: BorrowedFd<'_>,
+        gen_dir: BorrowedFd<'_>,
+        map: &StackMap,
+        old: Option<StackRef>,
+    ) -> SysResult<Option<StackRef>> {
+        let enc = map.encode();
+        let mut new = None;
+        let inline = enc.len() <= self.stack_inline_max.load(Ordering::Relaxed)
+            && match sys::setxattr_fd(f, &xattr_name(), &enc, 0) {
+                Ok(()) => true,
+                // Too long for this filesystem's xattr space: a sidecar after all.
                 Err(Errno(libc::E2BIG)) | Err(Errno(libc::ENOSPC)) | Err(Errno(libc::ERANGE)) => {
-                    let rest: Vec<u64> = map.below_runs().iter().flat_map(|&(s, e)| s..e).collect();
-                    self.copy_chunks(sf, st, &rest)?;
+                    false
                 }
                 Err(e) => return Err(e),
+            };
+        if !inline {
+            let (dir, r) = self.write_sidecar(gen_dir, &enc)?;
+            if let Err(e) = sys::setxattr_fd(f, &xattr_name(), &r.encode(), 0) {
+                let _ = sys::unlinkat(dir.as_fd(), &cstr(r.file_name().as_bytes()), 0);
+                return Err(e);
             }
+            self.stack_counters
+                .map_files_written
+                .fetch_add(1, Ordering::Relaxed);
+            new = Some(r);
+        }
+        if let Some(o) = old.filter(|o| Some(*o) != new) {
+            // The old sidecar goes only once no crash can bring back the xattr naming it.
+            sys::fsync(f, false)?;
+            spinfs_failpoints::fail_point!("stack_map.switched");
+            remove_sidecar(gen_dir, &o);
+        }
+        Ok(new)
+    }
+
+    /// Writes `enc` to a new sidecar file of the generation of `gen_dir` and makes it durable
+    /// (file, directory, and the directory's own entry when it was just created). Returns the
+    /// sidecar directory and the reference to the file.
+    fn write_sidecar(&self, gen_dir: BorrowedFd<'_>, enc: &[u8]) -> SysResult<(OwnedFd, StackRef)> {
+        let maps = cstr(format!("../{MAPS_DIR}").as_bytes());
+        let created = match sys::mkdirat(gen_dir, &maps, 0o700) {
+            Ok(()) => true,
+            Err(Errno(libc::EEXIST)) => false,
+            Err(e) => return Err(e),
+        };
+        let dir = sys::openat(gen_dir, &maps, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        if created {
+            let parent = sys::openat(gen_dir, c"..", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            sys::fsync(parent.as_fd(), false)?;
+        }
+        let (file, r) = loop {
+            let id = self.next_map_id.fetch_add(1, Ordering::Relaxed);
+            let r = StackRef::for_bytes(id, enc);
+            match sys::openat(
+                dir.as_fd(),
+                &cstr(r.file_name().as_bytes()),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                0o600,
+            ) {
+                Ok(file) => break (file, r),
+                Err(Errno(libc::EEXIST)) => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let written = (|| {
+            let mut done = 0;
+            while done < enc.len() {
+                done += sys::pwrite(file.as_fd(), &enc[done..], done as u64)?;
+            }
+            sys::fsync(file.as_fd(), true)?;
+            sys::fsync(dir.as_fd(), false)
+        })();
+        if let Err(e) = written {
+            let _ = sys::unlinkat(dir.as_fd(), &cstr(r.file_name().as_bytes()), 0);
+            return Err(e);
+        }
+        spinfs_failpoints::fail_point!("stack_map.sidecar_synced");
+        Ok((dir, r))
+    }
+
+    /// Writes the map (after the data it describes), or removes it when nothing is below. An
+    /// unlinked file keeps its map in memory only (a crash takes the file with it).
+    fn commit_map(&self, sf: &StackedFile, st: &mut StackState) -> SysResult<()> {
+        let Some(map) = &st.map else { return Ok(()) };
+        let linked = sys::fstat(st.fd.as_fd())?.st_nlink > 0;
+        if !map.all_upper() {
+            if linked {
+                st.stored = self.store_map(st.fd.as_fd(), st.gen_dir.as_fd(), map, st.stored)?;
+            } else if let Some(o) = st.stored.take() {
+                remove_sidecar(st.gen_dir.as_fd(), &o);
+            }
+            return Ok(());
         }
         match sys::removexattr_fd(st.fd.as_fd(), &xattr_name()) {
             Ok(()) | Err(Errno(libc::ENODATA)) => {}
             Err(e) => return Err(e),
+        }
+        if let Some(o) = st.stored.take() {
+            if linked {
+                sys::fsync(st.fd.as_fd(), false)?;
+                spinfs_failpoints::fail_point!("stack_map.unstacked");
+            }
+            remove_sidecar(st.gen_dir.as_fd(), &o);
         }
         st.map = None;
         *sf.lower.lock().unwrap() = None;
@@ -327,9 +442,9 @@ impl Volume {
         Ok(())
     }
 
-    /// Prepares `[off, off + len)` for a change that replaces or clears its bytes: below
-    /// chunks it touches are copied up unless the change replaces all their bytes, and the
-    /// map marks them upper.
+    /// Prepares `[off, off + len)` for a change that clears its bytes: below chunks it
+    /// touches are copied up unless the change clears all their bytes, and the map marks them
+    /// upper (a crash after the map and before the change shows zeros there, its result).
     fn stacked_prepare(
         &self,
         sf: &StackedFile,
@@ -337,21 +452,52 @@ impl Volume {
         off: u64,
         len: u64,
     ) -> SysResult<()> {
-        let Some(map) = &st.map else { return Ok(()) };
+        let touched = self.stacked_copy_touched(sf, st, off, len)?;
+        self.stacked_mark_upper(sf, st, &touched)
+    }
+
+    /// The below chunks `[off, off + len)` touches, after copying up those whose old bytes
+    /// the change does not wholly replace. The map is not changed here.
+    fn stacked_copy_touched(
+        &self,
+        sf: &StackedFile,
+        st: &StackState,
+        off: u64,
+        len: u64,
+    ) -> SysResult<Vec<u64>> {
+        let Some(map) = &st.map else {
+            return Ok(Vec::new());
+        };
         let size = sys::fstat(st.fd.as_fd())?.st_size as u64;
         let touched = map.touched(off, len, size);
+        let copy: Vec<u64> = touched.iter().filter(|t| t.1).map(|t| t.0).collect();
+        self.copy_chunks(sf, st, &copy)?;
+        Ok(touched.into_iter().map(|t| t.0).collect())
+    }
+
+    /// The chunks `touched` become upper in the map, which is committed.
+    fn stacked_mark_upper(
+        &self,
+        sf: &StackedFile,
+        st: &mut StackState,
+        touched: &[u64],
+    ) -> SysResult<()> {
+        let Some(map) = st.map.as_mut() else {
+            return Ok(());
+        };
         if touched.is_empty() {
             return Ok(());
         }
-        let copy: Vec<u64> = touched.iter().filter(|t| t.1).map(|t| t.0).collect();
-        self.copy_chunks(sf, st, &copy)?;
-        let map = st.map.as_mut().expect("checked above");
-        for (c, _) in &touched {
+        for c in touched {
             map.set_upper(*c, c + 1);
         }
         self.commit_map(sf, st)
     }
 
+    /// A write: below chunks it touches are copied up first unless it replaces all their
+    /// bytes; then the data goes in and is made durable *before* the map says those chunks
+    /// are upper, so a crash leaves each of them below (its old bytes) or upper with the new
+    /// bytes, never upper without them (a chunk of zeros where the write replaced it whole).
     pub(super) fn stacked_write(
         &self,
         sf: &StackedFile,
@@ -363,10 +509,14 @@ impl Volume {
         if kill_suidgid {
             Self::clear_setid(st.fd.as_fd())?;
         }
-        self.stacked_prepare(sf, &mut st, offset, data.len() as u64)?;
+        let touched = self.stacked_copy_touched(sf, &st, offset, data.len() as u64)?;
         let mut done = 0;
         while done < data.len() {
             done += sys::pwrite(st.fd.as_fd(), &data[done..], offset + done as u64)?;
+        }
+        if !touched.is_empty() {
+            sys::fsync(st.fd.as_fd(), true)?;
+            self.stacked_mark_upper(sf, &mut st, &touched)?;
         }
         Ok(done)
     }
@@ -521,11 +671,41 @@ impl Volume {
             Some(u) => u,
             None => self.copy_up(sf.ino)?,
         };
-        let map = tree_stack_map(upper.as_fd())?;
+        let gen_dir = self.work();
+        let (map, stored) = match tree_stack_map_at(upper.as_fd(), gen_dir.as_fd())? {
+            Some((m, r)) => (Some(m), r),
+            None => (None, None),
+        };
         st.fd = sys::reopen(upper.as_fd(), libc::O_RDWR)?;
         st.map = map;
+        st.stored = stored;
+        st.gen_dir = gen_dir;
         st.below = None;
         *sf.lower.lock().unwrap() = None;
         Ok(())
     }
+}
+
+/// Removes a superseded sidecar map (best effort: one left behind is unreferenced, and goes
+/// with its generation).
+fn remove_sidecar(gen_dir: BorrowedFd<'_>, r: &StackRef) {
+    let path = cstr(format!("../{MAPS_DIR}/{}", r.file_name()).as_bytes());
+    if let Err(e) = sys::unlinkat(gen_dir, &path, 0)
+        && e != Errno::ENOENT
+    {
+        tracing::warn!(
+            sidecar = r.file_name(),
+            "cannot remove a superseded chunk map: {e}"
+        );
+    }
+}
+
+/// A starting point for sidecar ids that differs between daemon runs (ids are created
+/// exclusively, so a collision only costs a retry).
+pub(super) fn first_map_id() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    now ^ (u64::from(std::process::id()) << 40)
 }
