@@ -14,8 +14,9 @@ pub struct TreeUsage {
     pub bytes: u64,
 }
 
-/// Files (non-directories, each inode once, whiteouts excluded) and regular-file bytes of
-/// an SSD tree.
+/// Files (non-directories, each inode once, whiteouts excluded) and the regular-file bytes
+/// an SSD tree holds (a file's size, or its allocated bytes when smaller: holes and a stacked
+/// file's chunks below take no SSD space).
 pub fn tree_usage(root: &std::path::Path) -> std::io::Result<TreeUsage> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut usage = TreeUsage::default();
@@ -39,7 +40,10 @@ pub fn tree_usage(root: &std::path::Path) -> std::io::Result<TreeUsage> {
             } else if meta.nlink() == 1 || seen.insert(meta.ino()) {
                 usage.files += 1;
                 if meta.is_file() {
-                    usage.bytes += meta.len();
+                    // The data it holds on the SSD: a stacked file's chunks below (and a
+                    // sparse file's holes) take no space here and are not sealed again,
+                    // as the volume counts them (`Volume::upper_bytes`).
+                    usage.bytes += meta.len().min(meta.blocks() * 512);
                 }
             }
         }

@@ -796,7 +796,7 @@ impl Volume {
             return;
         }
         h.unchecked.store(0, Ordering::Relaxed);
-        self.count_growth(h);
+        self.count_growth_gated(h);
         let coming = || self.stack().frozen.is_some() || self.dropping.load(Ordering::Relaxed) > 0;
         let over = || {
             self.statfs()
@@ -824,7 +824,7 @@ impl Volume {
             let done = self.seals_done.0.lock().unwrap();
             let wait = (deadline - now).min(std::time::Duration::from_millis(100));
             drop(self.seals_done.1.wait_timeout(done, wait).unwrap());
-            self.count_growth(h);
+            self.count_growth_gated(h);
             if !over() {
                 break;
             }
@@ -2183,7 +2183,7 @@ impl Volume {
     pub fn upper_bytes(&self) -> u64 {
         let handles: Vec<Arc<Handle>> = self.handles.read().unwrap().values().cloned().collect();
         for h in handles {
-            self.count_growth(&h);
+            self.count_growth_gated(&h);
         }
         self.upper_bytes.load(Ordering::Relaxed).max(0) as u64
     }
@@ -2399,10 +2399,31 @@ impl Volume {
     }
 
     pub fn release(&self, fh: u64) {
+        // Removed and counted with freezes kept out: a freeze in between carries the file
+        // into the new tree without this handle (so without resetting its count), and the
+        // count would then take the file's old size off the new tree's total (the archiver
+        // then saw less than the threshold while the tree held more, and never sealed).
+        let _gate = self.gate_unless_held();
         let h = self.handles.write().unwrap().remove(&fh);
         if let Some(h) = h {
             self.count_growth(&h);
         }
+    }
+
+    /// The gate held shared, unless this thread holds it already (it is not re-entrant).
+    fn gate_unless_held(&self) -> Option<GateGuard<'_>> {
+        if GATE_DEPTH.with(|d| d.get()) > 0 {
+            None
+        } else {
+            Some(self.shared_gate())
+        }
+    }
+
+    /// `count_growth` with freezes kept out: a freeze resets the counts of the handles it
+    /// carries over, so a count must not straddle it.
+    fn count_growth_gated(&self, h: &Handle) {
+        let _gate = self.gate_unless_held();
+        self.count_growth(h);
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> SysResult<()> {
