@@ -21,6 +21,7 @@
 #                       e.g. 'background_io_class="inherit";background_write_adaptive=false')
 #   LAT_SECS            idle writer run (default 15)
 #   ARCH_PARTS          figures to measure, comma-separated: warm, cold, latency (default all)
+#   SPINFS_MOUNT_ARGS   extra mount arguments (word-split), e.g. "-o passthrough_writes"
 #   LAT_RATE LAT_BS LAT_FSYNC_EVERY
 #                       writer: LAT_RATE writes/s of LAT_BS bytes (default 500 x 4096) with an
 #                       fdatasync after every LAT_FSYNC_EVERY writes (default 16)
@@ -120,7 +121,8 @@ seqread() { # FILE -> MB/s (checks the size)
 }
 mount_spinfs() {
     spin_mounted=1
-    timeout 120 "$SPINFS" mount "$store" "$mnt" || die "spinfs mount failed"
+    # shellcheck disable=SC2086 # word-split on purpose
+    timeout 120 "$SPINFS" mount "$store" "$mnt" ${SPINFS_MOUNT_ARGS:-} || die "spinfs mount failed"
     mountpoint -q "$mnt" || die "$mnt is not a mount point after spinfs mount"
 }
 umount_spinfs() {
