@@ -101,6 +101,15 @@ fn nix_statvfs(p: &Path) -> (u64, u64) {
     (st.f_bavail as u64, st.f_frsize as u64)
 }
 
+/// A volume on a loop-mounted ext4 of 96 MiB with flow control for `threshold`.
+fn small_volume(threshold: u64) -> (SmallSsd, PathBuf, Arc<Volume>) {
+    let ssd = SmallSsd::new(96);
+    let root = ssd.mnt.join("store");
+    let vol = Arc::new(volume(&root));
+    vol.set_flow_control(threshold);
+    (ssd, root, vol)
+}
+
 fn volume(root: &Path) -> Volume {
     let tree = root.join("gens/1/tree");
     std::fs::create_dir_all(&tree).unwrap();
@@ -185,10 +194,7 @@ fn reaching_the_threshold_wakes_the_archiver_at_once() {
 /// deleted: a writer short of room waits for that, instead of writing into ENOSPC.
 #[test]
 fn short_writers_wait_until_the_sealed_tree_is_deleted() {
-    let ssd = SmallSsd::new(96);
-    let root = ssd.mnt.join("store");
-    let vol = Arc::new(volume(&root));
-    vol.set_flow_control(8 * MIB); // writers wait below 12 MiB free
+    let (ssd, root, vol) = small_volume(8 * MIB); // writers wait below 12 MiB free
     let old = create(&vol, "old");
     write_mib(&vol, old, 0, 6);
     vol.release(old);
@@ -219,10 +225,7 @@ fn short_writers_wait_until_the_sealed_tree_is_deleted() {
 /// and wakes the archiver, which is told to seal before the threshold.
 #[test]
 fn short_writers_ask_for_a_seal_before_the_threshold() {
-    let ssd = SmallSsd::new(96);
-    let root = ssd.mnt.join("store");
-    let vol = Arc::new(volume(&root));
-    vol.set_flow_control(16 * MIB); // writers wait below 24 MiB free
+    let (ssd, _root, vol) = small_volume(16 * MIB); // writers wait below 24 MiB free
     let kicked = kicks(&vol);
     let fh = create(&vol, "f");
     write_mib(&vol, fh, 0, 4); // under the threshold, over an eighth of the limit
@@ -247,10 +250,7 @@ fn short_writers_ask_for_a_seal_before_the_threshold() {
 /// make room, so the writer neither waits nor asks for a seal.
 #[test]
 fn a_nearly_empty_tree_is_not_sealed_for_room() {
-    let ssd = SmallSsd::new(96);
-    let root = ssd.mnt.join("store");
-    let vol = Arc::new(volume(&root));
-    vol.set_flow_control(16 * MIB);
+    let (ssd, _root, vol) = small_volume(16 * MIB);
     let kicked = kicks(&vol);
     let fh = create(&vol, "f");
     ssd.fill_to(20 * MIB);

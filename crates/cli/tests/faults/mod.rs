@@ -244,6 +244,14 @@ pub struct Model {
     pub maybe: BTreeSet<String>,
 }
 
+impl Model {
+    /// The name of a durable file picked at random (there is at least one).
+    fn random_durable(&self, rng: &mut Rng) -> String {
+        let i = rng.below(self.durable.len() as u64) as usize;
+        self.durable.keys().nth(i).unwrap().clone()
+    }
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
@@ -647,12 +655,7 @@ pub fn workload(
         }
         // a chmod of an older (archived) file: a copy-up; fsync'ed half of the time
         if model.durable.len() > 4 {
-            let name = model
-                .durable
-                .keys()
-                .nth(rng.below(model.durable.len() as u64) as usize)
-                .unwrap()
-                .clone();
+            let name = model.random_durable(rng);
             let sync = rng.below(2) == 0;
             let st = model.durable.get_mut(&name).unwrap();
             let new = st.mode ^ 0o044;
@@ -680,12 +683,7 @@ pub fn workload(
         // stacked file's chunk copy-up and map switch, then the end of its map (nothing left
         // below); the content never changes whatever a crash keeps, the mtime is restored
         if model.durable.len() > 4 {
-            let name = model
-                .durable
-                .keys()
-                .nth(rng.below(model.durable.len() as u64) as usize)
-                .unwrap()
-                .clone();
+            let name = model.random_durable(rng);
             let st = model.durable.get_mut(&name).unwrap();
             st.mtime_unsure = true;
             counts.ops += 1;
