@@ -601,7 +601,15 @@ pub fn workload(
                 break 'rounds;
             }
             let name = format!("{tag}_r{round}_{k}");
-            let st = new_state(rng, rng.0 ^ u64::from(round), 200_000);
+            let mut st = new_state(rng, rng.0 ^ u64::from(round), 200_000);
+            if k == 0 && st.content.len() < 140_000 {
+                // One file a round larger than the head and tail the head cache keeps
+                // (64 KiB each): its read-back after the seal goes to the media and fills
+                // the chunk cache, so the chunk-cache fail points are reached in every run
+                // (a run whose files all fitted the head cache never reached
+                // chunk_cache.entry_placed).
+                st.content = data(rng.0 ^ u64::from(round), 140_000 + st.content.len() / 3);
+            }
             model.maybe.insert(name.clone());
             counts.ops += 1;
             if let Err(e) = write_durable(&dir, &name, &st) {
