@@ -3,7 +3,7 @@
 
 use crate::archive::{ArchivedLayer, Xattr};
 use crate::markers;
-use crate::stackmap::{MAPS_DIR, STACK_XATTR, StackMap, StackRef, Stored};
+use crate::stackmap::{STACK_XATTR, StackMap, StackRef, Stored};
 use crate::sys::{self, Errno, SysResult};
 use crate::volume::{Attr, FileKind, ROOT_INO, Timestamp};
 use spinfs_erofs::{FileType, Inode};
@@ -159,7 +159,7 @@ pub(crate) fn read_sidecar(
     gen_dir_child: std::os::fd::BorrowedFd<'_>,
     r: &StackRef,
 ) -> SysResult<StackMap> {
-    let path = cstr(format!("../{MAPS_DIR}/{}", r.file_name()).as_bytes());
+    let path = cstr(r.path_from_gen_child().as_bytes());
     let f =
         sys::openat(gen_dir_child, &path, libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| {
             tracing::error!(

@@ -62,6 +62,12 @@ impl StackRef {
         format!("{:016x}.map", self.id)
     }
 
+    /// The sidecar's path from a directory directly in its generation's directory (the tree
+    /// root or the work directory).
+    pub fn path_from_gen_child(&self) -> String {
+        format!("../{MAPS_DIR}/{}", self.file_name())
+    }
+
     /// The sidecar id a file name of [`MAPS_DIR`] stands for.
     pub fn id_of(name: &str) -> Option<u64> {
         let hex = name.strip_suffix(".map")?;

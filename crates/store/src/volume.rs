@@ -357,12 +357,9 @@ pub struct Volume {
     stack_inline_max: std::sync::atomic::AtomicUsize,
     /// Next sidecar map id to try (ids are unique within a generation: created exclusively).
     next_map_id: AtomicU64,
-    /// Daemon-served writes wait for a seal while the writable tree holds more than this and
-    /// the SSD has less than this free (0 = never): flow control so that a file larger than
-    /// the SSD can be written.
-    write_limit: AtomicU64,
-    /// The archive threshold (0 = unknown): the writable tree reaching it wakes the archiver
-    /// through `seal_kick` at once rather than at its next periodic check.
+    /// The archive threshold (0 = unknown, no flow control): the writable tree reaching it
+    /// wakes the archiver through `seal_kick` at once rather than at its next periodic
+    /// check, and daemon-served writers wait for room below `write_limit` free.
     seal_threshold: AtomicU64,
     /// Wakes the archiver (set by it; see `set_seal_kick`).
     seal_kick: std::sync::OnceLock<SealKick>,
@@ -480,7 +477,6 @@ impl Volume {
                 crate::stackmap::DEFAULT_INLINE_MAX,
             ),
             next_map_id: AtomicU64::new(stacking::first_map_id()),
-            write_limit: AtomicU64::new(0),
             seal_threshold: AtomicU64::new(0),
             seal_kick: std::sync::OnceLock::new(),
             dropping: AtomicU64::new(0),
@@ -748,8 +744,20 @@ impl Volume {
     /// reaching the threshold wakes the archiver (see `set_seal_kick`).
     pub fn set_flow_control(&self, threshold: u64) {
         self.seal_threshold.store(threshold, Ordering::Relaxed);
-        self.write_limit
-            .store(threshold.saturating_add(threshold / 2), Ordering::Relaxed);
+    }
+
+    /// Free SSD space below which daemon-served writers wait for room: 1.5 × the threshold
+    /// (0 = no flow control).
+    fn write_limit(&self) -> u64 {
+        let t = self.seal_threshold.load(Ordering::Relaxed);
+        t.saturating_add(t / 2)
+    }
+
+    /// Whether the writable tree holds enough to be worth sealing for room: at least an
+    /// eighth of the write limit, so that a nearly empty tree is not sealed again and again
+    /// on an SSD filled by something else.
+    fn worth_sealing_for_room(&self) -> bool {
+        self.upper_bytes.load(Ordering::Relaxed) >= (self.write_limit() / 8) as i64
     }
 
     /// Sets what wakes the archiver (once).
@@ -763,14 +771,10 @@ impl Volume {
         }
     }
 
-    /// Whether the writable tree holds enough to be worth sealing for room: writers waiting
-    /// for space make the archiver seal before the threshold when it does (at least an
-    /// eighth of the write limit, so that a nearly empty tree is not sealed again and again
-    /// on an SSD filled by something else).
+    /// Whether writers wait for space and the writable tree is worth sealing for it
+    /// (`worth_sealing_for_room`): the archiver then seals before the threshold.
     pub fn seal_for_room(&self) -> bool {
-        self.writers_waiting()
-            && self.upper_bytes.load(Ordering::Relaxed)
-                >= (self.write_limit.load(Ordering::Relaxed) / 8) as i64
+        self.writers_waiting() && self.worth_sealing_for_room()
     }
 
     /// Flow control: while the SSD has less than the write limit left, a daemon-served
@@ -786,7 +790,7 @@ impl Volume {
     /// limit written through it (at most 16 MiB, at least every write of 64 KiB or more): a
     /// writer overshoots the limit by less than that.
     fn throttle(&self, h: &Handle, written: usize) {
-        let limit = self.write_limit.load(Ordering::Relaxed);
+        let limit = self.write_limit();
         if limit == 0 {
             return;
         }
@@ -801,7 +805,7 @@ impl Volume {
         let over = || {
             self.statfs()
                 .is_ok_and(|s| s.bavail.saturating_mul(s.frsize as u64) < limit)
-                && (coming() || self.upper_bytes.load(Ordering::Relaxed) >= (limit / 8) as i64)
+                && (coming() || self.worth_sealing_for_room())
         };
         if !over() {
             return;
@@ -892,11 +896,7 @@ impl Volume {
         // Not while a freeze is moving files: a half-moved tree would resolve wrongly. (The
         // gate is re-entrant for readers here: callers holding it shared are not blocked, as
         // a freeze waits for them before it takes it.)
-        let _gate = if GATE_DEPTH.with(|d| d.get()) > 0 {
-            None
-        } else {
-            Some(self.shared_gate())
-        };
+        let _gate = self.gate_unless_held();
         let stack = self.stack();
         {
             let st = node.st.read().unwrap();

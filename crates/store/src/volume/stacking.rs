@@ -689,7 +689,7 @@ impl Volume {
 /// Removes a superseded sidecar map (best effort: one left behind is unreferenced, and goes
 /// with its generation).
 fn remove_sidecar(gen_dir: BorrowedFd<'_>, r: &StackRef) {
-    let path = cstr(format!("../{MAPS_DIR}/{}", r.file_name()).as_bytes());
+    let path = cstr(r.path_from_gen_child().as_bytes());
     if let Err(e) = sys::unlinkat(gen_dir, &path, 0)
         && e != Errno::ENOENT
     {
