@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 mod stacking;
+#[cfg(test)]
+mod tests;
 pub use stacking::StackStats;
 use stacking::{StackCounters, StackedFile};
 
@@ -380,6 +382,14 @@ pub struct Volume {
     /// Held shared by every operation that changes the writable tree, exclusively while a
     /// generation is frozen: nothing can land in a tree after it was frozen.
     gate: RwLock<()>,
+    /// Odd while the gate is held exclusively (a freeze, seal or merge changing the stack),
+    /// bumped at its start and end: operations that do not hold the gate (lookups, opendir)
+    /// check it did not move while they resolved, see `stack_change_begin`.
+    stack_seq: AtomicU64,
+    /// Tests: called by `freeze` right after the stack swap, before files are moved and
+    /// carried over (the window operations without the gate could see).
+    #[cfg(test)]
+    pub(crate) after_swap_hook: Mutex<Option<Box<dyn Fn() + Send>>>,
     /// See `set_sync_observer`.
     sync_observer: std::sync::OnceLock<SyncObserver>,
 }
@@ -398,11 +408,18 @@ thread_local! {
 /// A held gate (shared or exclusive), counted per thread.
 enum GateGuard<'a> {
     Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
-    Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
+    /// With the volume's `stack_seq`, made even again when the guard goes.
+    Exclusive(
+        #[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>,
+        &'a AtomicU64,
+    ),
 }
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
+        if let GateGuard::Exclusive(_, seq) = self {
+            seq.fetch_add(1, Ordering::Release);
+        }
         GATE_DEPTH.with(|d| d.set(d.get() - 1));
     }
 }
@@ -488,6 +505,9 @@ impl Volume {
             next_tmp: AtomicU64::new(0),
             upper_bytes: AtomicI64::new(0),
             gate: RwLock::new(()),
+            stack_seq: AtomicU64::new(0),
+            #[cfg(test)]
+            after_swap_hook: Mutex::new(None),
             sync_observer: std::sync::OnceLock::new(),
         })
     }
@@ -499,9 +519,39 @@ impl Volume {
     }
 
     fn exclusive_gate(&self) -> GateGuard<'_> {
-        let g = GateGuard::Exclusive(self.gate.write().unwrap());
+        let g = GateGuard::Exclusive(self.gate.write().unwrap(), &self.stack_seq);
+        self.stack_seq.fetch_add(1, Ordering::AcqRel);
         GATE_DEPTH.with(|d| d.set(d.get() + 1));
         g
+    }
+
+    /// For an operation that resolves names without holding the gate: waits until no freeze,
+    /// seal or merge is changing the stack and returns the change count to pass to
+    /// `stack_unchanged_since` once the resolution is done. `None` when this thread holds the
+    /// gate already (nothing can change the stack under it).
+    ///
+    /// The stack epoch alone is not enough: a freeze swaps the stack first and only then moves
+    /// the files open for writing and carries the stacked files over, and these may still
+    /// change in the frozen tree until carried. A name resolved in that window would cache a
+    /// frozen file's attributes (a size that is no longer true once carried) under the new
+    /// epoch, and the carry would then copy up from that stale placement.
+    fn stack_change_begin(&self) -> Option<u64> {
+        if GATE_DEPTH.with(|d| d.get()) > 0 {
+            return None;
+        }
+        loop {
+            let seq = self.stack_seq.load(Ordering::Acquire);
+            if seq.is_multiple_of(2) {
+                return Some(seq);
+            }
+            // A change is under way: wait for it to end.
+            drop(self.shared_gate());
+        }
+    }
+
+    /// Whether no stack change started since `stack_change_begin` returned `seq`.
+    fn stack_unchanged_since(&self, seq: Option<u64>) -> bool {
+        seq.is_none_or(|s| self.stack_seq.load(Ordering::Acquire) == s)
     }
 
     fn stack(&self) -> Arc<Stack> {
@@ -590,6 +640,10 @@ impl Volume {
             };
             st.epoch = stack.epoch;
             *self.stack.write().unwrap() = stack;
+        }
+        #[cfg(test)]
+        if let Some(hook) = &*self.after_swap_hook.lock().unwrap() {
+            hook();
         }
         self.upper_bytes.store(0, Ordering::Relaxed);
         for (ino, fd, parent, old_pfd, name) in old_places {
@@ -1081,19 +1135,29 @@ impl Volume {
         }))
     }
 
-    /// Registers a resolved entry as known to the kernel (one more reference).
+    /// Registers an entry resolved under the current stack as known to the kernel (one more
+    /// reference). For callers holding the gate (the stack cannot change under them).
     fn remember(&self, parent: u64, name: &[u8], r: Resolved) -> SysResult<Attr> {
         let epoch = self.stack().epoch;
+        self.remember_at(parent, name, r, epoch)
+    }
+
+    /// `remember` for an entry resolved under the stack of epoch `epoch`: a placement of an
+    /// older stack than the node's is not kept (the node's is newer), and one kept with an
+    /// older epoch than the current stack's is resolved again when next used.
+    fn remember_at(&self, parent: u64, name: &[u8], r: Resolved, epoch: u64) -> SysResult<Attr> {
         let attr = self.attr_of(r.ino, &r.place)?;
         let mut nodes = self.nodes.write().unwrap();
         match nodes.get(&r.ino) {
             Some(node) if node.kind == r.kind => {
                 node.lookups.fetch_add(1, Ordering::Relaxed);
                 let mut st = node.st.write().unwrap();
-                st.place = r.place;
-                st.parent = parent;
-                st.name = name.to_vec();
-                st.epoch = epoch;
+                if epoch >= st.epoch {
+                    st.place = r.place;
+                    st.parent = parent;
+                    st.name = name.to_vec();
+                    st.epoch = epoch;
+                }
             }
             _ => {
                 nodes.insert(
@@ -1126,18 +1190,20 @@ impl Volume {
             return Err(Errno::ENOTDIR);
         }
         let name = sys::cname(name)?;
-        // Lookups do not hold the gate. When a freeze or a seal swaps the stack between
-        // placing the parent and resolving the name, the entry was found in one stack and
-        // numbered in the other (an entry of the frozen tree got the new generation's
-        // number), or looked for in a frozen tree that is being deleted (ENOENT): resolve
-        // again in the new stack.
+        // Lookups do not hold the gate. When a freeze, a seal or a merge changes the stack
+        // while the parent is placed and the name resolved, the entry was found in one stack
+        // and numbered in the other (an entry of the frozen tree got the new generation's
+        // number), looked for in a frozen tree that is being deleted (ENOENT), or found in
+        // the frozen tree while a freeze still carries it over (a stale size): resolve again
+        // once the change is over.
         loop {
+            let seq = self.stack_change_begin();
             let epoch = self.stack().epoch;
             let place = self.place(parent, &p)?;
             let r = self.resolve(&place, name.to_bytes());
-            if self.stack().epoch == epoch {
+            if self.stack_unchanged_since(seq) {
                 let r = r?.ok_or(Errno::ENOENT)?;
-                return self.remember(parent, name.to_bytes(), r);
+                return self.remember_at(parent, name.to_bytes(), r, epoch);
             }
         }
     }
@@ -2522,14 +2588,15 @@ impl Volume {
 
     pub fn opendir(&self, ino: u64) -> SysResult<u64> {
         let n = self.node(ino)?;
-        // Like lookups, opendir does not hold the gate: when a freeze or a seal swaps the
-        // stack meanwhile, the placement (or listing) came from one stack and the numbers
-        // from the other (entries of the just-frozen tree got the new generation's numbers),
-        // so it starts again in the new stack.
+        // Like lookups, opendir does not hold the gate: when a freeze, a seal or a merge
+        // changes the stack meanwhile, the placement (or listing) came from one stack and the
+        // numbers from the other (entries of the just-frozen tree got the new generation's
+        // numbers), so it starts again once the change is over.
         loop {
+            let seq = self.stack_change_begin();
             let stack = self.stack();
             let res = self.opendir_in(ino, &n, &stack);
-            if self.stack().epoch == stack.epoch {
+            if self.stack_unchanged_since(seq) && self.stack().epoch == stack.epoch {
                 return res;
             }
             if let Ok(fh) = res {
