@@ -127,4 +127,13 @@ fn fsx_with_seals(opts: &str, ops_var: &str, default_ops: &str) {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+    // An error the daemon met serving a read fsx did not make itself (kernel read-ahead, a
+    // page fault beyond the bytes fsx compares) never reaches fsx: the log tells.
+    let log = std::fs::read_to_string(m.store.join("spinfs.log")).unwrap_or_default();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(
+        errors.is_empty(),
+        "the daemon logged errors during fsx:\n{}",
+        errors.join("\n")
+    );
 }
