@@ -366,20 +366,19 @@ impl Volume {
     }
 
     /// Writes `enc` to a new sidecar file of the generation of `gen_dir` and makes it durable
-    /// (file, directory, and the directory's own entry when it was just created). Returns the
+    /// (file, directory, and the directory's own entry). Returns the
     /// sidecar directory and the reference to the file.
     fn write_sidecar(&self, gen_dir: BorrowedFd<'_>, enc: &[u8]) -> SysResult<(OwnedFd, StackRef)> {
         let maps = cstr(format!("../{MAPS_DIR}").as_bytes());
-        let created = match sys::mkdirat(gen_dir, &maps, 0o700) {
-            Ok(()) => true,
-            Err(Errno(libc::EEXIST)) => false,
+        match sys::mkdirat(gen_dir, &maps, 0o700) {
+            Ok(()) | Err(Errno(libc::EEXIST)) => {}
             Err(e) => return Err(e),
-        };
-        let dir = sys::openat(gen_dir, &maps, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        if created {
-            let parent = sys::openat(gen_dir, c"..", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-            sys::fsync(parent.as_fd(), false)?;
         }
+        let dir = sys::openat(gen_dir, &maps, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        // The directory's entry durable too, whoever made it: a thread that found it made by
+        // another may get here before that one's fsync (cheap once it is: nothing to commit).
+        let parent = sys::openat(gen_dir, c"..", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        sys::fsync(parent.as_fd(), false)?;
         let (file, r) = loop {
             let id = self.next_map_id.fetch_add(1, Ordering::Relaxed);
             let r = StackRef::for_bytes(id, enc);
