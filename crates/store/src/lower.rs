@@ -622,6 +622,19 @@ impl LowerPart {
         matches!(self, LowerPart::Image { .. })
     }
 
+    /// Where this part lives, for diagnostics.
+    pub fn whereabouts(&self) -> String {
+        match self {
+            LowerPart::Image { layer, inode, .. } => {
+                format!("archived layer {} (nid {})", layer.id, inode.nid)
+            }
+            LowerPart::Tree { tree, st, .. } => format!(
+                "frozen generation {} (backing inode {})",
+                tree.generation, st.st_ino
+            ),
+        }
+    }
+
     /// First data (or hole) offset at or after `offset`; `None` past the end.
     pub fn seek(&self, offset: u64, data: bool) -> SysResult<Option<u64>> {
         match self {

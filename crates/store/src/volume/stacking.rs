@@ -207,7 +207,12 @@ impl Volume {
                 tracing::error!(
                     ino = sf.ino,
                     path = %String::from_utf8_lossy(&map.lower_path),
-                    found = other.is_some(),
+                    lower_size = map.lower_size,
+                    found = ?other.as_ref().map(|p| (p.kind(), p.size(), p.whereabouts())),
+                    pinned = st.below.is_some(),
+                    generation = stack.generation,
+                    epoch = stack.epoch,
+                    frozen = ?stack.frozen.as_ref().map(|f| f.generation),
                     "the lower file of a stacked file is missing or changed"
                 );
                 return Err(Errno::EIO);
@@ -664,6 +669,7 @@ impl Volume {
         }
         // Anything written so far must be in the frozen copy before it is sealed.
         sys::fsync(st.fd.as_fd(), true)?;
+        let frozen = sys::fstat(st.fd.as_fd())?;
         let node = self.node(sf.ino)?;
         let place = self.place(sf.ino, &node)?;
         let upper = match place.upper {
@@ -675,6 +681,20 @@ impl Volume {
             Some((m, r)) => (Some(m), r),
             None => (None, None),
         };
+        let new = sys::fstat(upper.as_fd())?;
+        let want = (frozen.st_size > 0).then_some(frozen.st_size as u64);
+        if new.st_ino == frozen.st_ino || map.as_ref().map(|m| m.lower_size) != want {
+            // The copy must be the frozen file's stacked copy (an empty file: an ordinary
+            // one), in the new tree.
+            tracing::error!(
+                ino = sf.ino,
+                frozen_size = frozen.st_size,
+                frozen_backing = frozen.st_ino,
+                copy_backing = new.st_ino,
+                lower_size = ?map.as_ref().map(|m| m.lower_size),
+                "a stacked file carried over does not stand on its frozen copy"
+            );
+        }
         st.fd = sys::reopen(upper.as_fd(), libc::O_RDWR)?;
         st.map = map;
         st.stored = stored;
