@@ -390,6 +390,10 @@ pub struct Volume {
     /// carried over (the window operations without the gate could see).
     #[cfg(test)]
     pub(crate) after_swap_hook: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Tests: called once by the next resolution of a stacked file's lower file, after it
+    /// took the stack it resolves in.
+    #[cfg(test)]
+    pub(crate) before_lower_resolve_hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// See `set_sync_observer`.
     sync_observer: std::sync::OnceLock<SyncObserver>,
 }
@@ -508,6 +512,8 @@ impl Volume {
             stack_seq: AtomicU64::new(0),
             #[cfg(test)]
             after_swap_hook: Mutex::new(None),
+            #[cfg(test)]
+            before_lower_resolve_hook: Mutex::new(None),
             sync_observer: std::sync::OnceLock::new(),
         })
     }

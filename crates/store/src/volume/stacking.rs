@@ -183,43 +183,56 @@ impl Volume {
         let Some(map) = &st.map else {
             return Ok(None);
         };
-        let stack = self.stack();
-        let epoch = match &st.below {
-            None => stack.epoch,
-            Some(_) => u64::MAX,
-        };
-        if let Some((e, l)) = sf.lower.lock().unwrap().as_ref()
-            && *e == epoch
-        {
-            return Ok(l.clone());
-        }
-        let roots = match &st.below {
-            None => stack.lower_roots()?,
-            Some(layers) => layers
-                .iter()
-                .map(LowerPart::image_root)
-                .collect::<SysResult<Vec<_>>>()?,
-        };
-        let found = resolve_path(&roots, &map.lower_path)?;
-        let found = match found {
-            Some(p) if p.kind() == FileKind::Regular && p.size() == map.lower_size => Some(p),
-            other => {
-                tracing::error!(
-                    ino = sf.ino,
-                    path = %String::from_utf8_lossy(&map.lower_path),
-                    lower_size = map.lower_size,
-                    found = ?other.as_ref().map(|p| (p.kind(), p.size(), p.whereabouts())),
-                    pinned = st.below.is_some(),
-                    generation = stack.generation,
-                    epoch = stack.epoch,
-                    frozen = ?stack.frozen.as_ref().map(|f| f.generation),
-                    "the lower file of a stacked file is missing or changed"
-                );
-                return Err(Errno::EIO);
+        loop {
+            let stack = self.stack();
+            let epoch = match &st.below {
+                None => stack.epoch,
+                Some(_) => u64::MAX,
+            };
+            if let Some((e, l)) = sf.lower.lock().unwrap().as_ref()
+                && *e == epoch
+            {
+                return Ok(l.clone());
             }
-        };
-        *sf.lower.lock().unwrap() = Some((epoch, found.clone()));
-        Ok(found)
+            #[cfg(test)]
+            if let Some(hook) = self.before_lower_resolve_hook.lock().unwrap().take() {
+                hook();
+            }
+            let roots = match &st.below {
+                None => stack.lower_roots()?,
+                Some(layers) => layers
+                    .iter()
+                    .map(LowerPart::image_root)
+                    .collect::<SysResult<Vec<_>>>()?,
+            };
+            let found = resolve_path(&roots, &map.lower_path);
+            // A seal that completed meanwhile deleted the frozen tree these roots began with
+            // (it is deleted once its layer is swapped in): the lower file was then found
+            // further down, an older version of it, or not at all. Resolve again in the
+            // stack that replaced it (pinned layers are archived ones: never deleted).
+            if st.below.is_none() && self.stack().epoch != stack.epoch {
+                continue;
+            }
+            let found = match found? {
+                Some(p) if p.kind() == FileKind::Regular && p.size() == map.lower_size => Some(p),
+                other => {
+                    tracing::error!(
+                        ino = sf.ino,
+                        path = %String::from_utf8_lossy(&map.lower_path),
+                        lower_size = map.lower_size,
+                        found = ?other.as_ref().map(|p| (p.kind(), p.size(), p.whereabouts())),
+                        pinned = st.below.is_some(),
+                        generation = stack.generation,
+                        epoch = stack.epoch,
+                        frozen = ?stack.frozen.as_ref().map(|f| f.generation),
+                        "the lower file of a stacked file is missing or changed"
+                    );
+                    return Err(Errno::EIO);
+                }
+            };
+            *sf.lower.lock().unwrap() = Some((epoch, found.clone()));
+            return Ok(found);
+        }
     }
 
     pub(super) fn stacked_read(
