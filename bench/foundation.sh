@@ -23,8 +23,9 @@
 #                      runs of the noisiest figures are listed on a "# NAME runs:" line
 #   BENCH_WORKLOADS    which workloads to run (default "io,meta"): "io" = seq_write, seq_read,
 #                      seq_read_hot, rand_read, rand_read_hot; "seq_write" = the sequential
-#                      write alone; "meta" = meta_ops. Figures and ratios of the others are
-#                      left out. E.g. compare write paths:
+#                      write alone; "rdwr" = seq_write_rdwr, seq_read_rdwr_hot,
+#                      rand_read_rdwr_hot; "meta" = meta_ops. Figures and ratios of the others
+#                      are left out. E.g. compare write paths:
 #                        BENCH_WORKLOADS=seq_write SPINFS_MOUNT_ARGS="-o passthrough_writes" ...
 #
 # Fairness: all targets are mounted at once and measured round-robin (round 1 on a, b, c, then
@@ -37,6 +38,12 @@
 #   seq_read_hot  the same read again, right after (page cache warm)
 #   rand_read     cold: drop caches, fio 4 KiB randread psync direct=0 for BENCH_RAND_SECS s
 #   rand_read_hot after a full sequential read, fio again with invalidate=0
+#   seq_write_rdwr     as seq_write, through an O_RDWR descriptor (databases, recorders, fsx
+#                      open read-write; spinfs may serve those differently from write-only opens)
+#   seq_read_rdwr_hot  that file read twice in 1 MiB reads through an O_RDWR descriptor; the
+#                      second read is reported (what a read-heavy read-write user re-reads)
+#   rand_read_rdwr_hot then fsbench 4 KiB preads at random offsets through an O_RDWR
+#                      descriptor for BENCH_RAND_SECS s (IOPS)
 #   meta_ops      bench/fsbench.c: create (open O_CREAT|O_EXCL + close), stat, unlink of
 #                 BENCH_FILES files in a fresh directory; ops/s counting each as one op
 # Exit status: 0 if every requested target was measured, non-zero otherwise.
@@ -53,7 +60,7 @@ OP_TIMEOUT=${BENCH_OP_TIMEOUT:-900}
 WORKLOADS=${BENCH_WORKLOADS:-io,meta}
 want() { [[ ",$WORKLOADS," == *",$1,"* ]]; }
 for w in ${WORKLOADS//,/ }; do
-    case $w in io | seq_write | meta) ;; *) echo "foundation.sh: unknown workload '$w'" >&2; exit 1 ;; esac
+    case $w in io | seq_write | rdwr | meta) ;; *) echo "foundation.sh: unknown workload '$w'" >&2; exit 1 ;; esac
 done
 
 die() { echo "foundation.sh: $*" >&2; exit 1; }
@@ -156,6 +163,20 @@ io_round() { # NAME DIR: sequential write/read, then random reads of the same fi
     rm -f "$f"
 }
 
+rdwr_round() { # NAME DIR: the same through O_RDWR descriptors
+    local name=$1 f=$2/rdwr.bin out
+    drop_caches
+    out=$(timeout "$OP_TIMEOUT" "$fsbench" seqwrite-rdwr "$f" "$SIZE_MIB")
+    add "${name}_seq_write_rdwr_MBps" "$(field MBps <<<"$out")"
+    timeout "$OP_TIMEOUT" "$fsbench" seqread-rdwr "$f" >/dev/null
+    out=$(timeout "$OP_TIMEOUT" "$fsbench" seqread-rdwr "$f")
+    [ "$(field bytes <<<"$out")" = $((SIZE_MIB * 1048576)) ] || die "$name: short read of $f"
+    add "${name}_seq_read_rdwr_hot_MBps" "$(field MBps <<<"$out")"
+    out=$(timeout "$OP_TIMEOUT" "$fsbench" randread-rdwr "$f" "$RAND_SECS")
+    add "${name}_rand_read_rdwr_hot_iops" "$(field iops <<<"$out")"
+    rm -f "$f"
+}
+
 meta_round() { # NAME DIR ROUND
     local name=$1 d=$2/meta.$3 out
     mkdir "$d"
@@ -204,6 +225,13 @@ if want io || want seq_write; then
         done
     done
 fi
+if want rdwr; then
+    for ((r = 1; r <= REPEAT; r++)); do
+        for i in "${!names[@]}"; do
+            rdwr_round "${names[$i]}" "${dirs[$i]}"
+        done
+    done
+fi
 if want meta; then
     for ((r = 1; r <= REPEAT; r++)); do
         for i in "${!names[@]}"; do
@@ -218,6 +246,7 @@ if want io; then
 elif want seq_write; then
     metrics+=(seq_write_MBps)
 fi
+want rdwr && metrics+=(seq_write_rdwr_MBps seq_read_rdwr_hot_MBps rand_read_rdwr_hot_iops)
 want meta && metrics+=(meta_ops_per_s create_per_s stat_per_s unlink_per_s)
 for n in "${names[@]}"; do
     for m in "${metrics[@]}"; do
@@ -226,7 +255,7 @@ for n in "${names[@]}"; do
     done
     line="# $n runs:"
     for m in seq_write_MBps seq_read_MBps seq_read_hot_MBps rand_read_iops rand_read_hot_iops \
-        meta_ops_per_s; do
+        seq_write_rdwr_MBps seq_read_rdwr_hot_MBps rand_read_rdwr_hot_iops meta_ops_per_s; do
         short=${m%_MBps}
         short=${short%_iops}
         short=${short%_per_s}
@@ -240,10 +269,10 @@ done
 
 # ratio_if OUT NUM DEN: the ratio, when both figures were measured
 ratio_if() { [ -n "${fig[$2]:-}" ] && [ -n "${fig[$3]:-}" ] && ratio "$@" || true; }
-for m in seq_write seq_read seq_read_hot; do
+for m in seq_write seq_read seq_read_hot seq_write_rdwr seq_read_rdwr_hot; do
     ratio_if "overlayfs_${m}_vs_native" "overlayfs_${m}_MBps" "native_${m}_MBps"
 done
-for m in rand_read rand_read_hot; do
+for m in rand_read rand_read_hot rand_read_rdwr_hot; do
     ratio_if "overlayfs_${m}_vs_native" "overlayfs_${m}_iops" "native_${m}_iops"
 done
 ratio_if overlayfs_meta_ops_vs_native overlayfs_meta_ops_per_s native_meta_ops_per_s
@@ -265,5 +294,8 @@ ratio_if seq_read_vs_native spinfs_seq_read_MBps native_seq_read_MBps
 ratio_if seq_read_hot_vs_native spinfs_seq_read_hot_MBps native_seq_read_hot_MBps
 ratio_if rand_read_vs_native spinfs_rand_read_iops native_rand_read_iops
 ratio_if rand_read_hot_vs_native spinfs_rand_read_hot_iops native_rand_read_hot_iops
+ratio_if seq_write_rdwr_vs_native spinfs_seq_write_rdwr_MBps native_seq_write_rdwr_MBps
+ratio_if seq_read_rdwr_hot_vs_native spinfs_seq_read_rdwr_hot_MBps native_seq_read_rdwr_hot_MBps
+ratio_if rand_read_rdwr_hot_vs_native spinfs_rand_read_rdwr_hot_iops native_rand_read_rdwr_hot_iops
 ratio_if meta_ops_vs_native spinfs_meta_ops_per_s native_meta_ops_per_s
 ratio_if meta_ops_vs_overlayfs spinfs_meta_ops_per_s overlayfs_meta_ops_per_s

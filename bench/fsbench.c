@@ -5,7 +5,11 @@
  *   fsbench seqwrite FILE MIB   write MIB MiB in 1 MiB writes, fsync, close; prints MB/s
  *   fsbench seqwrite-unique FILE MIB   the same, every MiB made unique (its first 8 bytes
  *                               carry its index), so no chunk of the file deduplicates
+ *   fsbench seqwrite-rdwr FILE MIB   as seqwrite, through an O_RDWR descriptor
  *   fsbench seqread FILE        read FILE to EOF in 1 MiB reads; prints MB/s
+ *   fsbench seqread-rdwr FILE   as seqread, through an O_RDWR descriptor
+ *   fsbench randread-rdwr FILE SECS   4 KiB preads at pseudo-random 4 KiB-aligned offsets of
+ *                               FILE through an O_RDWR descriptor for SECS s; prints IOPS
  *   fsbench meta DIR N          create (open O_CREAT|O_EXCL + close), stat, unlink N files;
  *                               prints ops/s with one op per create, stat and unlink (3N ops)
  *
@@ -43,7 +47,7 @@ static void die(const char *what, const char *path)
     exit(1);
 }
 
-static int seqwrite(const char *path, long mib, int unique)
+static int seqwrite(const char *path, long mib, int unique, int accmode)
 {
     unsigned char *buf = malloc(PATTERN);
     if (!buf)
@@ -56,7 +60,7 @@ static int seqwrite(const char *path, long mib, int unique)
         memcpy(buf + i, &x, 8);
     }
     double t0 = now();
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int fd = open(path, accmode | O_CREAT | O_TRUNC, 0644);
     if (fd < 0)
         die("open", path);
     size_t off = 0;
@@ -92,13 +96,13 @@ static int seqwrite(const char *path, long mib, int unique)
     return 0;
 }
 
-static int seqread(const char *path)
+static int seqread(const char *path, int accmode)
 {
     unsigned char *buf = malloc(CHUNK);
     if (!buf)
         die("malloc", NULL);
     double t0 = now();
-    int fd = open(path, O_RDONLY);
+    int fd = open(path, accmode);
     if (fd < 0)
         die("open", path);
     long long total = 0;
@@ -117,6 +121,39 @@ static int seqread(const char *path)
     double dt = now() - t0;
     printf("bytes %lld\nseconds %.4f\nMBps %.1f\n", total, dt, (double)total / dt / 1e6);
     free(buf);
+    return 0;
+}
+
+static int randread(const char *path, int accmode, double secs)
+{
+    static unsigned char buf[4096];
+    int fd = open(path, accmode);
+    if (fd < 0)
+        die("open", path);
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        die("fstat", path);
+    uint64_t blocks = (uint64_t)st.st_size / 4096;
+    if (blocks == 0) {
+        fprintf(stderr, "fsbench: %s: smaller than 4 KiB\n", path);
+        return 1;
+    }
+    uint64_t x = 0x2545F4914F6CDD1Dull, ops = 0;
+    double t0 = now(), t = t0;
+    while (t - t0 < secs) {
+        for (int i = 0; i < 256; i++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if (pread(fd, buf, 4096, (off_t)((x % blocks) * 4096)) != 4096)
+                die("pread", path);
+        }
+        ops += 256;
+        t = now();
+    }
+    close(fd);
+    printf("ops %llu\nseconds %.4f\niops %.0f\n", (unsigned long long)ops, t - t0,
+           (double)ops / (t - t0));
     return 0;
 }
 
@@ -158,13 +195,20 @@ static int meta(const char *dir, long n)
 int main(int argc, char **argv)
 {
     if (argc == 4 && strcmp(argv[1], "seqwrite") == 0)
-        return seqwrite(argv[2], atol(argv[3]), 0);
+        return seqwrite(argv[2], atol(argv[3]), 0, O_WRONLY);
     if (argc == 4 && strcmp(argv[1], "seqwrite-unique") == 0)
-        return seqwrite(argv[2], atol(argv[3]), 1);
+        return seqwrite(argv[2], atol(argv[3]), 1, O_WRONLY);
+    if (argc == 4 && strcmp(argv[1], "seqwrite-rdwr") == 0)
+        return seqwrite(argv[2], atol(argv[3]), 0, O_RDWR);
     if (argc == 3 && strcmp(argv[1], "seqread") == 0)
-        return seqread(argv[2]);
+        return seqread(argv[2], O_RDONLY);
+    if (argc == 3 && strcmp(argv[1], "seqread-rdwr") == 0)
+        return seqread(argv[2], O_RDWR);
+    if (argc == 4 && strcmp(argv[1], "randread-rdwr") == 0)
+        return randread(argv[2], O_RDWR, atof(argv[3]));
     if (argc == 4 && strcmp(argv[1], "meta") == 0)
         return meta(argv[2], atol(argv[3]));
-    fprintf(stderr, "usage: fsbench seqwrite[-unique] FILE MIB | seqread FILE | meta DIR N\n");
+    fprintf(stderr, "usage: fsbench seqwrite[-unique|-rdwr] FILE MIB | seqread[-rdwr] FILE |"
+                    " randread-rdwr FILE SECS | meta DIR N\n");
     return 2;
 }

@@ -29,7 +29,9 @@ pub struct MountArgs {
     /// threads=N, nopassthrough (all file I/O through the daemon), passthrough_writes (files
     /// opened for writing by kernel passthrough too: a freeze then moves such a file whole
     /// into the new generation), nopassthrough_writes (read-write opens through the daemon
-    /// too). By default write-only opens go through the daemon, everything else passthrough.
+    /// too, by the page cache), direct_writes (read-write opens through the daemon too, by
+    /// direct I/O: archived while open at near native write speed, their reads uncached). By
+    /// default write-only opens go through the daemon, everything else passthrough.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
 }

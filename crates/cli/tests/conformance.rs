@@ -62,8 +62,8 @@ fn fsx_with_seals_and_merges_mid_run() {
     );
 }
 
-/// The same with the fsx file served by the daemon (`nopassthrough_writes`, the default,
-/// spelt out): it stays open across every seal, so each seal archives it and it goes on as a
+/// The same with the fsx file served by the daemon through the page cache
+/// (`nopassthrough_writes`): it stays open across every seal, so each seal archives it and it goes on as a
 /// stacked file whose chunks are spread over many images (file stacking under every
 /// operation kind fsx has).
 #[test]
@@ -75,6 +75,18 @@ fn fsx_on_a_stacked_file_with_seals_and_merges_mid_run() {
         // seal or merge every ~150 ms (about 2.5 minutes), up to ~3.7 ms when loaded;
         // scripts/stacking-soak.sh runs 1M.
         "200000",
+    );
+}
+
+/// The same with the fsx file served by the daemon with direct I/O (`direct_writes`): fsx
+/// opens it read-write, so its reads and writes all reach the daemon uncached while its
+/// mapped reads and writes go through the page cache, every seal archiving the open file.
+#[test]
+fn fsx_on_a_direct_io_stacked_file_with_seals_and_merges_mid_run() {
+    fsx_with_seals(
+        "allow_other,direct_writes",
+        "SPINFS_FSX_DIRECT_OPS",
+        "100000",
     );
 }
 
