@@ -212,9 +212,9 @@ pub struct MediaIoConfig {
     pub background_nice: i32,
     /// Run the archiver thread under the SCHED_IDLE policy: any other thread of the daemon
     /// that wakes up (serving the mount) takes the CPU from it at once, where a nice value
-    /// only shares the CPU out by weight and lets the archiver finish its time slice. Other
-    /// processes are not affected by it where sessions are scheduled as groups (autogroup,
-    /// cgroups). Seals that writers wait for run at normal priority regardless.
+    /// only shares the CPU out by weight and lets the archiver finish its time slice. Off
+    /// by default: while other processes keep every core busy it slows seals down (see
+    /// README). Seals that writers wait for run at normal priority regardless.
     pub background_sched_idle: bool,
     /// Adapt the background media write rate to the latency of fsync/fdatasync on the
     /// writable layer (for media sharing a disk with the SSD store): a sync slower than the
@@ -250,7 +250,7 @@ impl Default for MediaIoConfig {
             request_timeout_ms: 60_000,
             background_io_class: "idle".into(),
             background_nice: 10,
-            background_sched_idle: true,
+            background_sched_idle: false,
             background_write_adaptive: false,
             sync_latency_target_ms: 0,
             tree_delete_step: 8 * MIB,
