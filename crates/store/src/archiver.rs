@@ -402,7 +402,11 @@ impl Archiver {
             .map_err(|e| format!("switching to the sealed layer: {e}"))?;
         spinfs_failpoints::fail_point!("seal.layer_swapped");
         // Writers waiting for room want the space back at once.
-        let dropped = store.drop_generation(frozen.generation, &|| self.vol.writers_waiting());
+        let drain = self
+            .vol
+            .sealed_tree_unused(frozen.generation, std::time::Duration::from_millis(200));
+        let dropped =
+            store.drop_generation(frozen.generation, drain, &|| self.vol.writers_waiting());
         self.vol.generation_dropped();
         dropped.map_err(|e| e.to_string())?;
         spinfs_failpoints::fail_point!("seal.tree_deleted");

@@ -383,7 +383,8 @@ impl Store {
         }
         let frozen = self.freeze()?;
         let layer = self.seal_frozen(frozen.clone())?;
-        self.drop_generation(frozen.generation, &|| false)?;
+        // Unmounted: nothing else reads the tree.
+        self.drop_generation(frozen.generation, true, &|| false)?;
         // Merges that are now due, as the daemon would run them.
         while self.merge(false)?.is_some() {}
         Ok(layer)
@@ -666,17 +667,19 @@ impl Store {
     }
 
     /// Deletes a sealed generation's SSD tree (after the volume stopped using it), its large
-    /// files drained first at the configured pace (see `reclaim`); without rests while
+    /// files drained first at the configured pace (see `reclaim`) when `drain` (nothing of
+    /// the mount can read them any more: `Volume::sealed_tree_unused`); without rests while
     /// `urgent` answers true.
     pub fn drop_generation(
         &self,
         generation: u64,
+        drain: bool,
         urgent: &dyn Fn() -> bool,
     ) -> Result<(), StoreError> {
         let gen_dir = self.layout.generation(generation);
         let io = &self.config.media_io;
         let pace = crate::reclaim::Pace {
-            step: io.tree_delete_step,
+            step: if drain { io.tree_delete_step } else { 0 },
             rest: io.tree_delete_rest,
         };
         let start = std::time::Instant::now();
