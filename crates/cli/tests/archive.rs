@@ -299,6 +299,57 @@ fn descriptors_stay_valid_across_a_seal() {
     assert_eq!(fs::read(m.path("log")).unwrap(), b"before-seal;after-seal;");
 }
 
+/// After a seal, the frozen generation's large files are punched out step by step before
+/// its tree goes (`tree_delete_step`), but never one that is still open: a reader holding a
+/// descriptor across the seal (a passthrough backing file, or a daemon handle) reads all of
+/// it.
+#[test]
+fn a_file_open_across_a_seal_keeps_its_data_while_the_tree_is_drained() {
+    for opts in ["allow_other", "allow_other,nopassthrough"] {
+        let mut m = Mounted::with_options(SMALL, opts);
+        let len = 3 << 20;
+        fs::write(m.path("held"), data(11, len)).unwrap();
+        fs::write(m.path("free"), data(12, len)).unwrap();
+        // Remounted (nothing left open) with steps small enough for files this size.
+        m.umount();
+        let cfg = m.store.join("spinfs.toml");
+        let text = fs::read_to_string(&cfg).unwrap();
+        let text = text.replace("tree_delete_step = 8388608", "tree_delete_step = 65536");
+        assert!(text.contains("tree_delete_step = 65536"), "{text}");
+        fs::write(&cfg, text).unwrap();
+        m.mount();
+        let mut r = fs::File::open(m.path("held")).unwrap();
+        let mut got = vec![0u8; 1000];
+        r.read_exact(&mut got).unwrap();
+        archive_now(&m);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        got.extend(rest);
+        assert!(got == data(11, len), "{opts}: the open file lost data");
+        drop(r);
+        assert!(fs::read(m.path("free")).unwrap() == data(12, len));
+        assert!(fs::read(m.path("held")).unwrap() == data(11, len));
+        let log = fs::read_to_string(m.store.join("spinfs.log")).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("generation tree deleted"))
+            .unwrap_or_else(|| panic!("{opts}: no deletion logged:\n{log}"));
+        let count = |key: &str| -> u64 {
+            let at = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
+            line[at..].split(' ').next().unwrap().parse().unwrap()
+        };
+        if opts.contains("nopassthrough") {
+            // The daemon serves the open file from the sealed layer: nothing holds the
+            // frozen copy any more, and both are drained.
+            assert_eq!(count("drained_files="), 2, "{opts}: {line}");
+        } else {
+            // The kernel's passthrough backing file holds the frozen copy: left whole.
+            assert_eq!(count("drained_files="), 1, "{opts}: {line}");
+            assert_eq!(count("skipped_files="), 1, "{opts}: {line}");
+        }
+    }
+}
+
 /// Seals and merges at every step of a sequence of changes; the visible tree must stay the
 /// same across every seal, merge (keep-markers and bottom/strip merges), and remount.
 #[test]

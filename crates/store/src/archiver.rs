@@ -60,8 +60,8 @@ pub struct Archiver {
     /// The manifest as last committed, readable while a seal holds the store.
     snapshot: Mutex<crate::manifest::Manifest>,
     last_merge: Mutex<Option<u64>>,
-    /// The configured background priority: I/O class and nice value.
-    priority: (String, i32),
+    /// The configured background priority.
+    priority: Priority,
 }
 
 impl Archiver {
@@ -72,10 +72,12 @@ impl Archiver {
     /// seal requested now waits for that seal and one more.
     pub fn start(store: Store, vol: Arc<Volume>) -> Arc<Archiver> {
         let threshold = store.config().archive_threshold;
-        let priority = (
-            store.config().media_io.background_io_class.clone(),
-            store.config().media_io.background_nice,
-        );
+        let io = &store.config().media_io;
+        let priority = Priority {
+            io_class: io.background_io_class.clone(),
+            nice: io.background_nice,
+            sched_idle: io.background_sched_idle,
+        };
         let resealing = store.manifest().frozen.is_some();
         let snapshot = Mutex::new(store.manifest().clone());
         let a = Arc::new(Archiver {
@@ -104,7 +106,7 @@ impl Archiver {
         std::thread::Builder::new()
             .name("spinfs-archiver".into())
             .spawn(move || {
-                set_background_priority(&priority.0, priority.1);
+                set_background_priority(&priority);
                 worker.run(resealing)
             })
             .expect("spawn archiver thread");
@@ -324,11 +326,11 @@ impl Archiver {
         // not yield the disk to others (back to the background priority for the next one).
         let urgent = self.vol.writers_waiting();
         if urgent {
-            set_background_priority("normal", 0);
+            set_background_priority(&Priority::normal());
         }
         let out = self.seal_once_inner(asked);
         if urgent {
-            set_background_priority(&self.priority.0, self.priority.1);
+            set_background_priority(&self.priority);
         }
         out
     }
@@ -399,7 +401,12 @@ impl Archiver {
             .sealed(frozen.generation, opened)
             .map_err(|e| format!("switching to the sealed layer: {e}"))?;
         spinfs_failpoints::fail_point!("seal.layer_swapped");
-        let dropped = store.drop_generation(frozen.generation);
+        // Writers waiting for room want the space back at once.
+        let drain = self
+            .vol
+            .sealed_tree_unused(frozen.generation, std::time::Duration::from_millis(200));
+        let dropped =
+            store.drop_generation(frozen.generation, drain, &|| self.vol.writers_waiting());
         self.vol.generation_dropped();
         dropped.map_err(|e| e.to_string())?;
         spinfs_failpoints::fail_point!("seal.tree_deleted");
@@ -424,15 +431,38 @@ impl Archiver {
     }
 }
 
-/// Gives the calling thread (the archiver) a low I/O priority and a higher nice value, so
-/// that seals and merges yield the disk and the CPU to the mount's users. `class` is
-/// "idle", "best-effort" (its lowest level), "normal" (best-effort's default level) or
-/// "inherit". Failures are logged, not fatal.
-pub fn set_background_priority(class: &str, nice: i32) {
+/// The archiver thread's priority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Priority {
+    /// "idle", "best-effort" (its lowest level), "normal" (best-effort's default level) or
+    /// "inherit".
+    pub io_class: String,
+    /// Nice value under SCHED_OTHER.
+    pub nice: i32,
+    /// SCHED_IDLE instead of SCHED_OTHER with `nice`.
+    pub sched_idle: bool,
+}
+
+impl Priority {
+    /// What the mount's own threads have: for seals that writers wait for.
+    pub fn normal() -> Priority {
+        Priority {
+            io_class: "normal".into(),
+            nice: 0,
+            sched_idle: false,
+        }
+    }
+}
+
+/// Gives the calling thread (the archiver) a low I/O priority and a low CPU priority, so
+/// that seals and merges yield the disk and the CPU to the mount's users (or, with
+/// `Priority::normal`, the mount's priority back). Failures are logged, not fatal.
+pub fn set_background_priority(p: &Priority) {
     const IOPRIO_CLASS_BE: libc::c_int = 2;
     const IOPRIO_CLASS_IDLE: libc::c_int = 3;
     const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
     const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    let class = p.io_class.as_str();
     let prio = match class {
         "idle" => Some(IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
         "best-effort" => Some((IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
@@ -450,17 +480,79 @@ pub fn set_background_priority(class: &str, nice: i32) {
             );
         }
     }
-    if nice > 0 || class == "normal" {
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid parameter
+    // (priority 0, as SCHED_IDLE and SCHED_OTHER require).
+    let policy = if p.sched_idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        tracing::warn!(
+            "cannot set the archiver's scheduling policy: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if !p.sched_idle && (p.nice > 0 || class == "normal") {
         // SAFETY: gettid has no arguments; setpriority on this thread's id.
         let r = unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+            libc::setpriority(libc::PRIO_PROCESS, tid, p.nice)
         };
         if r != 0 {
             tracing::warn!(
-                "cannot set the archiver's nice value to {nice}: {}",
+                "cannot set the archiver's nice value to {}: {}",
+                p.nice,
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calling thread's (policy, nice value, I/O priority).
+    fn current() -> (i32, i32, i32) {
+        // SAFETY: plain queries on the calling thread.
+        unsafe {
+            let policy = libc::sched_getscheduler(0);
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+            let io = libc::syscall(libc::SYS_ioprio_get, 1, 0) as i32;
+            (policy, nice, io)
+        }
+    }
+
+    #[test]
+    fn background_priority_and_back() {
+        // A thread of its own: the settings are per thread.
+        std::thread::spawn(|| {
+            let bg = Priority {
+                io_class: "idle".into(),
+                nice: 10,
+                sched_idle: true,
+            };
+            set_background_priority(&bg);
+            let (policy, _, io) = current();
+            assert_eq!(policy, libc::SCHED_IDLE);
+            assert_eq!(io >> 13, 3, "idle I/O class");
+            // Writers wait for room: the mount's own priority.
+            set_background_priority(&Priority::normal());
+            assert_eq!(current(), (libc::SCHED_OTHER, 0, (2 << 13) | 4));
+            // background_sched_idle = false: nice value and best-effort's lowest level.
+            let nice = Priority {
+                io_class: "best-effort".into(),
+                nice: 10,
+                sched_idle: false,
+            };
+            set_background_priority(&nice);
+            assert_eq!(current(), (libc::SCHED_OTHER, 10, (2 << 13) | 7));
+        })
+        .join()
+        .unwrap();
     }
 }

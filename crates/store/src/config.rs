@@ -208,7 +208,14 @@ pub struct MediaIoConfig {
     /// "inherit". Only I/O schedulers that honour priorities (mq-deadline, bfq) act on it.
     pub background_io_class: String,
     /// CPU nice value of the archiver thread (0-19): seals hash and checksum every byte.
+    /// Applies when `background_sched_idle` is off.
     pub background_nice: i32,
+    /// Run the archiver thread under the SCHED_IDLE policy: any other thread of the daemon
+    /// that wakes up (serving the mount) takes the CPU from it at once, where a nice value
+    /// only shares the CPU out by weight and lets the archiver finish its time slice. Off
+    /// by default: while other processes keep every core busy it slows seals down (see
+    /// README). Seals that writers wait for run at normal priority regardless.
+    pub background_sched_idle: bool,
     /// Adapt the background media write rate to the latency of fsync/fdatasync on the
     /// writable layer (for media sharing a disk with the SSD store): a sync slower than the
     /// target while seal or merge writes run halves their rate (from the measured write
@@ -219,6 +226,14 @@ pub struct MediaIoConfig {
     /// The sync latency target of that adaptation; 0 = twice the sync latency measured
     /// while no background write runs (20 ms until 8 such syncs were seen).
     pub sync_latency_target_ms: u64,
+    /// Deleting a sealed generation's tree from the SSD: large files are punched out in
+    /// steps of this many bytes first (a multiple of 4 KiB; 0 = unlink at once), so that
+    /// the discards or journal work of freeing them do not hold up the mount's I/O.
+    pub tree_delete_step: u64,
+    /// Rest after each step of that deletion, as a multiple of the time the step took (the
+    /// deletion then takes at most 1 / (1 + rest) of the disk's time). No rest while
+    /// writers wait for room.
+    pub tree_delete_rest: u32,
 }
 
 impl Default for MediaIoConfig {
@@ -235,8 +250,11 @@ impl Default for MediaIoConfig {
             request_timeout_ms: 60_000,
             background_io_class: "idle".into(),
             background_nice: 10,
+            background_sched_idle: false,
             background_write_adaptive: false,
             sync_latency_target_ms: 0,
+            tree_delete_step: 8 * MIB,
+            tree_delete_rest: 1,
         }
     }
 }
@@ -268,6 +286,18 @@ impl MediaIoConfig {
         }
         if self.request_timeout_ms == 0 {
             return bad("media_io.request_timeout_ms must be at least 1 ms".into());
+        }
+        if !self.tree_delete_step.is_multiple_of(4 * KIB) {
+            return bad(format!(
+                "media_io.tree_delete_step {} is not a multiple of 4 KiB",
+                self.tree_delete_step
+            ));
+        }
+        if self.tree_delete_rest > 100 {
+            return bad(format!(
+                "media_io.tree_delete_rest {} is above 100",
+                self.tree_delete_rest
+            ));
         }
         if self.background_write_rate != 0 && self.background_write_burst < 4 * KIB {
             return bad(format!(

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod lower;
 pub mod manifest;
 pub mod markers;
+pub mod reclaim;
 pub mod seal;
 pub mod size;
 pub mod stackmap;

@@ -383,7 +383,8 @@ impl Store {
         }
         let frozen = self.freeze()?;
         let layer = self.seal_frozen(frozen.clone())?;
-        self.drop_generation(frozen.generation)?;
+        // Unmounted: nothing else reads the tree.
+        self.drop_generation(frozen.generation, true, &|| false)?;
         // Merges that are now due, as the daemon would run them.
         while self.merge(false)?.is_some() {}
         Ok(layer)
@@ -665,10 +666,35 @@ impl Store {
         }
     }
 
-    /// Deletes a sealed generation's SSD tree (after the volume stopped using it).
-    pub fn drop_generation(&self, generation: u64) -> Result<(), StoreError> {
+    /// Deletes a sealed generation's SSD tree (after the volume stopped using it), its large
+    /// files drained first at the configured pace (see `reclaim`) when `drain` (nothing of
+    /// the mount can read them any more: `Volume::sealed_tree_unused`); without rests while
+    /// `urgent` answers true.
+    pub fn drop_generation(
+        &self,
+        generation: u64,
+        drain: bool,
+        urgent: &dyn Fn() -> bool,
+    ) -> Result<(), StoreError> {
         let gen_dir = self.layout.generation(generation);
-        fs::remove_dir_all(&gen_dir).map_err(io_err("cannot remove", &gen_dir))
+        let io = &self.config.media_io;
+        let pace = crate::reclaim::Pace {
+            step: if drain { io.tree_delete_step } else { 0 },
+            rest: io.tree_delete_rest,
+        };
+        let start = std::time::Instant::now();
+        let stats = crate::reclaim::remove_tree(&gen_dir, pace, urgent)
+            .map_err(io_err("cannot remove", &gen_dir))?;
+        tracing::info!(
+            generation,
+            drained_files = stats.drained_files,
+            drained_bytes = stats.drained_bytes,
+            steps = stats.steps,
+            skipped_files = stats.skipped_files,
+            seconds = start.elapsed().as_secs_f64(),
+            "generation tree deleted"
+        );
+        Ok(())
     }
 
     /// Checks the SSD copy of layer `rec`'s meta image against the manifest's length and

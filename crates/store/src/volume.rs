@@ -368,6 +368,9 @@ pub struct Volume {
     /// Sealed generations whose frozen tree is still being deleted from the SSD: their space
     /// is coming back, so short writers keep waiting for it (see `throttle`).
     dropping: AtomicU64,
+    /// The frozen trees `sealed` swapped out, while anything may still hold them (see
+    /// `sealed_tree_unused`).
+    retired_trees: Mutex<Vec<(u64, std::sync::Weak<FrozenTree>)>>,
     /// Seals completed (and their frozen trees deleted), with a condition variable for
     /// writers waiting on one.
     seals_done: (Mutex<u64>, std::sync::Condvar),
@@ -501,6 +504,7 @@ impl Volume {
             seal_threshold: AtomicU64::new(0),
             seal_kick: std::sync::OnceLock::new(),
             dropping: AtomicU64::new(0),
+            retired_trees: Mutex::new(Vec::new()),
             seals_done: (Mutex::new(0), std::sync::Condvar::new()),
             writers_waiting: AtomicU64::new(0),
             stack_counters: StackCounters::default(),
@@ -783,10 +787,41 @@ impl Volume {
             st.epoch = stack.epoch;
             *self.stack.write().unwrap() = stack.clone();
         }
+        if let Some(f) = &old.frozen {
+            let mut retired = self.retired_trees.lock().unwrap();
+            retired.retain(|(_, w)| w.strong_count() > 0);
+            retired.push((generation, Arc::downgrade(f)));
+        }
+        drop(old);
         self.forget_stale_lowers(stack.epoch);
         // Its frozen tree still takes the SSD's space until `generation_dropped`.
         self.dropping.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether nothing holds the frozen tree of `generation` (passed to `sealed`) any more:
+    /// no stack, no placement, handle or cached lower file of the volume refers to it, and
+    /// none can again (they only come from those). Its files may then be drained before
+    /// their removal (`crate::reclaim`): every reader of them reopens an `O_PATH` descriptor
+    /// of such a `LowerPart::Tree`, which a write lease does not see, and would read the
+    /// punched holes. Waits up to `patience` for operations in flight to let go.
+    pub fn sealed_tree_unused(&self, generation: u64, patience: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            let held = self
+                .retired_trees
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(g, w)| *g == generation && w.strong_count() > 0);
+            if !held {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// The frozen tree of a generation passed to `sealed` was deleted from the SSD (or its
