@@ -122,7 +122,10 @@ fn swap_and_drop(
     layer: Arc<crate::archive::ArchivedLayer>,
 ) {
     vol.sealed(generation, Some(layer)).unwrap();
-    store.drop_generation(generation).unwrap();
+    let unused = vol.sealed_tree_unused(generation, Duration::from_millis(50));
+    store
+        .drop_generation(generation, unused, &|| false)
+        .unwrap();
     vol.generation_dropped();
 }
 
@@ -190,4 +193,75 @@ fn a_stacked_read_racing_the_deletion_of_a_sealed_tree_reads_the_new_layer() {
     );
     assert_eq!(vol.getattr(attr.ino, None).unwrap().size, 2 << 20);
     vol.release(fh);
+}
+
+/// A file of the frozen generation opened read-only (its handle reads the frozen tree's file
+/// through an `O_PATH` descriptor, reopened at every read) is read on after the seal deleted
+/// the tree. The deletion may punch out large files first (`crate::reclaim`), which a write
+/// lease allows whenever no read is in progress: the volume must say the tree is still held,
+/// or the handle would read holes.
+#[test]
+fn a_handle_on_the_frozen_tree_reads_its_file_after_the_seal_deleted_it() {
+    let tmp = tempfile::Builder::new()
+        .prefix("drain")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let root = tmp.path().join("store");
+    let mut config = crate::StoreConfig::default();
+    config.media_io.tree_delete_step = 1 << 20;
+    config.media_io.tree_delete_rest = 0;
+    crate::Store::create(&root, config).unwrap();
+    let mut store = crate::Store::open(&root).unwrap();
+    let layout = store.layout().clone();
+    let g = store.manifest().upper_gen;
+    let vol = Volume::new(
+        &layout.generation_tree(g),
+        &layout.generation_work(g),
+        g,
+        store.open_layers().unwrap(),
+    )
+    .unwrap();
+    let (attr, fh, _) = vol
+        .create(
+            ROOT_INO,
+            OsStr::new("f"),
+            0o644,
+            0o022,
+            libc::O_WRONLY,
+            &caller(),
+            false,
+        )
+        .unwrap();
+    let data: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    let mut at = 0;
+    while at < data.len() {
+        at += vol.write(fh, at as u64, &data[at..], false).unwrap();
+    }
+    vol.fsync(fh, false).unwrap();
+    vol.release(fh);
+    // Frozen (the file not open: it stays in the frozen tree), then opened for reading.
+    let frozen = store.freeze().unwrap();
+    let new_gen = store.manifest().upper_gen;
+    vol.freeze(
+        new_gen,
+        &layout.generation_tree(new_gen),
+        &layout.generation_work(new_gen),
+    )
+    .unwrap();
+    let (rfh, _) = vol.open(attr.ino, libc::O_RDONLY, true).unwrap();
+    assert_eq!(read_all(&vol, rfh, 4096), data[..4096]);
+    let rec = store.seal_frozen(frozen.clone()).unwrap().expect("a layer");
+    let layer = store.open_layer(rec.id).unwrap();
+    vol.sealed(frozen.generation, Some(layer)).unwrap();
+    let unused = vol.sealed_tree_unused(frozen.generation, Duration::from_millis(50));
+    assert!(!unused, "a handle still reads the frozen tree");
+    store
+        .drop_generation(frozen.generation, unused, &|| false)
+        .unwrap();
+    vol.generation_dropped();
+    assert!(
+        read_all(&vol, rfh, data.len()) == data,
+        "the handle read something else than the file after the seal"
+    );
+    vol.release(rfh);
 }
