@@ -92,21 +92,7 @@ fn drain_tree(
     let root_fd = sys::openat(cwd, &croot, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let mut dirs: Vec<OwnedFd> = vec![root_fd];
     while let Some(dir) = dirs.pop() {
-        let mut names = Vec::new();
-        let mut pos = 0;
-        loop {
-            let batch = sys::read_dir_at(dir.as_fd(), pos, 64 * 1024)?;
-            if batch.is_empty() {
-                break;
-            }
-            for e in batch {
-                pos = e.off;
-                if e.name != b"." && e.name != b".." {
-                    names.push(e.name);
-                }
-            }
-        }
-        for name in names {
+        for name in sys::dir_names(dir.as_fd())? {
             let cname = CString::new(name).map_err(|_| Errno::EINVAL)?;
             let st = match sys::fstatat(dir.as_fd(), &cname) {
                 Ok(st) => st,

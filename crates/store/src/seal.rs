@@ -199,21 +199,7 @@ pub fn build_tree(
     let mut stack: Vec<(PathBuf, Arc<OwnedFd>, NodeId)> =
         vec![(root.to_path_buf(), root_fd.clone(), tree.root())];
     while let Some((dir_path, dir, id)) = stack.pop() {
-        let mut names = Vec::new();
-        let mut pos = 0;
-        loop {
-            let batch =
-                sys::read_dir_at(dir.as_fd(), pos, 64 * 1024).map_err(|e| err(&dir_path, e))?;
-            if batch.is_empty() {
-                break;
-            }
-            for e in batch {
-                pos = e.off;
-                if e.name != b"." && e.name != b".." {
-                    names.push(e.name);
-                }
-            }
-        }
+        let mut names = sys::dir_names(dir.as_fd()).map_err(|e| err(&dir_path, e))?;
         names.sort();
         for name in names {
             let path = dir_path.join(std::ffi::OsStr::from_bytes(&name));

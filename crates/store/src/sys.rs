@@ -436,6 +436,24 @@ pub struct RawDirEntry {
     pub name: Vec<u8>,
 }
 
+/// Every name in the directory open as `fd` (read from the start), "." and ".." left out.
+pub fn dir_names(fd: BorrowedFd<'_>) -> SysResult<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    let mut pos = 0;
+    loop {
+        let batch = read_dir_at(fd, pos, 64 * 1024)?;
+        if batch.is_empty() {
+            return Ok(names);
+        }
+        for e in batch {
+            pos = e.off;
+            if e.name != b"." && e.name != b".." {
+                names.push(e.name);
+            }
+        }
+    }
+}
+
 /// Reads directory entries with getdents64 starting at a position cookie (0 = start).
 /// The cookies are the backing filesystem's own, stable for seekdir/telldir.
 pub fn read_dir_at(fd: BorrowedFd<'_>, pos: i64, max_bytes: usize) -> SysResult<Vec<RawDirEntry>> {

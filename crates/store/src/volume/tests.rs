@@ -32,6 +32,40 @@ fn read_all(vol: &Volume, fh: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Creates `/f` with open flags `flags` (`daemon_io`: served by the daemon): (its number,
+/// the handle).
+fn create_f(vol: &Volume, flags: i32, daemon_io: bool) -> (u64, u64) {
+    let (attr, fh, _) = vol
+        .create(
+            ROOT_INO,
+            OsStr::new("f"),
+            0o644,
+            0o022,
+            flags,
+            &caller(),
+            daemon_io,
+        )
+        .unwrap();
+    (attr.ino, fh)
+}
+
+/// A store made with `config` under `dir`, and a volume over its writable generation.
+fn store_and_volume(dir: &Path, config: crate::StoreConfig) -> (crate::Store, Volume) {
+    let root = dir.join("store");
+    crate::Store::create(&root, config).unwrap();
+    let mut store = crate::Store::open(&root).unwrap();
+    let layout = store.layout().clone();
+    let g = store.manifest().upper_gen;
+    let vol = Volume::new(
+        &layout.generation_tree(g),
+        &layout.generation_work(g),
+        g,
+        store.open_layers().unwrap(),
+    )
+    .unwrap();
+    (store, vol)
+}
+
 /// A daemon-served file is written between the freeze's stack swap and its carry-over (its
 /// writes still land in the frozen tree then, and the carry takes them along) while another
 /// thread looks its name up. The lookup must not see, nor cache for the carry, the frozen
@@ -45,17 +79,7 @@ fn a_lookup_while_a_freeze_carries_a_file_over_does_not_cache_its_old_size() {
     let tree = root.join("gens/1/tree");
     std::fs::create_dir_all(&tree).unwrap();
     let vol = Arc::new(Volume::new(&tree, &root.join("gens/1/work"), 1, Vec::new()).unwrap());
-    let (attr, fh, _) = vol
-        .create(
-            ROOT_INO,
-            OsStr::new("f"),
-            0o644,
-            0o022,
-            libc::O_WRONLY,
-            &caller(),
-            true,
-        )
-        .unwrap();
+    let (ino, fh) = create_f(&vol, libc::O_WRONLY, true);
     assert_eq!(vol.write(fh, 0, &[b'a'; 4096], false).unwrap(), 4096);
 
     let (tx, rx) = mpsc::channel();
@@ -73,20 +97,20 @@ fn a_lookup_while_a_freeze_carries_a_file_over_does_not_cache_its_old_size() {
     *vol.after_swap_hook.lock().unwrap() = None;
 
     let looked = rx.recv().unwrap().join().unwrap().unwrap();
-    assert_eq!(looked.ino, attr.ino);
+    assert_eq!(looked.ino, ino);
     assert_eq!(
         looked.size, 8192,
         "the lookup saw the file before the carry"
     );
-    assert_eq!(vol.getattr(attr.ino, None).unwrap().size, 8192);
+    assert_eq!(vol.getattr(ino, None).unwrap().size, 8192);
     // Through the handle open across the freeze, and through a new one.
     let want: Vec<u8> = [[b'a'; 4096], [b'b'; 4096]].concat();
-    assert_eq!(vol.getattr(attr.ino, Some(fh)).unwrap().size, 8192);
+    assert_eq!(vol.getattr(ino, Some(fh)).unwrap().size, 8192);
     assert!(
         read_all(&vol, fh, 8192) == want,
         "read through the old handle"
     );
-    let (fh2, _) = vol.open(attr.ino, libc::O_RDONLY, true).unwrap();
+    let (fh2, _) = vol.open(ino, libc::O_RDONLY, true).unwrap();
     assert!(
         read_all(&vol, fh2, 8192) == want,
         "read through a new handle"
@@ -141,31 +165,9 @@ fn a_stacked_read_racing_the_deletion_of_a_sealed_tree_reads_the_new_layer() {
         .prefix("race")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let root = tmp.path().join("store");
-    crate::Store::create(&root, crate::StoreConfig::default()).unwrap();
-    let mut store = crate::Store::open(&root).unwrap();
-    let layout = store.layout().clone();
-    let g = store.manifest().upper_gen;
-    let vol = Arc::new(
-        Volume::new(
-            &layout.generation_tree(g),
-            &layout.generation_work(g),
-            g,
-            store.open_layers().unwrap(),
-        )
-        .unwrap(),
-    );
-    let (attr, fh, _) = vol
-        .create(
-            ROOT_INO,
-            OsStr::new("f"),
-            0o644,
-            0o022,
-            libc::O_RDWR,
-            &caller(),
-            true,
-        )
-        .unwrap();
+    let (mut store, vol) = store_and_volume(tmp.path(), crate::StoreConfig::default());
+    let vol = Arc::new(vol);
+    let (ino, fh) = create_f(&vol, libc::O_RDWR, true);
     let a: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
     let b: Vec<u8> = (0..1 << 20).map(|i| (i % 241) as u8 + 1).collect();
     assert_eq!(vol.write(fh, 0, &a, false).unwrap(), a.len());
@@ -191,7 +193,7 @@ fn a_stacked_read_racing_the_deletion_of_a_sealed_tree_reads_the_new_layer() {
         vol.before_lower_resolve_hook.lock().unwrap().is_none(),
         "the read did not resolve the lower file"
     );
-    assert_eq!(vol.getattr(attr.ino, None).unwrap().size, 2 << 20);
+    assert_eq!(vol.getattr(ino, None).unwrap().size, 2 << 20);
     vol.release(fh);
 }
 
@@ -206,32 +208,12 @@ fn a_handle_on_the_frozen_tree_reads_its_file_after_the_seal_deleted_it() {
         .prefix("drain")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let root = tmp.path().join("store");
     let mut config = crate::StoreConfig::default();
     config.media_io.tree_delete_step = 1 << 20;
     config.media_io.tree_delete_rest = 0;
-    crate::Store::create(&root, config).unwrap();
-    let mut store = crate::Store::open(&root).unwrap();
+    let (mut store, vol) = store_and_volume(tmp.path(), config);
     let layout = store.layout().clone();
-    let g = store.manifest().upper_gen;
-    let vol = Volume::new(
-        &layout.generation_tree(g),
-        &layout.generation_work(g),
-        g,
-        store.open_layers().unwrap(),
-    )
-    .unwrap();
-    let (attr, fh, _) = vol
-        .create(
-            ROOT_INO,
-            OsStr::new("f"),
-            0o644,
-            0o022,
-            libc::O_WRONLY,
-            &caller(),
-            false,
-        )
-        .unwrap();
+    let (ino, fh) = create_f(&vol, libc::O_WRONLY, false);
     let data: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8 + 1).collect();
     let mut at = 0;
     while at < data.len() {
@@ -248,7 +230,7 @@ fn a_handle_on_the_frozen_tree_reads_its_file_after_the_seal_deleted_it() {
         &layout.generation_work(new_gen),
     )
     .unwrap();
-    let (rfh, _) = vol.open(attr.ino, libc::O_RDONLY, true).unwrap();
+    let (rfh, _) = vol.open(ino, libc::O_RDONLY, true).unwrap();
     assert_eq!(read_all(&vol, rfh, 4096), data[..4096]);
     let rec = store.seal_frozen(frozen.clone()).unwrap().expect("a layer");
     let layer = store.open_layer(rec.id).unwrap();
