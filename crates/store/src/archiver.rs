@@ -401,7 +401,8 @@ impl Archiver {
             .sealed(frozen.generation, opened)
             .map_err(|e| format!("switching to the sealed layer: {e}"))?;
         spinfs_failpoints::fail_point!("seal.layer_swapped");
-        // Writers waiting for room want the space back at once.
+        // Its files drained first only when nothing of the volume holds the tree any more,
+        // and without rests while writers wait for room (they want the space back at once).
         let drain = self
             .vol
             .sealed_tree_unused(frozen.generation, std::time::Duration::from_millis(200));
