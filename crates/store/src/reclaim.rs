@@ -225,17 +225,12 @@ mod tests {
         rest: 1,
     };
 
-    fn scratch(tag: &str) -> std::path::PathBuf {
-        let base: std::path::PathBuf =
-            std::env::var_os("TMPDIR").map_or_else(|| "/var/tmp".into(), Into::into);
-        let p = base.join(format!(
-            "spinfs-reclaim-{tag}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        p
+    /// A scratch directory on the disk the store would be on (removed when dropped).
+    fn scratch(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("spinfs-reclaim-{tag}"))
+            .tempdir_in("/var/tmp")
+            .unwrap()
     }
 
     fn write_file(path: &Path, bytes: usize) {
@@ -271,14 +266,15 @@ mod tests {
 
     #[test]
     fn drains_large_files_and_removes_the_tree() {
-        let root = scratch("tree");
+        let dir = scratch("tree");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(tree.join("a/b/c")).unwrap();
         write_file(&tree.join("big"), 10 * STEP as usize + 123);
         write_file(&tree.join("a/b/c/deep"), 3 * STEP as usize);
         write_file(&tree.join("a/small"), 1000);
         std::os::unix::fs::symlink("big", tree.join("a/link")).unwrap();
-        let can = capable(&root);
+        let can = capable(root);
         let stats = remove_tree(&tree, PACE, &|| false).unwrap();
         assert!(!tree.exists());
         if can {
@@ -289,18 +285,18 @@ mod tests {
             // Never more than one step at a time.
             assert!(stats.steps >= 13, "{stats:?}");
         }
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn an_open_file_keeps_its_data() {
-        let root = scratch("open");
+        let dir = scratch("open");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(&tree).unwrap();
         let len = 6 * STEP as usize;
         write_file(&tree.join("held"), len);
         write_file(&tree.join("free"), len);
-        let can = capable(&root);
+        let can = capable(root);
         // A reader holds it open (as a daemon handle or a passthrough backing file does).
         let held = std::fs::File::open(tree.join("held")).unwrap();
         let stats = remove_tree(&tree, PACE, &|| false).unwrap();
@@ -313,12 +309,12 @@ mod tests {
         std::io::Read::read_to_end(&mut &held, &mut back).unwrap();
         assert_eq!(back.len(), len);
         assert!(back.iter().all(|&b| b != 0), "the open file lost data");
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn a_hard_link_outside_keeps_the_data() {
-        let root = scratch("link");
+        let dir = scratch("link");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(&tree).unwrap();
         let len = 6 * STEP as usize;
@@ -331,17 +327,17 @@ mod tests {
         assert_eq!(back.len(), len);
         assert!(back.iter().all(|&b| b != 0), "the other name lost data");
         assert_eq!(std::fs::metadata(root.join("outside")).unwrap().nlink(), 1);
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn hard_links_inside_are_drained_once() {
-        let root = scratch("inner");
+        let dir = scratch("inner");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(tree.join("d")).unwrap();
         write_file(&tree.join("one"), 4 * STEP as usize);
         std::fs::hard_link(tree.join("one"), tree.join("d/two")).unwrap();
-        let can = capable(&root);
+        let can = capable(root);
         let stats = remove_tree(&tree, PACE, &|| false).unwrap();
         assert!(!tree.exists());
         if can {
@@ -349,12 +345,12 @@ mod tests {
             assert_eq!(stats.drained_files, 1, "{stats:?}");
             assert_eq!(stats.skipped_files, 1, "{stats:?}");
         }
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn sparse_files_cost_steps_only_where_data_is() {
-        let root = scratch("sparse");
+        let dir = scratch("sparse");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(&tree).unwrap();
         let f = std::fs::File::create(tree.join("sparse")).unwrap();
@@ -362,36 +358,36 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&f, &data, 1 << 40).unwrap();
         f.sync_all().unwrap();
         drop(f);
-        let can = capable(&root);
+        let can = capable(root);
         let stats = remove_tree(&tree, PACE, &|| false).unwrap();
         assert!(!tree.exists());
         if can {
             assert_eq!(stats.drained_files, 1, "{stats:?}");
             assert!(stats.steps <= 3, "{stats:?}");
         }
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn step_zero_is_a_plain_removal() {
-        let root = scratch("plain");
+        let dir = scratch("plain");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(&tree).unwrap();
         write_file(&tree.join("big"), 8 * STEP as usize);
         let stats = remove_tree(&tree, Pace { step: 0, rest: 1 }, &|| false).unwrap();
         assert!(!tree.exists());
         assert_eq!(stats, RemoveStats::default());
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
     fn urgent_skips_the_rests() {
-        let root = scratch("urgent");
+        let dir = scratch("urgent");
+        let root = dir.path();
         let tree = root.join("gen");
         std::fs::create_dir_all(&tree).unwrap();
         write_file(&tree.join("big"), 8 * STEP as usize);
         let asked = std::cell::Cell::new(0u32);
-        let can = capable(&root);
+        let can = capable(root);
         let stats = remove_tree(&tree, PACE, &|| {
             asked.set(asked.get() + 1);
             true
@@ -401,6 +397,5 @@ mod tests {
         if can {
             assert_eq!(u64::from(asked.get()), stats.steps);
         }
-        std::fs::remove_dir_all(&root).unwrap();
     }
 }
