@@ -445,8 +445,12 @@ fn a_generation_left_frozen_by_a_crash_is_served_at_once_and_resealed_in_the_bac
     let sealed = containers_of_generation(&m.store, frozen_gen);
     assert!(!sealed.is_empty());
     check(&m, "after the background reseal");
-    // Only the writable generation is left on the SSD.
+    // Only the writable generation is left on the SSD, once the sealed tree's deletion (paced
+    // after the commit, see `reclaim`) is over.
     let upper = manifest(&m.store)["upper_gen"].as_u64().unwrap();
+    wait_for(60, "the sealed tree's deletion", || {
+        names(&m.store.join("gens")) == BTreeSet::from([format!("{upper:016x}")])
+    });
     assert_eq!(
         names(&m.store.join("gens")),
         BTreeSet::from([format!("{upper:016x}")])
