@@ -131,8 +131,16 @@ umount_spinfs() {
 }
 
 mkdir -p "$mnt" "$kmnt"
-# No threshold seal during the run: every seal is the one this script asks for.
-timeout 300 "$SPINFS" mkfs "$store" --cache-size 4G --archive-threshold 64G >/dev/null
+# No threshold seal during the run: every seal is the one this script asks for. The threshold
+# is still kept below 2/3 of the free space: with less than 1.5 x the threshold free, the SSD
+# counts as short of space and daemon-served writers wait for every seal to commit (volume
+# flow control), which would stall the writer measured during the seal.
+free=$(df --output=avail -B1 "$BENCH_DIR" | tail -1)
+threshold=$((free / 2))
+((threshold > 64 << 30)) && threshold=$((64 << 30))
+need=$(((SEAL_MIB > READ_MIB ? SEAL_MIB : READ_MIB) * 2 + 1024))
+((threshold >= need << 20)) || die "$BENCH_DIR has $((free >> 20)) MiB free: too little for a threshold of $need MiB"
+timeout 300 "$SPINFS" mkfs "$store" --cache-size 4G --archive-threshold "$threshold" >/dev/null
 if [ -n "${ARCH_MEDIA_IO:-}" ]; then
     python3 - "$store/spinfs.toml" "$ARCH_MEDIA_IO" <<'EOF' || die "bad ARCH_MEDIA_IO"
 import re, sys

@@ -784,3 +784,24 @@ fn seed_scenario_problem_1_merges_00_04_then_00_08() {
         assert!(got == content(i), "content of random_file0{i}");
     }
 }
+
+/// A threshold the SSD cannot hold one and a half times is a misconfiguration: every seal
+/// would find the SSD short of space and hold its daemon-served writers until it commits.
+/// The mount says so in its log, with the largest threshold that would keep them writing;
+/// a threshold that fits says nothing.
+#[test]
+fn a_threshold_larger_than_the_ssd_is_reported_at_mount() {
+    const WARNING: &str = "less than 1.5 x archive_threshold free";
+    let big = Mounted::new(&["--archive-threshold", "1024T"]);
+    let log = fs::read_to_string(big.store.join("spinfs.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning for a 1 PiB threshold:\n{log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("an archive_threshold of at most "), "{line}");
+    drop(big);
+    let fits = Mounted::new(&["--archive-threshold", "64M"]);
+    let log = fs::read_to_string(fits.store.join("spinfs.log")).unwrap();
+    assert!(!log.contains(WARNING), "{log}");
+}

@@ -837,8 +837,25 @@ impl Volume {
     /// Sets flow control from the archive threshold: daemon-served writers wait for a seal
     /// when the SSD has less than 1.5 × the threshold free (see `throttle`), and the tree
     /// reaching the threshold wakes the archiver (see `set_seal_kick`).
+    ///
+    /// An SSD with less than that free from the start is short of space at every seal: its
+    /// writers would wait for each seal to commit. That is logged as a warning.
     pub fn set_flow_control(&self, threshold: u64) {
         self.seal_threshold.store(threshold, Ordering::Relaxed);
+        let limit = self.write_limit();
+        if let Ok(s) = self.statfs() {
+            let free = s.bavail.saturating_mul(s.frsize as u64);
+            if limit > 0 && free < limit {
+                tracing::warn!(
+                    free,
+                    archive_threshold = threshold,
+                    "the SSD has less than 1.5 x archive_threshold free: writers served by the \
+                     daemon will wait for every seal to commit; an archive_threshold of at \
+                     most {} keeps them writing",
+                    crate::size::format_size(free / 3 * 2)
+                );
+            }
+        }
     }
 
     /// Free SSD space below which daemon-served writers wait for room: 1.5 × the threshold
