@@ -27,8 +27,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Largest write made under one scheduler grant.
-const SCHEDULED_WRITE: u64 = 1 << 20;
+/// Largest write made under one scheduler grant. The disk serves a sync of the writable
+/// layer after the piece in flight: fio on the VM disk, a 4 KiB writer with an fdatasync
+/// every 16 writes beside direct writes of 1 MiB at 300 MB/s had a sync p84 of 954 us, beside
+/// 256 KiB ones 700 us (alone 690 us).
+const SCHEDULED_WRITE: u64 = 256 << 10;
 
 struct OpenContainer {
     index: u64,
