@@ -138,6 +138,10 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
         vol.restore_frozen(frozen.generation, &ftree)
             .with_context(|| format!("cannot open the frozen generation {}", ftree.display()))?;
     }
+    // Seal and merge writes, the seal's reads and a sealed tree's deletion hold their next
+    // piece of I/O back while a sync of the writable layer runs (the media may share its
+    // disk).
+    vol.set_foreground_syncs(store.foreground_syncs());
     // Seal and merge writes yield to the writable layer's fsyncs (the media may share its
     // disk): the scheduler hears how long each took.
     match store.scheduler() {

@@ -11,6 +11,7 @@ pub mod buf;
 pub mod catalog;
 pub mod error;
 pub mod fault;
+pub mod fgsync;
 pub mod layout;
 pub mod medium;
 pub mod model;
@@ -24,6 +25,7 @@ pub use catalog::{
 };
 pub use error::{MediaError, Result};
 pub use fault::{FaultAction, FaultArea, FaultBackend, FaultOp, FaultRule};
+pub use fgsync::{ForegroundSyncs, YieldStats};
 pub use layout::{Extent, Geometry, ImageExtents, ImageKind, ImageRef, MediumId};
 pub use medium::Medium;
 pub use model::{MediaModel, ModelCounters, ModelDevice, ModelParams};

@@ -17,6 +17,7 @@
 
 use crate::buf::AlignedBuf;
 use crate::error::{MediaError, Result};
+use crate::fgsync::ForegroundSyncs;
 use crate::medium::Medium;
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
@@ -765,6 +766,8 @@ impl PendingRead {
 pub struct MediaScheduler {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Background writes yield to these syncs (see `crate::fgsync`).
+    syncs: std::sync::OnceLock<Arc<ForegroundSyncs>>,
 }
 
 /// Work handed to a worker thread.
@@ -811,6 +814,7 @@ impl MediaScheduler {
         Arc::new(MediaScheduler {
             shared,
             thread: Mutex::new(Some(thread)),
+            syncs: std::sync::OnceLock::new(),
         })
     }
 
@@ -917,8 +921,20 @@ impl MediaScheduler {
         })
     }
 
+    /// Background writes (and the seal's reads of the SSD) yield to `syncs` from now on
+    /// (set once; see `crate::fgsync`).
+    pub fn set_foreground_syncs(&self, syncs: Arc<ForegroundSyncs>) {
+        let _ = self.syncs.set(syncs);
+    }
+
+    /// The foreground syncs background I/O yields to, when set.
+    pub fn foreground_syncs(&self) -> Option<Arc<ForegroundSyncs>> {
+        self.syncs.get().cloned()
+    }
+
     /// Waits until a write of `len` bytes at `offset` of `container` may go to the device.
-    /// The container is the writer's until the grant is dropped.
+    /// The container is the writer's until the grant is dropped. A background write first
+    /// waits for a foreground sync under way (see `crate::fgsync`).
     pub fn acquire_write(
         &self,
         class: Class,
@@ -926,6 +942,11 @@ impl MediaScheduler {
         offset: u64,
         len: u64,
     ) -> Result<WriteGrant> {
+        if class == Class::Background
+            && let Some(syncs) = self.syncs.get()
+        {
+            syncs.yield_now();
+        }
         let (tx, rx) = mpsc::channel();
         self.submit(class, Op::Write, container, offset, len, Reply::Write(tx))?;
         rx.recv().map_err(|_| MediaError::SchedulerStopped {

@@ -62,6 +62,8 @@ pub struct Archiver {
     last_merge: Mutex<Option<u64>>,
     /// The configured background priority.
     priority: Priority,
+    /// The mount's syncs that background I/O yields to (not during urgent seals).
+    syncs: Arc<spinfs_media::ForegroundSyncs>,
 }
 
 impl Archiver {
@@ -77,10 +79,13 @@ impl Archiver {
             io_class: io.background_io_class.clone(),
             nice: io.background_nice,
             sched_idle: io.background_sched_idle,
+            slice: std::time::Duration::from_millis(io.background_slice_ms),
         };
         let resealing = store.manifest().frozen.is_some();
         let snapshot = Mutex::new(store.manifest().clone());
+        let syncs = store.foreground_syncs();
         let a = Arc::new(Archiver {
+            syncs,
             snapshot,
             last_merge: Mutex::new(None),
             store: Mutex::new(store),
@@ -327,10 +332,12 @@ impl Archiver {
         let urgent = self.vol.writers_waiting();
         if urgent {
             set_background_priority(&Priority::normal());
+            self.syncs.set_bypass(true);
         }
         let out = self.seal_once_inner(asked);
         if urgent {
             set_background_priority(&self.priority);
+            self.syncs.set_bypass(false);
         }
         out
     }
@@ -442,6 +449,8 @@ pub struct Priority {
     pub nice: i32,
     /// SCHED_IDLE instead of SCHED_OTHER with `nice`.
     pub sched_idle: bool,
+    /// Time slice under SCHED_OTHER (zero = the kernel's default).
+    pub slice: std::time::Duration,
 }
 
 impl Priority {
@@ -451,6 +460,7 @@ impl Priority {
             io_class: "normal".into(),
             nice: 0,
             sched_idle: false,
+            slice: std::time::Duration::ZERO,
         }
     }
 }
@@ -509,6 +519,11 @@ pub fn set_background_priority(p: &Priority) {
             );
         }
     }
+    if !p.sched_idle
+        && let Err(e) = crate::sys::set_thread_slice(p.slice)
+    {
+        tracing::warn!("cannot set the archiver's time slice to {:?}: {e}", p.slice);
+    }
 }
 
 #[cfg(test)]
@@ -536,6 +551,7 @@ mod tests {
                 io_class: "idle".into(),
                 nice: 10,
                 sched_idle: true,
+                slice: std::time::Duration::from_millis(100),
             };
             set_background_priority(&bg);
             let (policy, _, io) = current();
@@ -545,13 +561,27 @@ mod tests {
             set_background_priority(&Priority::normal());
             assert_eq!(current(), (libc::SCHED_OTHER, 0, (2 << 13) | 4));
             // background_sched_idle = false: nice value and best-effort's lowest level.
+            let default_slice = crate::sys::thread_slice().unwrap();
             let nice = Priority {
                 io_class: "best-effort".into(),
                 nice: 10,
                 sched_idle: false,
+                slice: std::time::Duration::from_millis(100),
             };
             set_background_priority(&nice);
             assert_eq!(current(), (libc::SCHED_OTHER, 10, (2 << 13) | 7));
+            // Linux 6.12 and later report a fair task's slice (earlier ones zero).
+            if !default_slice.is_zero() {
+                assert_eq!(
+                    crate::sys::thread_slice().unwrap(),
+                    std::time::Duration::from_millis(100)
+                );
+                assert!(default_slice < std::time::Duration::from_millis(100));
+                // Back to the mount's priority: the default slice again.
+                set_background_priority(&Priority::normal());
+                assert_eq!(crate::sys::thread_slice().unwrap(), default_slice);
+                assert_eq!(current(), (libc::SCHED_OTHER, 0, (2 << 13) | 4));
+            }
         })
         .join()
         .unwrap();

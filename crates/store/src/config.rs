@@ -216,6 +216,12 @@ pub struct MediaIoConfig {
     /// by default: while other processes keep every core busy it slows seals down (see
     /// README). Seals that writers wait for run at normal priority regardless.
     pub background_sched_idle: bool,
+    /// Time slice of the archiver thread under SCHED_OTHER, in milliseconds (Linux 6.12 and
+    /// later; 1-100, 0 = the kernel's default of about 1-3 ms). A thread of the mount that
+    /// wakes up takes the CPU from a thread with a longer slice at once, where the default
+    /// lets the archiver finish its slice first; the archiver keeps its share of the CPU by
+    /// its nice value, unlike under `background_sched_idle`.
+    pub background_slice_ms: u64,
     /// Adapt the background media write rate to the latency of fsync/fdatasync on the
     /// writable layer (for media sharing a disk with the SSD store): a sync slower than the
     /// target while seal or merge writes run halves their rate (from the measured write
@@ -226,6 +232,12 @@ pub struct MediaIoConfig {
     /// The sync latency target of that adaptation; 0 = twice the sync latency measured
     /// while no background write runs (20 ms until 8 such syncs were seen).
     pub sync_latency_target_ms: u64,
+    /// While an fsync/fdatasync of the writable layer runs, seal and merge writes to the
+    /// media, the seal's reads of the frozen generation and the steps of a sealed tree's
+    /// deletion hold their next piece (256 KiB writes and reads, 1 MiB punches) back for at
+    /// most this long (0 = never): the sync then finds the disk busy with at most one
+    /// background piece. Seals that writers wait for never hold back.
+    pub sync_yield_ms: u64,
     /// Deleting a sealed generation's tree from the SSD: large files are punched out in
     /// steps of this many bytes first (a multiple of 4 KiB; 0 = unlink at once), so that
     /// the discards or journal work of freeing them do not hold up the mount's I/O.
@@ -251,9 +263,11 @@ impl Default for MediaIoConfig {
             background_io_class: "idle".into(),
             background_nice: 10,
             background_sched_idle: false,
+            background_slice_ms: 100,
             background_write_adaptive: false,
             sync_latency_target_ms: 0,
-            tree_delete_step: 8 * MIB,
+            sync_yield_ms: 2,
+            tree_delete_step: MIB,
             tree_delete_rest: 1,
         }
     }
@@ -282,6 +296,18 @@ impl MediaIoConfig {
             return bad(format!(
                 "media_io.background_nice {} is not within 0-19",
                 self.background_nice
+            ));
+        }
+        if self.sync_yield_ms > 1000 {
+            return bad(format!(
+                "media_io.sync_yield_ms {} is above 1000",
+                self.sync_yield_ms
+            ));
+        }
+        if self.background_slice_ms > 100 {
+            return bad(format!(
+                "media_io.background_slice_ms {} is above 100",
+                self.background_slice_ms
             ));
         }
         if self.request_timeout_ms == 0 {
@@ -614,6 +640,8 @@ mod tests {
             Box::new(|c| c.container_size = 1000),
             Box::new(|c| c.head_size = 100),
             Box::new(|c| c.media_io.batch_limit = 0),
+            Box::new(|c| c.media_io.background_slice_ms = 101),
+            Box::new(|c| c.media_io.sync_yield_ms = 1001),
         ];
         for (i, mutate) in cases.iter().enumerate() {
             let mut c = cfg();

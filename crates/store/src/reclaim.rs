@@ -11,8 +11,12 @@
 //! So a large file is first drained: its data is punched out from the start in steps of
 //! `step` bytes (holes skipped with SEEK_DATA), resting after each step `rest` times as long
 //! as the step took, so that the disk spends at most 1 / (1 + rest) of its time on the
-//! deletion and anything of the mount waits behind one step's discard at most. Then the
-//! tree is removed as before.
+//! deletion and anything of the mount waits behind one step's discard at most. Each step
+//! first waits for a sync of the mount under way (`spinfs_media::fgsync`). Then the tree is
+//! removed as before. Smaller steps cost less per sync (a 4 KiB writer with an fdatasync
+//! every 16 writes on the VM's ext4, beside a 2 GiB file drained with rest 1: sync p84
+//! 2.5 ms with 8 MiB steps, 1.15 ms with 4 MiB, 0.9 ms with 1 MiB, 0.65-0.7 ms alone; the
+//! drain took 1.2, 1.3 and 2.0-2.2 s).
 //!
 //! Only a file nobody can read any more is drained: the deleter takes a write lease on it
 //! (which the kernel grants only while no other open file description of the inode exists:
@@ -22,6 +26,7 @@
 //! come through a descriptor held on the inode since, not through a name) stops the drain.
 
 use crate::sys::{self, Errno, SysResult};
+use spinfs_media::ForegroundSyncs;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -58,16 +63,19 @@ pub struct RemoveStats {
 }
 
 /// Removes the tree at `root` (which must exist), draining its large files first as `pace`
-/// says. `urgent` is asked before every rest: while it answers true (writers wait for the
-/// room), steps follow each other without rest.
+/// says. `urgent` is asked before every step and rest: while it answers true (writers wait
+/// for the room), steps follow each other without rest; otherwise each step first waits for
+/// a sync of `syncs` under way (see `spinfs_media::fgsync`).
 pub fn remove_tree(
     root: &Path,
     pace: Pace,
     urgent: &dyn Fn() -> bool,
+    syncs: Option<&ForegroundSyncs>,
 ) -> std::io::Result<RemoveStats> {
     let mut stats = RemoveStats::default();
     if pace.step > 0 {
-        drain_tree(root, pace, urgent, &mut stats).map_err(|e| {
+        let yields = Yields { urgent, syncs };
+        drain_tree(root, pace, &yields, &mut stats).map_err(|e| {
             std::io::Error::new(
                 std::io::Error::from_raw_os_error(e.0).kind(),
                 format!("draining {}: {e}", root.display()),
@@ -78,12 +86,18 @@ pub fn remove_tree(
     Ok(stats)
 }
 
+/// What a drain gives way to.
+struct Yields<'a> {
+    urgent: &'a dyn Fn() -> bool,
+    syncs: Option<&'a ForegroundSyncs>,
+}
+
 /// Walks the tree by directory descriptors (any depth) and drains every regular file with
 /// at least two steps of allocated data.
 fn drain_tree(
     root: &Path,
     pace: Pace,
-    urgent: &dyn Fn() -> bool,
+    yields: &Yields<'_>,
     stats: &mut RemoveStats,
 ) -> SysResult<()> {
     let croot = CString::new(root.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
@@ -109,7 +123,7 @@ fn drain_tree(
                     )?);
                 }
                 libc::S_IFREG if (st.st_blocks as u64) * 512 >= 2 * pace.step => {
-                    match drain_file(dir.as_fd(), &cname, pace, urgent, stats) {
+                    match drain_file(dir.as_fd(), &cname, pace, yields, stats) {
                         Ok(true) => stats.drained_files += 1,
                         Ok(false) => stats.skipped_files += 1,
                         Err(e) => return Err(e),
@@ -139,7 +153,7 @@ fn drain_file(
     dir: BorrowedFd<'_>,
     name: &std::ffi::CStr,
     pace: Pace,
-    urgent: &dyn Fn() -> bool,
+    yields: &Yields<'_>,
     stats: &mut RemoveStats,
 ) -> SysResult<bool> {
     // O_NONBLOCK: a lease held by someone else fails the open instead of waiting for it.
@@ -195,6 +209,11 @@ fn drain_file(
         if end <= start || !lease_held(fd.as_fd()) {
             break;
         }
+        if let Some(syncs) = yields.syncs
+            && !(yields.urgent)()
+        {
+            syncs.yield_now();
+        }
         let t = Instant::now();
         if sys::fallocate(fd.as_fd(), mode, start as u64, (end - start) as u64).is_err() {
             // No hole punching here: the plain unlink (on close) frees the rest.
@@ -205,7 +224,7 @@ fn drain_file(
         stats.steps += 1;
         stats.drained_bytes += (end - start) as u64;
         at = end;
-        if pace.rest > 0 && !urgent() {
+        if pace.rest > 0 && !(yields.urgent)() {
             std::thread::sleep((took * pace.rest).min(MAX_REST));
         }
     }
@@ -275,7 +294,7 @@ mod tests {
         write_file(&tree.join("a/small"), 1000);
         std::os::unix::fs::symlink("big", tree.join("a/link")).unwrap();
         let can = capable(root);
-        let stats = remove_tree(&tree, PACE, &|| false).unwrap();
+        let stats = remove_tree(&tree, PACE, &|| false, None).unwrap();
         assert!(!tree.exists());
         if can {
             assert_eq!(stats.drained_files, 2, "{stats:?}");
@@ -299,7 +318,7 @@ mod tests {
         let can = capable(root);
         // A reader holds it open (as a daemon handle or a passthrough backing file does).
         let held = std::fs::File::open(tree.join("held")).unwrap();
-        let stats = remove_tree(&tree, PACE, &|| false).unwrap();
+        let stats = remove_tree(&tree, PACE, &|| false, None).unwrap();
         assert!(!tree.exists());
         if can {
             assert_eq!(stats.drained_files, 1, "{stats:?}");
@@ -320,7 +339,7 @@ mod tests {
         let len = 6 * STEP as usize;
         write_file(&tree.join("shared"), len);
         std::fs::hard_link(tree.join("shared"), root.join("outside")).unwrap();
-        let stats = remove_tree(&tree, PACE, &|| false).unwrap();
+        let stats = remove_tree(&tree, PACE, &|| false, None).unwrap();
         assert!(!tree.exists());
         assert_eq!(stats.drained_files, 0, "{stats:?}");
         let back = std::fs::read(root.join("outside")).unwrap();
@@ -338,7 +357,7 @@ mod tests {
         write_file(&tree.join("one"), 4 * STEP as usize);
         std::fs::hard_link(tree.join("one"), tree.join("d/two")).unwrap();
         let can = capable(root);
-        let stats = remove_tree(&tree, PACE, &|| false).unwrap();
+        let stats = remove_tree(&tree, PACE, &|| false, None).unwrap();
         assert!(!tree.exists());
         if can {
             // The first name visited is not the last one: left to the walk's later visit.
@@ -359,7 +378,7 @@ mod tests {
         f.sync_all().unwrap();
         drop(f);
         let can = capable(root);
-        let stats = remove_tree(&tree, PACE, &|| false).unwrap();
+        let stats = remove_tree(&tree, PACE, &|| false, None).unwrap();
         assert!(!tree.exists());
         if can {
             assert_eq!(stats.drained_files, 1, "{stats:?}");
@@ -374,7 +393,7 @@ mod tests {
         let tree = root.join("gen");
         std::fs::create_dir_all(&tree).unwrap();
         write_file(&tree.join("big"), 8 * STEP as usize);
-        let stats = remove_tree(&tree, Pace { step: 0, rest: 1 }, &|| false).unwrap();
+        let stats = remove_tree(&tree, Pace { step: 0, rest: 1 }, &|| false, None).unwrap();
         assert!(!tree.exists());
         assert_eq!(stats, RemoveStats::default());
     }
@@ -388,14 +407,46 @@ mod tests {
         write_file(&tree.join("big"), 8 * STEP as usize);
         let asked = std::cell::Cell::new(0u32);
         let can = capable(root);
-        let stats = remove_tree(&tree, PACE, &|| {
-            asked.set(asked.get() + 1);
-            true
-        })
+        let stats = remove_tree(
+            &tree,
+            PACE,
+            &|| {
+                asked.set(asked.get() + 1);
+                true
+            },
+            None,
+        )
         .unwrap();
         assert!(!tree.exists());
         if can {
             assert_eq!(u64::from(asked.get()), stats.steps);
         }
+    }
+
+    #[test]
+    fn each_step_yields_to_a_sync_under_way() {
+        let dir = scratch("yields");
+        let root = dir.path();
+        let tree = root.join("gen");
+        std::fs::create_dir_all(&tree).unwrap();
+        write_file(&tree.join("big"), 4 * STEP as usize);
+        let can = capable(root);
+        let syncs = ForegroundSyncs::new(spinfs_media::fgsync::DEFAULT_MAX_YIELD);
+        let sync = syncs.begin();
+        let stats = remove_tree(&tree, PACE, &|| false, Some(&syncs)).unwrap();
+        assert!(!tree.exists());
+        if can {
+            // A sync that never ends holds each step for the longest yield.
+            assert_eq!(stats.steps, 4);
+            assert_eq!(syncs.stats().yields, 4);
+            assert!(syncs.stats().yielded >= 4 * spinfs_media::fgsync::DEFAULT_MAX_YIELD);
+        }
+        // Writers waiting for room: no yield.
+        let tree = root.join("gen2");
+        std::fs::create_dir_all(&tree).unwrap();
+        write_file(&tree.join("big"), 4 * STEP as usize);
+        remove_tree(&tree, PACE, &|| true, Some(&syncs)).unwrap();
+        assert_eq!(syncs.stats().yields, if can { 4 } else { 0 });
+        drop(sync);
     }
 }

@@ -17,7 +17,7 @@ use spinfs_erofs::{
     BlobSink, Chunk, DeviceReader, DeviceSpec, FileData, Image, Inode, Metadata, Node, NodeId,
     NodeKind, Source, Tree, WriteOptions, write_image,
 };
-use spinfs_media::{ImageExtents, MediumReader, ReadOptions};
+use spinfs_media::{ForegroundSyncs, ImageExtents, MediumReader, ReadOptions};
 use spinfs_media::{ImageKind, ImageRef, MediaScheduler, Medium, MediumWriter};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -81,9 +81,13 @@ fn recorded_ino(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Option<u64> {
 /// sequential read multiplies fdatasync p99 by 3-5, a direct one leaves it unchanged) and
 /// fill the page cache with data about to be deleted. Ranges with no data (SEEK_DATA) read
 /// as zeros without I/O, so sparse files stay cheap.
+///
+/// Each direct read first waits for a sync of the writable layer under way (see
+/// `spinfs_media::fgsync`).
 struct TreeFile {
     dir: Arc<OwnedFd>,
     name: CString,
+    syncs: Option<Arc<ForegroundSyncs>>,
 }
 
 /// Alignment of direct reads.
@@ -142,6 +146,9 @@ impl ReadAt for TreeFile {
                 // `space` is aligned and `done` a multiple of the alignment, as O_DIRECT
                 // requires.
                 let piece = (want - done).min(DIRECT_PIECE);
+                if let Some(syncs) = &self.syncs {
+                    syncs.yield_now();
+                }
                 match FileExt::read_at(&file, &mut space[done..done + piece], start + done as u64) {
                     Ok(0) => break,
                     Ok(n) => {
@@ -172,10 +179,12 @@ impl ReadAt for TreeFile {
 /// inode number 1; markers (whiteouts, opaque directories, escaped user xattrs) are kept as
 /// they are, since images use the same conventions as the SSD tree. The walk goes by
 /// directory descriptors, so depth is unlimited.
+/// Direct reads of its files yield to `syncs` (see `TreeFile`).
 pub fn build_tree(
     root: &Path,
     generation: u64,
     lowers: Option<&Arc<LowerImages>>,
+    syncs: Option<&Arc<ForegroundSyncs>>,
 ) -> Result<(Tree, TreeStats, Vec<u64>), SealError> {
     let mut referenced: Vec<u64> = Vec::new();
     let err = |path: &Path, e: Errno| SealError::Io {
@@ -240,6 +249,7 @@ pub fn build_tree(
                             upper: TreeFile {
                                 dir: dir.clone(),
                                 name: cname.clone(),
+                                syncs: syncs.cloned(),
                             },
                             map,
                             lower,
@@ -253,6 +263,7 @@ pub fn build_tree(
                     let source = Source::Reader(Arc::new(TreeFile {
                         dir: dir.clone(),
                         name: cname.clone(),
+                        syncs: syncs.cloned(),
                     }));
                     NodeKind::File(FileData {
                         size: st.st_size as u64,
@@ -386,7 +397,8 @@ pub fn seal_generation(
     lowers: Option<&Arc<LowerImages>>,
     before_commit: BeforeCommit<'_>,
 ) -> Result<Sealed, SealError> {
-    let (tree, stats, referenced) = build_tree(tree_root, generation, lowers)?;
+    let syncs = sched.as_ref().and_then(|s| s.foreground_syncs());
+    let (tree, stats, referenced) = build_tree(tree_root, generation, lowers, syncs.as_ref())?;
     // Blobs that stacked files' below chunks stay in: devices 1..=n, the new blob n+1.
     let devices: Vec<DeviceSpec> = referenced
         .iter()

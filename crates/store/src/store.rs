@@ -8,7 +8,9 @@ use crate::manifest::{FrozenGen, LayerRecord};
 use crate::manifest::{Manifest, ManifestError};
 use crate::seal;
 use crate::units::UnitCache;
-use spinfs_media::{BackendOptions, Device, MediaScheduler, Medium, MediumReader, ModelDevice};
+use spinfs_media::{
+    BackendOptions, Device, ForegroundSyncs, MediaScheduler, Medium, MediumReader, ModelDevice,
+};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -77,6 +79,8 @@ pub struct Store {
     pool: Option<Arc<ImagePool>>,
     sched: Option<Arc<MediaScheduler>>,
     units: Option<Arc<UnitCache>>,
+    /// Syncs of the writable layer that seals, merges and tree deletions yield to.
+    syncs: Arc<ForegroundSyncs>,
 }
 
 impl std::fmt::Debug for Store {
@@ -148,6 +152,9 @@ impl Store {
                 store: root.to_path_buf(),
             },
         })?;
+        let syncs = Arc::new(ForegroundSyncs::new(std::time::Duration::from_millis(
+            config.media_io.sync_yield_ms,
+        )));
         Ok(Store {
             layout,
             config,
@@ -160,6 +167,7 @@ impl Store {
             pool: None,
             sched: None,
             units: None,
+            syncs,
         })
     }
 
@@ -209,8 +217,16 @@ impl Store {
         }
         let medium = self.medium()?;
         let s = MediaScheduler::new(medium, self.config.media_io.sched_config());
+        s.set_foreground_syncs(self.syncs.clone());
         self.sched = Some(s.clone());
         Ok(s)
+    }
+
+    /// The syncs of the writable layer that background I/O (seals, merges, the deletion of
+    /// a sealed tree) yields to: the mount reports its fsyncs here (see
+    /// `spinfs_media::fgsync`).
+    pub fn foreground_syncs(&self) -> Arc<ForegroundSyncs> {
+        self.syncs.clone()
     }
 
     /// The shared reader of archived data. With a `[media_model]`, its reads go through a
@@ -683,7 +699,7 @@ impl Store {
             rest: io.tree_delete_rest,
         };
         let start = std::time::Instant::now();
-        let stats = crate::reclaim::remove_tree(&gen_dir, pace, urgent)
+        let stats = crate::reclaim::remove_tree(&gen_dir, pace, urgent, Some(&self.syncs))
             .map_err(io_err("cannot remove", &gen_dir))?;
         tracing::info!(
             generation,

@@ -495,6 +495,62 @@ pub fn read_dir_at(fd: BorrowedFd<'_>, pos: i64, max_bytes: usize) -> SysResult<
 }
 
 /// Runs `f` with the raw descriptor number (for ioctl-style callers).
+/// `struct sched_attr` of sched_setattr(2) (its first version, 56 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
+/// The calling thread's scheduling attributes.
+fn sched_getattr() -> SysResult<SchedAttr> {
+    let mut a = SchedAttr::default();
+    // SAFETY: sched_getattr on the calling thread (pid 0) into a buffer of the size given.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            &mut a as *mut SchedAttr,
+            std::mem::size_of::<SchedAttr>() as libc::c_uint,
+            0,
+        )
+    })?;
+    Ok(a)
+}
+
+/// Sets the calling thread's time slice under SCHED_OTHER (Linux 6.12 and later take
+/// `sched_runtime` as the slice of a fair task, clamped to 0.1-100 ms; zero restores the
+/// default). Its policy must be SCHED_OTHER; its nice value is kept.
+pub fn set_thread_slice(slice: std::time::Duration) -> SysResult<()> {
+    let cur = sched_getattr()?;
+    let a = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_nice: cur.sched_nice,
+        sched_runtime: slice.as_nanos() as u64,
+        ..SchedAttr::default()
+    };
+    // SAFETY: sched_setattr on the calling thread (pid 0) with a fully initialised attr.
+    check_long(unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &a as *const SchedAttr, 0) })?;
+    Ok(())
+}
+
+/// The calling thread's time slice as the kernel reports it (zero before Linux 6.12).
+pub fn thread_slice() -> SysResult<std::time::Duration> {
+    Ok(std::time::Duration::from_nanos(
+        sched_getattr()?.sched_runtime,
+    ))
+}
+
 pub fn raw(fd: BorrowedFd<'_>) -> RawFd {
     fd.as_raw_fd()
 }

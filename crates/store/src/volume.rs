@@ -399,6 +399,8 @@ pub struct Volume {
     pub(crate) before_lower_resolve_hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// See `set_sync_observer`.
     sync_observer: std::sync::OnceLock<SyncObserver>,
+    /// See `set_foreground_syncs`.
+    foreground_syncs: std::sync::OnceLock<Arc<spinfs_media::ForegroundSyncs>>,
 }
 
 /// Wakes the archiver: the writable tree reached the threshold or writers wait for room.
@@ -519,6 +521,7 @@ impl Volume {
             #[cfg(test)]
             before_lower_resolve_hook: Mutex::new(None),
             sync_observer: std::sync::OnceLock::new(),
+            foreground_syncs: std::sync::OnceLock::new(),
         })
     }
 
@@ -2561,12 +2564,15 @@ impl Volume {
     }
 
     /// Runs a sync of a writable file, reporting its duration to the sync observer.
+    /// Background I/O yields to it while it runs (see `set_foreground_syncs`).
     fn observed_sync(&self, sync: impl FnOnce() -> SysResult<()>) -> SysResult<()> {
         let started = std::time::Instant::now();
+        let under_way = self.foreground_syncs.get().map(|s| s.begin());
         let r = sync();
         if let Some(observe) = self.sync_observer.get() {
             observe(started.elapsed());
         }
+        drop(under_way);
         r
     }
 
@@ -2574,6 +2580,13 @@ impl Volume {
     /// media scheduler paces background writes by it). Set once.
     pub fn set_sync_observer(&self, observe: SyncObserver) {
         let _ = self.sync_observer.set(observe);
+    }
+
+    /// Every fsync/fdatasync of a writable file or directory counts as under way in `syncs`
+    /// while it runs: seal and merge writes, the seal's reads and a sealed tree's deletion
+    /// hold their next piece of I/O back meanwhile (see `spinfs_media::fgsync`). Set once.
+    pub fn set_foreground_syncs(&self, syncs: Arc<spinfs_media::ForegroundSyncs>) {
+        let _ = self.foreground_syncs.set(syncs);
     }
 
     pub fn fallocate(&self, fh: u64, mode: i32, offset: u64, len: u64) -> SysResult<()> {
@@ -2829,7 +2842,7 @@ impl Volume {
                 match self.place(h.ino, &node)?.upper {
                     Some(fd) => {
                         let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-                        sys::fsync(dir.as_fd(), datasync)
+                        self.observed_sync(|| sys::fsync(dir.as_fd(), datasync))
                     }
                     None => Ok(()), // never changed since it was archived
                 }

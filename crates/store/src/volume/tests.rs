@@ -1,6 +1,7 @@
 //! Interleavings of operations with a freeze that only a hook inside `freeze` can force.
 
 use super::*;
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -246,4 +247,63 @@ fn a_handle_on_the_frozen_tree_reads_its_file_after_the_seal_deleted_it() {
         "the handle read something else than the file after the seal"
     );
     vol.release(rfh);
+}
+
+/// The mount's syncs and the archiver's I/O meet in the store's `ForegroundSyncs`: an fsync
+/// of the writable layer counts as under way while it runs, and a seal and the drain of its
+/// tree that run while a sync is under way hold back each piece of their I/O (the seal's
+/// direct reads of the frozen tree, its media writes, each punched step) for the longest
+/// yield. Without the wiring, background I/O would go on beside the mount's syncs.
+#[test]
+fn seals_and_tree_deletions_yield_to_the_mounts_syncs() {
+    let tmp = tempfile::Builder::new()
+        .prefix("yield")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut config = crate::StoreConfig::default();
+    config.media_io.tree_delete_step = 1 << 20;
+    config.media_io.tree_delete_rest = 0;
+    let (mut store, vol) = store_and_volume(tmp.path(), config);
+    let syncs = store.foreground_syncs();
+    vol.set_foreground_syncs(syncs.clone());
+    let seen = Arc::new(AtomicUsize::new(usize::MAX));
+    let (s, w) = (syncs.clone(), seen.clone());
+    vol.set_sync_observer(Box::new(move |_| w.store(s.under_way(), Ordering::Relaxed)));
+    let (_, fh) = create_f(&vol, libc::O_WRONLY, false);
+    let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    let mut at = 0;
+    while at < data.len() {
+        at += vol.write(fh, at as u64, &data[at..], false).unwrap();
+    }
+    vol.fsync(fh, false).unwrap();
+    vol.release(fh);
+    assert_eq!(seen.load(Ordering::Relaxed), 1, "the fsync was under way");
+    assert_eq!(syncs.under_way(), 0, "and ended");
+    assert_eq!(syncs.stats().yields, 0, "nothing yielded yet");
+
+    // A sync that stays under way for the whole seal.
+    let held = syncs.begin();
+    let (generation, layer) = freeze_and_seal(&mut store, &vol);
+    let sealed = syncs.stats();
+    // 4 MiB read back in 256 KiB direct reads, written to the media in 256 KiB grants.
+    assert!(sealed.yields >= 16 + 16, "{sealed:?}");
+    assert!(
+        sealed.yielded >= 32 * spinfs_media::fgsync::DEFAULT_MAX_YIELD,
+        "{sealed:?}"
+    );
+    swap_and_drop(&store, &vol, generation, layer);
+    let dropped = syncs.stats();
+    // The 4 MiB file punched out in 1 MiB steps, each held back.
+    assert!(
+        dropped.yields >= sealed.yields + 4,
+        "{sealed:?} {dropped:?}"
+    );
+    drop(held);
+    let ino = vol.lookup(ROOT_INO, OsStr::new("f")).unwrap().ino;
+    let (fh, _) = vol.open(ino, libc::O_RDONLY, true).unwrap();
+    assert!(
+        read_all(&vol, fh, data.len()) == data,
+        "the file reads back from its layer"
+    );
+    vol.release(fh);
 }
