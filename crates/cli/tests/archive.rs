@@ -314,7 +314,13 @@ fn a_file_open_across_a_seal_keeps_its_data_while_the_tree_is_drained() {
         m.umount();
         let cfg = m.store.join("spinfs.toml");
         let text = fs::read_to_string(&cfg).unwrap();
-        let text = text.replace("tree_delete_step = 8388608", "tree_delete_step = 65536");
+        let text: String = text
+            .lines()
+            .map(|l| match l.starts_with("tree_delete_step = ") {
+                true => "tree_delete_step = 65536\n".to_string(),
+                false => format!("{l}\n"),
+            })
+            .collect();
         assert!(text.contains("tree_delete_step = 65536"), "{text}");
         fs::write(&cfg, text).unwrap();
         m.mount();
