@@ -142,8 +142,8 @@ fn serve(mut store: Store, mnt: &Path, cfg: &MountConfig, status: &mut Option<Fi
     // piece of I/O back while a sync of the writable layer runs (the media may share its
     // disk).
     vol.set_foreground_syncs(store.foreground_syncs());
-    // Seal and merge writes yield to the writable layer's fsyncs (the media may share its
-    // disk): the scheduler hears how long each took.
+    // The scheduler hears how long each of those syncs took (the adaptive background write
+    // rate, `background_write_adaptive`, slows seal and merge writes down when they are slow).
     match store.scheduler() {
         Ok(sched) => vol.set_sync_observer(Box::new(move |d| sched.report_foreground_sync(d))),
         // The mount does not need the media to serve the SSD: seals will report it.
