@@ -50,6 +50,28 @@ fn create_f(vol: &Volume, flags: i32, daemon_io: bool) -> (u64, u64) {
     (attr.ino, fh)
 }
 
+/// Writes all of `data` at offset 0 of handle `fh`.
+fn write_all(vol: &Volume, fh: u64, data: &[u8]) {
+    let mut at = 0;
+    while at < data.len() {
+        at += vol.write(fh, at as u64, &data[at..], false).unwrap();
+    }
+}
+
+/// A store on the disk (scratch directory `prefix...` under /var/tmp) whose sealed trees are
+/// drained in 1 MiB steps without rests, and a volume over it.
+fn draining_store(prefix: &str) -> (tempfile::TempDir, crate::Store, Volume) {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut config = crate::StoreConfig::default();
+    config.media_io.tree_delete_step = 1 << 20;
+    config.media_io.tree_delete_rest = 0;
+    let (store, vol) = store_and_volume(tmp.path(), config);
+    (tmp, store, vol)
+}
+
 /// A store made with `config` under `dir`, and a volume over its writable generation.
 fn store_and_volume(dir: &Path, config: crate::StoreConfig) -> (crate::Store, Volume) {
     let root = dir.join("store");
@@ -205,21 +227,11 @@ fn a_stacked_read_racing_the_deletion_of_a_sealed_tree_reads_the_new_layer() {
 /// or the handle would read holes.
 #[test]
 fn a_handle_on_the_frozen_tree_reads_its_file_after_the_seal_deleted_it() {
-    let tmp = tempfile::Builder::new()
-        .prefix("drain")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let mut config = crate::StoreConfig::default();
-    config.media_io.tree_delete_step = 1 << 20;
-    config.media_io.tree_delete_rest = 0;
-    let (mut store, vol) = store_and_volume(tmp.path(), config);
+    let (_tmp, mut store, vol) = draining_store("drain");
     let layout = store.layout().clone();
     let (ino, fh) = create_f(&vol, libc::O_WRONLY, false);
     let data: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8 + 1).collect();
-    let mut at = 0;
-    while at < data.len() {
-        at += vol.write(fh, at as u64, &data[at..], false).unwrap();
-    }
+    write_all(&vol, fh, &data);
     vol.fsync(fh, false).unwrap();
     vol.release(fh);
     // Frozen (the file not open: it stays in the frozen tree), then opened for reading.
@@ -256,14 +268,7 @@ fn a_handle_on_the_frozen_tree_reads_its_file_after_the_seal_deleted_it() {
 /// yield. Without the wiring, background I/O would go on beside the mount's syncs.
 #[test]
 fn seals_and_tree_deletions_yield_to_the_mounts_syncs() {
-    let tmp = tempfile::Builder::new()
-        .prefix("yield")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let mut config = crate::StoreConfig::default();
-    config.media_io.tree_delete_step = 1 << 20;
-    config.media_io.tree_delete_rest = 0;
-    let (mut store, vol) = store_and_volume(tmp.path(), config);
+    let (_tmp, mut store, vol) = draining_store("yield");
     let syncs = store.foreground_syncs();
     vol.set_foreground_syncs(syncs.clone());
     let seen = Arc::new(AtomicUsize::new(usize::MAX));
@@ -271,10 +276,7 @@ fn seals_and_tree_deletions_yield_to_the_mounts_syncs() {
     vol.set_sync_observer(Box::new(move |_| w.store(s.under_way(), Ordering::Relaxed)));
     let (_, fh) = create_f(&vol, libc::O_WRONLY, false);
     let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8 + 1).collect();
-    let mut at = 0;
-    while at < data.len() {
-        at += vol.write(fh, at as u64, &data[at..], false).unwrap();
-    }
+    write_all(&vol, fh, &data);
     vol.fsync(fh, false).unwrap();
     vol.release(fh);
     assert_eq!(seen.load(Ordering::Relaxed), 1, "the fsync was under way");
