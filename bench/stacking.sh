@@ -67,7 +67,10 @@ rm -rf "$work/upper" "$work/ovlwork"
 
 # spinfs: the same files, sealed into an archived layer (moved into the writable tree of an
 # unmounted store by rename, then `spinfs archive`), then appended to through the mount.
-"$spinfs" mkfs "$work/s" --archive-threshold 1T >/dev/null
+# No threshold seal while appending; the threshold still fits the disk 1.5 times (a larger one
+# makes the mount count the SSD as short of space, and warn).
+threshold=$(($(df --output=avail -B1 "$work" | tail -1) / 2))
+"$spinfs" mkfs "$work/s" --archive-threshold "$threshold" >/dev/null
 tree=$(ls -d "$work"/s/gens/*/tree)
 mv "$work"/lower/* "$tree"/
 "$spinfs" archive "$work/s" >/dev/null
