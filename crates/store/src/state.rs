@@ -247,13 +247,32 @@ fn max_media_id(cat: &Catalogue) -> u64 {
 /// Rebuilds the manifest of the store at `layout` from the newest intact snapshot on the
 /// media and the generations on the SSD, and commits it. Returns it with a description of
 /// what was done.
+///
+/// Media without a single complete image never had a commit (every commit completes its
+/// images and carries a snapshot): then there are no layers, and the manifest is rebuilt
+/// from the SSD alone, under a new store id (a crash before the first seal committed, then
+/// a damaged manifest).
 pub fn rebuild_manifest(
     layout: &StoreLayout,
     medium: &Arc<Medium>,
     cat: &Catalogue,
 ) -> Result<(Manifest, String), String> {
-    let found = newest_snapshot(medium, cat, false, &mut |_, _, _| {})?;
-    let mut m = found.snapshot.manifest;
+    let (mut m, from, skipped) = if cat.images.is_empty() {
+        let id = crate::store::random_id().map_err(|e| e.to_string())?;
+        (
+            Manifest::new(id),
+            "manifest rebuilt from the SSD (nothing committed to the media yet; new store id)"
+                .to_string(),
+            Vec::new(),
+        )
+    } else {
+        let found = newest_snapshot(medium, cat, false, &mut |_, _, _| {})?;
+        let from = format!(
+            "manifest rebuilt from state snapshot {} on the media",
+            found.id
+        );
+        (found.snapshot.manifest, from, found.skipped)
+    };
     let sealed: std::collections::HashSet<u64> = m
         .layers
         .iter()
@@ -280,11 +299,7 @@ pub fn rebuild_manifest(
     m.next_gen = m.next_gen.max(max_gen + 1);
     m.next_layer = m.next_layer.max(max_media_id(cat) + 1);
     m.frozen = None;
-    let mut text = format!(
-        "manifest rebuilt from state snapshot {} on the media ({} layers)",
-        found.id,
-        m.layers.len()
-    );
+    let mut text = format!("{from} ({} layers)", m.layers.len());
     match live.as_slice() {
         [] => {
             m.upper_gen = m.next_gen;
@@ -309,10 +324,10 @@ pub fn rebuild_manifest(
             text.push_str(&format!(", writable generation {upper}"));
         }
     }
-    if !found.skipped.is_empty() {
+    if !skipped.is_empty() {
         text.push_str(&format!(
             " (newer snapshots skipped: {})",
-            found.skipped.join("; ")
+            skipped.join("; ")
         ));
     }
     m.commit(&layout.manifest())
