@@ -13,8 +13,8 @@
 //!    blobs, and its whole tree through the reader's validation (every directory, inode,
 //!    xattr, symlink and chunk index within device bounds), inode numbers unique in the
 //!    layer; damaged blob objects and meta ranges are mapped to the paths they affect;
-//!    its head cache (header, fence, every index block and head; `--repair` rebuilds it from
-//!    the meta image and the media);
+//!    its head cache (header, fence, every index block and head, the padding before the
+//!    index; `--repair` rebuilds it from the meta image and the media);
 //! 4. the writable (and frozen) generation trees: recorded inode numbers well-formed and
 //!    unique;
 //! 5. the chunk cache: every entry's header and data CRC32C (`--repair` drops damaged
