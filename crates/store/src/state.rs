@@ -248,16 +248,16 @@ fn max_media_id(cat: &Catalogue) -> u64 {
 /// media and the generations on the SSD, and commits it. Returns it with a description of
 /// what was done.
 ///
-/// Media without a single complete image never had a commit (every commit completes its
-/// images and carries a snapshot): then there are no layers, and the manifest is rebuilt
-/// from the SSD alone, under a new store id (a crash before the first seal committed, then
-/// a damaged manifest).
+/// Media without a single complete image, and without damage that could hide one, never
+/// had a commit (every commit completes its images and carries a snapshot): then there are
+/// no layers, and the manifest is rebuilt from the SSD alone, under a new store id (a crash
+/// before the first seal committed, then a damaged manifest).
 pub fn rebuild_manifest(
     layout: &StoreLayout,
     medium: &Arc<Medium>,
     cat: &Catalogue,
 ) -> Result<(Manifest, String), String> {
-    let (mut m, from, skipped) = if cat.images.is_empty() {
+    let (mut m, from, skipped) = if cat.images.is_empty() && cat.problems.is_empty() {
         let id = crate::store::random_id().map_err(|e| e.to_string())?;
         (
             Manifest::new(id),
