@@ -270,13 +270,7 @@ fn a_damaged_manifest_before_the_first_commit_is_rebuilt_from_the_ssd() {
         text.contains("manifest rebuilt from the SSD") && text.contains("frozen for sealing"),
         "{text}"
     );
-    let out = spinfs(&["fsck", site.arg()]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
+    assert!(fsck_clean(&site.store, "after the repair"));
     site.mount();
     assert!(fs::read(&path).unwrap() == durable, "the durable file");
     // The frozen generation is sealed again in the background.
@@ -301,13 +295,7 @@ fn a_damaged_manifest_before_the_first_commit_is_rebuilt_from_the_ssd() {
         std::thread::sleep(Duration::from_millis(50));
     }
     site.umount();
-    let out = spinfs(&["fsck", site.arg()]);
-    assert!(
-        out.status.success(),
-        "after the reseal: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
+    assert!(fsck_clean(&site.store, "after the reseal"));
     site.mount();
     assert!(fs::read(&path).unwrap() == durable, "after the reseal");
     site.umount();
